@@ -1,0 +1,83 @@
+"""What the engine hands an algorithm each round, and what an algorithm is.
+
+An algorithm is a pair of pure functions over an immutable state pytree (optax's pattern):
+
+  init(params) -> state
+  apply(state, cohort, map_clients) -> (state, metrics)
+
+``cohort`` describes the round's clients (indices into the flat, device-resident example arrays,
+masks, sizes, keys); ``map_clients`` runs a per-client function over the cohort's client axis.
+The engine chooses how: a ``vmap``, a sequential map in the same jitted step, chunks, or shards
+over devices. An algorithm never knows which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+PyTree = Any
+
+
+@struct.dataclass
+class ClientInput:
+    """One client's share of a round (leading ``[C]`` axis when stacked for a cohort).
+
+    Attributes:
+      client_id: position of the client in the federated data (int32).
+      indices: ``[S, B]`` int32 rows of the flat example arrays, one row of B per local step.
+      mask: ``[S, B]`` bool, False for padding.
+      num_steps: int32 number of steps with at least one real example (the loop's trip count).
+      num_examples: int32 size of the client's training data (the default aggregation weight).
+      valid: bool, False for a padding client added to fill a device shard.
+      key: the client's PRNG key (dropout, client-side randomness).
+    """
+
+    client_id: jax.Array
+    indices: jax.Array
+    mask: jax.Array
+    num_steps: jax.Array
+    num_examples: jax.Array
+    valid: jax.Array
+    key: jax.Array
+
+
+@struct.dataclass
+class Cohort:
+    """The round's clients (`ClientInput` with a leading ``[C]`` axis) and the shared data."""
+
+    clients: ClientInput
+    data: Mapping[str, jax.Array]
+
+
+class ClientMap(Protocol):
+    """``map_clients(fn, clients, shared)``: ``fn(client, shared)`` for every client.
+
+    ``clients`` has a leading client axis; ``shared`` is broadcast to every client. Returns the
+    stacked per-client outputs.
+    """
+
+    def __call__(self, fn: Callable[[PyTree, PyTree], PyTree], clients: PyTree,
+                 shared: PyTree) -> PyTree: ...
+
+
+class FederatedAlgorithm(NamedTuple):
+    """A federated algorithm as a pure ``(init, apply)`` pair."""
+
+    init: Callable[..., PyTree]
+    apply: Callable[[PyTree, Cohort, ClientMap], tuple[PyTree, dict[str, jax.Array]]]
+
+
+def weighted_mean(values: PyTree, weights: jax.Array) -> PyTree:
+    """Mean over the leading client axis with weights ``[C]`` (safe when all are zero)."""
+    total = jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
+
+    def mean(x):
+        w = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+        return jnp.sum(x * w, axis=0) / total.astype(x.dtype)
+
+    return jax.tree.map(mean, values)

@@ -1,0 +1,105 @@
+"""Local training of one client: a loop of optax steps over the client's batches.
+
+The loop runs ``client.num_steps`` iterations (a per-client trip count): under a sequential
+client map each client runs only its own steps; under ``vmap`` JAX runs the cohort's largest
+count and leaves finished clients untouched, so both give the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.algorithms.base import ClientInput
+from fedjax_sim.models.base import Model, batch_statistics, mean_loss
+
+Params = Any
+# (params, batch, mask, rng) -> (scalar loss, stats dict)
+LossFn = Callable[[Params, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+STAT_KEYS = ("loss_sum", "correct", "count")
+
+
+def model_loss(model: Model) -> LossFn:
+    """The model's masked mean cross-entropy, in training mode (dropout on)."""
+
+    def loss(params, batch, mask, rng):
+        stats = batch_statistics(model, params, batch, mask, train=True, rng=rng)
+        return mean_loss(stats), stats
+
+    return loss
+
+
+def gather_batch(data: Mapping[str, jax.Array], rows: jax.Array) -> dict[str, jax.Array]:
+    """``{feature: data[feature][rows]}``; rows are clipped, so padding never reads garbage."""
+    return {name: jnp.take(array, rows, axis=0, mode="clip") for name, array in data.items()}
+
+
+def with_hyperparams(opt_state: Any, hyperparams: Mapping[str, jax.Array]) -> Any:
+    """Replaces the hyperparameters of an ``optax.inject_hyperparams`` state (traced sweeps)."""
+    if not hyperparams:
+        return opt_state
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, **hyperparams})
+
+
+def optimizer_hyperparams(optimizer: optax.GradientTransformation, params: Params) -> dict:
+    """The injected hyperparameters of ``optimizer`` ({} for a plain transform)."""
+    state = jax.eval_shape(optimizer.init, params)
+    hyperparams = getattr(state, "hyperparams", None)
+    if not isinstance(hyperparams, dict):
+        return {}
+    # Materialize the initial values (eval_shape only gave shapes).
+    return dict(optimizer.init(params).hyperparams)
+
+
+def local_train(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    client: ClientInput,
+    data: Mapping[str, jax.Array],
+    hyperparams: Mapping[str, jax.Array] | None = None,
+) -> tuple[Params, dict[str, jax.Array]]:
+    """Runs ``client.num_steps`` optimizer steps from ``params`` on the client's batches.
+
+    Args:
+      loss_fn: ``(params, batch, mask, rng) -> (loss, stats)``; stats holds masked sums.
+      optimizer: the client optimizer (state initialized fresh each round).
+      params: the broadcast server parameters.
+      client: one client's `ClientInput` (``indices``/``mask`` of shape ``[S, B]``).
+      data: the flat example arrays (device resident).
+      hyperparams: overrides for an ``inject_hyperparams`` optimizer (traced, sweepable).
+
+    Returns:
+      ``(client params after training, summed batch stats over its steps)``.
+    """
+    opt_state = with_hyperparams(optimizer.init(params), hyperparams or {})
+    zero_stats = {k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}
+
+    def step(s, carry):
+        params, opt_state, totals = carry
+        batch = gather_batch(data, client.indices[s])
+        mask = client.mask[s]
+        grads, stats = jax.grad(loss_fn, has_aux=True)(
+            params, batch, mask, jax.random.fold_in(client.key, s)
+        )
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A step without a single real example leaves params and optimizer state untouched.
+        keep = stats["count"] > 0
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(keep, new, old),
+            (new_params, new_opt_state),
+            (params, opt_state),
+        )
+        totals = {k: totals[k] + stats[k] for k in STAT_KEYS}
+        return params, opt_state, totals
+
+    params, _, totals = jax.lax.fori_loop(
+        0, client.num_steps, step, (params, opt_state, zero_stats)
+    )
+    return params, totals

@@ -1,0 +1,316 @@
+"""Typed experiment configs: YAML (``yaml.safe_load``) + dotted overrides -> frozen dataclasses.
+
+Every key is checked: an unknown key gets a did-you-mean, a wrong type or a bad value names the
+key, the value and what was expected. The defaults are the default demo (FedAvg on Shakespeare
+by role), spelled out in ``configs/shakespeare_fedavg.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names it and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """``name`` picks the loader; ``options`` are its keyword arguments (checked by the loader)."""
+
+    name: str = "shakespeare"
+    options: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"sequence_length": 80, "test_fraction": 0.2}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """``name`` picks the model (see `fedjax_sim.models.create_model`); ``options`` its kwargs."""
+
+    name: str = "char_lstm"
+    options: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"hidden": 128, "num_layers": 1}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """An optax optimizer by name (``optax.<name>``) and its keyword arguments."""
+
+    name: str = "sgd"
+    learning_rate: float = 1.0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """Local training. ``local_steps`` (fixed steps) wins over ``local_epochs`` when set."""
+
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    batch_size: int = 8
+    local_epochs: int = 1
+    local_steps: int | None = 10
+    max_local_steps: int | None = None
+    weighting: str | float = "num_examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortConfig:
+    """``sampler``: ``uniform`` (without replacement each round) or ``full``."""
+
+    size: int = 10
+    sampler: str = "uniform"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+    """How clients run: ``auto`` (sequential map on CPU, vmap on GPU/TPU), ``vmap`` or ``map``.
+
+    ``client_batch_size``: clients per chunk under ``map``. ``num_devices``: shard the cohort
+    over this many devices (None: 1).
+    """
+
+    client_execution: str = "auto"
+    client_batch_size: int | None = None
+    num_devices: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation cadence. ``max_examples`` caps each evaluated split (None: all)."""
+
+    every: int = 25
+    batch_size: int = 512
+    max_examples: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Metrics are fetched from the device every ``every`` rounds."""
+
+    every: int = 5
+    progress: bool = True
+    tensorboard: bool = False
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    name: str = "shakespeare_fedavg"
+    seed: int = 0
+    rounds: int = 200
+    algorithm: str = "fed_avg"
+    workdir: str | None = None
+    dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    cohort: CohortConfig = dataclasses.field(default_factory=CohortConfig)
+    execution: ExecutionConfig = dataclasses.field(default_factory=ExecutionConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+
+# Values that must be >= 1 (key paths), and > 0.
+POSITIVE_INTS = {
+    "rounds", "client.batch_size", "client.local_epochs", "client.local_steps",
+    "client.max_local_steps", "cohort.size", "execution.client_batch_size",
+    "execution.num_devices", "eval.every", "eval.batch_size", "eval.max_examples", "log.every",
+}
+CHOICES = {
+    "cohort.sampler": ("uniform", "full"),
+    "execution.client_execution": ("auto", "vmap", "map"),
+    "algorithm": ("fed_avg",),
+}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _check_scalar(value: Any, tp: Any, path: str) -> Any:
+    """Checks one leaf against its annotation (int, float, str, bool, dict, X | None, unions)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_scalar(value, option, path)
+            except ConfigError as error:
+                errors.append(error)
+        expected = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"config key {path!r}: expected {expected}, got {value!r}")
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {path!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {path!r}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {path!r}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {path!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {path!r}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key {path!r}: unsupported type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        where = f"config key {prefix!r}" if prefix else "the config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close \
+                else f"; valid keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"unknown config key {path!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _validate_value(path, _check_scalar(value, tp, path))
+    return cls(**kwargs)
+
+
+def _validate_value(path: str, value: Any) -> Any:
+    if value is None:
+        return value
+    if path in POSITIVE_INTS and value < 1:
+        raise ConfigError(f"config key {path!r}: expected an integer >= 1, got {value!r}")
+    if path.endswith("learning_rate") and value <= 0:
+        raise ConfigError(f"config key {path!r}: expected a learning rate > 0, got {value!r}")
+    if path in CHOICES and value not in CHOICES[path]:
+        close = difflib.get_close_matches(value, CHOICES[path], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"config key {path!r}: {value!r} is not one of {list(CHOICES[path])}{hint}"
+        )
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"client.optimizer.learning_rate=0.1"`` -> (["client", "optimizer", ...], 0.1)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or any(not p or not p.isidentifier() for p in parts):
+        raise ConfigError(
+            f"malformed override {text!r}: expected dotted.key=value, e.g. rounds=50 or "
+            "client.optimizer.learning_rate=0.1"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
+    return parts, value
+
+
+def _to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Applies dotted overrides to a nested dict (in place) and returns it."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section of keys")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
+    """Builds a validated `Config` from a dict (missing keys take their defaults)."""
+    merged = _merge(_to_dict(Config()), _deep_copy(data or {}))
+    _replace_options(merged, data or {})
+    merged = apply_overrides(merged, overrides)
+    return _build(Config, merged, "")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config file (or the defaults when None) and applies overrides."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    return config_from_dict(data, overrides)
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _replace_options(merged: dict, data: Mapping) -> None:
+    """A section that names another dataset/model/optimizer must not inherit default options."""
+    for section in ("dataset", "model"):
+        given = data.get(section)
+        if isinstance(given, Mapping) and "name" in given:
+            merged[section]["options"] = _deep_copy(dict(given.get("options") or {}))
+    for side in ("client", "server"):
+        given = data.get(side)
+        optimizer = given.get("optimizer") if isinstance(given, Mapping) else None
+        if isinstance(optimizer, Mapping) and "name" in optimizer:
+            merged[side]["optimizer"]["options"] = _deep_copy(dict(optimizer.get("options") or {}))
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(_to_dict(config), sort_keys=False)

@@ -1,0 +1,269 @@
+"""Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747) as a federated dataset.
+
+70,000 28x28 grayscale images of 10 clothing classes (60,000 train, 10,000 test) in Zalando's
+four IDX files. The 60k training images are split into clients by a partitioner (Dirichlet label
+skew or IID); the 10k test images are the central test set.
+
+The files live in ``<data_dir>/fashion-mnist/`` (see `fedjax_sim.datasets.download.data_dir`),
+gzip'd as distributed (``train-images-idx3-ubyte.gz`` ...) or already decompressed. Integrity is
+checked on the *decompressed* IDX bytes, so any gzip wrapping of the same content is accepted
+(e.g. Debian's ``dataset-fashion-mnist`` package rewrites the gzip header, which changes the
+``.gz`` digest but not the content); downloads are additionally checked against upstream's
+``.gz`` digest before they are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_sim.data.federated_data import FederatedDataset, train_test_split_per_client
+from fedjax_sim.data.partition import dirichlet_partition, iid_partition
+from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
+
+URL_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+"""Where Zalando's README (github.com/zalandoresearch/fashion-mnist) points for the files."""
+
+FOLDER = "fashion-mnist"
+"""Sub-folder of the data folder that holds the four files."""
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+IMAGE_SHAPE = (28, 28)
+
+
+@dataclasses.dataclass(frozen=True)
+class _IdxFile:
+    """One of the four files: its name and digests.
+
+    ``content_sha256`` is the sha256 of the decompressed IDX bytes (checked on every load);
+    ``gz_sha256`` is that of upstream's ``.gz`` (checked on download; it equals the digest that
+    tensorflow-datasets registers).
+    """
+
+    name: str
+    content_sha256: str
+    gz_sha256: str
+
+    @property
+    def url(self) -> str:
+        return f"{URL_BASE}{self.name}.gz"
+
+
+_FILES = {
+    ("train", "images"): _IdxFile(
+        "train-images-idx3-ubyte",
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    ),
+    ("train", "labels"): _IdxFile(
+        "train-labels-idx1-ubyte",
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    ),
+    ("test", "images"): _IdxFile(
+        "t10k-images-idx3-ubyte",
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    ),
+    ("test", "labels"): _IdxFile(
+        "t10k-labels-idx1-ubyte",
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    ),
+}
+
+# IDX type byte -> big-endian dtype (yann.lecun.com/exdb/mnist, "THE IDX FILE FORMAT").
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when they start with the gzip magic ``1f 8b``."""
+    raw = path.read_bytes()
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:  # truncated stream / bad header / bad deflate
+        raise ValueError(
+            f"{path}: truncated or corrupt gzip stream ({e}); delete the file and fetch it again"
+        ) from e
+
+
+def _parse_idx(data: bytes, path: Path) -> np.ndarray:
+    """A read-only big-endian view of the IDX payload in ``data``, shaped by its header."""
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _IDX_DTYPES or data[3] == 0:
+        raise ValueError(
+            f"{path}: not an IDX file: magic number 0x{data[:4].hex() or 'empty'}, expected "
+            "0x0000TTNN with type byte TT in {08, 09, 0b, 0c, 0d, 0e} and NN >= 1 dimensions "
+            "(e.g. 0x00000801 for labels, 0x00000803 for images)"
+        )
+    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    header_bytes = 4 + 4 * ndim
+    if len(data) < header_bytes:
+        raise ValueError(
+            f"{path}: truncated IDX header: {len(data)} bytes, {header_bytes} needed for "
+            f"{ndim} dimensions"
+        )
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    expected = header_bytes + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        problem = "truncated IDX data" if len(data) < expected else "trailing bytes after IDX data"
+        raise ValueError(
+            f"{path}: {problem}: {len(data)} bytes, expected {expected} (a {header_bytes}-byte "
+            f"header + {dims} {dtype.name} values); the file is damaged, fetch it again"
+        )
+    return np.frombuffer(data, dtype, offset=header_bytes).reshape(dims)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file, gzip'd or plain, into a native-endian numpy array.
+
+    Format (LeCun's MNIST page): a big-endian magic ``0x0000TTNN`` (``TT`` the element type,
+    ``0x08`` = uint8 ...; ``NN`` the number of dimensions), ``NN`` big-endian uint32 sizes, then
+    the values in row-major order. Fashion-MNIST labels are ``0x00000801`` (uint8, 1-D), images
+    ``0x00000803`` (uint8, 3-D).
+
+    Args:
+      path: the file; gzip is detected from its first bytes, not its name.
+
+    Returns:
+      An array shaped by the header (e.g. ``[60000, 28, 28]`` uint8).
+
+    Raises:
+      ValueError (naming the file): a wrong magic number, a truncated or corrupt gzip stream, or
+        a payload whose size does not match the header.
+    """
+    path = Path(path)
+    array = _parse_idx(_read_bytes(path), path)
+    return array.astype(array.dtype.newbyteorder("="))
+
+
+def _load_file(folder: Path, spec: _IdxFile, download: bool) -> np.ndarray:
+    """Finds (or downloads) one file, checks its decompressed digest and parses it."""
+    gz_path, plain_path = folder / f"{spec.name}.gz", folder / spec.name
+    if not gz_path.is_file() and plain_path.is_file():
+        path = plain_path
+    else:
+        path = download_lib.ensure_file(
+            gz_path, url=spec.url, sha256=spec.gz_sha256, download=download
+        )
+    data = _read_bytes(path)
+    array = _parse_idx(data, path)  # format errors first: they say more than a digest does
+    download_lib.check_sha256(
+        path, hashlib.sha256(data).hexdigest(), spec.content_sha256, what="decompressed IDX content"
+    )
+    return array
+
+
+def load_fashion_mnist_arrays(
+    data_dir: str | os.PathLike | None = None, download: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Loads the train and test splits as flat arrays.
+
+    Args:
+      data_dir: the root data folder (files in ``<data_dir>/fashion-mnist/``); None falls back
+        to ``$FEDJAX_SIM_DATA``, then the user cache folder.
+      download: fetch missing files from `URL_BASE` (verified, atomic).
+
+    Returns:
+      ``(train, test)``, each ``{"x": float32 [N, 28, 28, 1] in [0, 1], "y": int32 [N]}`` with
+      N = 60,000 and 10,000.
+
+    Raises:
+      FileNotFoundError: a file is missing and ``download`` is False (the message says where to
+        put it and how to download it).
+      ChecksumError: a file's decompressed content is not the expected one.
+      ValueError: a file is not a valid (gzip'd) IDX file.
+    """
+    folder = download_lib.data_dir(data_dir) / FOLDER
+    splits = []
+    for split in ("train", "test"):
+        images = _load_file(folder, _FILES[split, "images"], download)
+        labels = _load_file(folder, _FILES[split, "labels"], download)
+        x = images.reshape(-1, *IMAGE_SHAPE, 1).astype(np.float32)
+        x /= np.float32(255.0)  # in place: one float32 copy of the images, no more
+        splits.append({"x": x, "y": labels.astype(np.int32)})
+    return splits[0], splits[1]
+
+
+def load_fashion_mnist(
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    partition: str = "dirichlet",
+    num_clients: int = 100,
+    alpha: float = 0.5,
+    seed: int = 0,
+    test_fraction: float = 0.0,
+) -> FederatedDataset:
+    """Fashion-MNIST split into ``num_clients`` clients.
+
+    Args:
+      data_dir: the root data folder (see `load_fashion_mnist_arrays`).
+      download: fetch missing files.
+      partition: ``"dirichlet"`` (label skew, `dirichlet_partition` with ``alpha``) or ``"iid"``.
+      num_clients: number of clients the 60,000 training examples are split into.
+      alpha: Dirichlet concentration (small = each client sees few classes); unused for iid.
+      seed: seeds the partition and, independently, the per-client test split, so changing
+        ``test_fraction`` leaves the partition unchanged.
+      test_fraction: when > 0, each client's examples are split into train and test parts
+        (`train_test_split_per_client`, shuffled within the client).
+
+    Returns:
+      A `FederatedDataset` named ``"fashion_mnist"``: ``train`` (and ``test`` when
+      ``test_fraction > 0``) over the clients, the 10,000 test images as ``central_test``, and
+      ``info`` with ``num_classes``, ``pad_label``, ``input_shape``, ``input_dtype`` and
+      ``class_names``.
+
+    Example:
+      >>> dataset = load_fashion_mnist(num_clients=100, alpha=0.1)  # doctest: +SKIP
+      >>> dataset.train.num_examples  # doctest: +SKIP
+      60000
+    """
+    if partition not in ("dirichlet", "iid"):
+        raise ValueError(f"partition must be 'dirichlet' or 'iid', got {partition!r}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    partition_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
+    partition_rng = np.random.default_rng(partition_seed)
+
+    train, central_test = load_fashion_mnist_arrays(data_dir, download)
+    if partition == "dirichlet":
+        clients = dirichlet_partition(train, num_clients, alpha, partition_rng, label_key="y")
+    else:
+        clients = iid_partition(train, num_clients, partition_rng)
+    test = None
+    if test_fraction > 0:
+        clients, test = train_test_split_per_client(
+            clients, test_fraction, np.random.default_rng(split_seed)
+        )
+    return FederatedDataset(
+        name="fashion_mnist",
+        train=clients,
+        test=test,
+        central_test=central_test,
+        info={
+            "num_classes": len(CLASS_NAMES),
+            "pad_label": None,
+            "input_shape": (*IMAGE_SHAPE, 1),
+            "input_dtype": "float32",
+            "class_names": list(CLASS_NAMES),
+        },
+    )

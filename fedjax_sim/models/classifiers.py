@@ -1,0 +1,97 @@
+"""Image classifiers of the federated-learning literature: logistic regression, the 2NN MLP and
+the EMNIST CNN.
+
+* `MLP` with ``hidden=(200, 200)`` is the "2NN" of McMahan et al. 2017, "Communication-Efficient
+  Learning of Deep Networks from Decentralized Data" (https://arxiv.org/abs/1602.05629).
+* `EmnistCNN` is the EMNIST model of TensorFlow Federated and FedJAX (Reddi et al. 2021,
+  "Adaptive Federated Optimization", https://arxiv.org/abs/2003.00295): 1,206,590 parameters on
+  28x28x1 inputs with 62 classes.
+
+Each module is called as ``module(x, train=bool)`` and returns logits ``[B, num_classes]``.
+Dropout draws from the ``"dropout"`` rng stream and is active only when ``train=True`` and that
+stream is given (`Model.apply` passes it when called with ``train=True`` and an ``rng``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.models.conv import canonical_conv
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+    return jnp.reshape(x, (x.shape[0], -1))
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression: flatten, then one dense layer.
+
+    Input ``[B, ...]`` float; output ``[B, num_classes]`` logits.
+    """
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout
+        return nn.Dense(self.num_classes)(_flatten(x))
+
+
+class MLP(nn.Module):
+    """A fully connected ReLU network; ``hidden=(200, 200)`` is McMahan et al.'s 2NN.
+
+    Input ``[B, ...]`` float; output ``[B, num_classes]`` logits.
+    """
+
+    num_classes: int
+    hidden: Sequence[int] = (200, 200)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout
+        x = _flatten(x)
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class EmnistCNN(nn.Module):
+    """The TFF/FedJAX EMNIST CNN.
+
+    Conv 32 3x3 VALID, ReLU; Conv 64 3x3 VALID, ReLU; max-pool 2x2 stride 2; dropout 0.25;
+    flatten; Dense 128, ReLU; dropout 0.5; Dense ``num_classes``.
+
+    Input ``[B, H, W, C]`` (or ``[B, H, W]``, given one channel) float; output
+    ``[B, num_classes]`` logits.
+
+    Attributes:
+      num_classes: 62 for EMNIST by class (digits, upper- and lower-case letters).
+      dropout: False removes both dropout layers.
+      conv_general_dilated: the convolution primitive; `canonical_conv` keeps gradients fast
+        inside a `lax.scan` on XLA:CPU (see `fedjax_sim.models.conv`).
+    """
+
+    num_classes: int = 62
+    dropout: bool = True
+    conv_general_dilated: Callable[..., Any] = canonical_conv
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if x.ndim == 3:
+            x = x[..., None]
+        deterministic = not (train and self.dropout and self.has_rng("dropout"))
+        conv = self.conv_general_dilated
+        x = nn.relu(nn.Conv(32, (3, 3), padding="VALID", conv_general_dilated=conv)(x))
+        x = nn.relu(nn.Conv(64, (3, 3), padding="VALID", conv_general_dilated=conv)(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        if self.dropout:
+            x = nn.Dropout(0.25)(x, deterministic=deterministic)
+        x = nn.relu(nn.Dense(128)(_flatten(x)))
+        if self.dropout:
+            x = nn.Dropout(0.5)(x, deterministic=deterministic)
+        return nn.Dense(self.num_classes)(x)

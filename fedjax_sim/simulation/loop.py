@@ -1,0 +1,342 @@
+"""The host loop: ``run(config)`` builds an experiment and trains it round by round.
+
+  1. build: dataset -> model -> optimizers -> algorithm -> jitted round step -> evaluators;
+  2. loop: dispatch rounds (no host sync); every ``log.every`` rounds fetch the metrics, check
+     them for NaN/inf, write them to ``metrics.jsonl`` and the progress bar;
+  3. every ``eval.every`` rounds (and at the end) evaluate on the central test set and the
+     clients' held-out splits;
+  4. at the end write ``summary.json`` and ``learning_curve.png`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.algorithms.fed_avg import fed_avg
+from fedjax_sim.config import Config, ConfigError, config_to_yaml, load_config
+from fedjax_sim.data.batching import ClientSchedule
+from fedjax_sim.data.federated_data import FederatedDataset
+from fedjax_sim.data.sampling import full_participation, uniform_sampler
+from fedjax_sim.datasets import load_dataset
+from fedjax_sim.models import Model, create_model
+from fedjax_sim.optimizers import make_optimizer
+from fedjax_sim.sharding import client_mesh
+from fedjax_sim.simulation.evaluation import make_evaluator
+from fedjax_sim.simulation.round_step import (
+    RoundStep,
+    SimulationState,
+    build_round_step,
+    init_simulation_state,
+)
+
+
+class DivergenceError(RuntimeError):
+    """A metric became NaN or infinite; the message names the round and the metric."""
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything `run` builds from a config (also useful on its own in scripts and tests)."""
+
+    config: Config
+    dataset: FederatedDataset
+    model: Model
+    algorithm: FederatedAlgorithm
+    schedule: ClientSchedule
+    round_step: RoundStep
+    evaluators: dict[str, Callable[[Any], dict[str, jax.Array]]]
+
+    def init_state(self) -> SimulationState:
+        params = self.model.init(jax.random.PRNGKey(self.config.seed))
+        # The model init and the rounds draw from different keys of the same seed.
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)
+        return init_simulation_state(self.algorithm.init(params), key)
+
+    def evaluate(self, params) -> dict[str, float]:
+        out = {}
+        for split, evaluator in self.evaluators.items():
+            for name, value in jax.device_get(evaluator(params)).items():
+                out[f"{split}/{name}"] = float(value)
+        return out
+
+
+@dataclasses.dataclass
+class RunResult:
+    workdir: Path
+    state: SimulationState
+    history: list[dict[str, float]]
+    summary: dict[str, Any]
+
+
+def build_experiment(config: Config) -> Experiment:
+    """Loads the data and builds the model, algorithm, round step and evaluators."""
+    try:
+        dataset = load_dataset(config.dataset.name, **config.dataset.options)
+    except (ValueError, TypeError) as error:
+        if isinstance(error, ConfigError) or "dataset" in str(error):
+            raise ConfigError(f"config key 'dataset': {error}") from None
+        raise
+    info = dataset.info
+    try:
+        model = create_model(
+            config.model.name,
+            num_classes=info["num_classes"],
+            input_shape=tuple(info["input_shape"]),
+            input_dtype=info.get("input_dtype", "float32"),
+            pad_label=info.get("pad_label"),
+            **config.model.options,
+        )
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config key 'model': {error}") from None
+    client_optimizer = make_optimizer(config.client.optimizer, "client.optimizer")
+    server_optimizer = make_optimizer(config.server.optimizer, "server.optimizer")
+    try:
+        algorithm = fed_avg(model, client_optimizer, server_optimizer,
+                            client_weighting=config.client.weighting)
+    except ValueError as error:
+        raise ConfigError(f"config key 'client.weighting': {error}") from None
+
+    train = dataset.train
+    if config.cohort.size > train.num_clients:
+        raise ConfigError(
+            f"config key 'cohort.size': {config.cohort.size} is larger than the number of "
+            f"clients ({train.num_clients}) in dataset {config.dataset.name!r}"
+        )
+    if config.cohort.sampler == "full":
+        sampler, cohort_size = full_participation(train.num_clients), train.num_clients
+    else:
+        sampler, cohort_size = uniform_sampler(train.num_clients, config.cohort.size), \
+            config.cohort.size
+    schedule = ClientSchedule.from_sizes(
+        train.client_sizes, config.client.batch_size,
+        local_epochs=config.client.local_epochs, local_steps=config.client.local_steps,
+        max_local_steps=config.client.max_local_steps,
+    )
+    mesh = None
+    if config.execution.num_devices and config.execution.num_devices > 1:
+        try:
+            mesh = client_mesh(config.execution.num_devices)
+        except ValueError as error:
+            raise ConfigError(f"config key 'execution.num_devices': {error}") from None
+    round_step = build_round_step(
+        algorithm, train, schedule, sampler, cohort_size,
+        client_execution=config.execution.client_execution,
+        client_batch_size=config.execution.client_batch_size, mesh=mesh,
+    )
+    evaluators = {}
+    eval_kwargs = dict(batch_size=config.eval.batch_size, max_examples=config.eval.max_examples,
+                       seed=config.seed)
+    if dataset.central_test is not None:
+        evaluators["test"] = make_evaluator(model, dataset.central_test, **eval_kwargs)
+    if dataset.test is not None and dataset.test.num_examples > 0:
+        key = "clients_test" if "test" in evaluators else "test"
+        evaluators[key] = make_evaluator(model, dataset.test.arrays, **eval_kwargs)
+    return Experiment(config, dataset, model, algorithm, schedule, round_step, evaluators)
+
+
+def default_workdir(name: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{name}-{stamp}"
+
+
+def _host_metrics(metrics: Sequence[Mapping[str, jax.Array]]) -> list[dict[str, float]]:
+    fetched = jax.device_get(list(metrics))
+    return [{k: float(v) for k, v in m.items()} for m in fetched]
+
+
+def _check_finite(round_index: int, metrics: Mapping[str, float]) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise DivergenceError(
+                f"round {round_index}: metric {name!r} is {value}; the run diverged (lower the "
+                "learning rates, or clip updates)"
+            )
+
+
+def run(
+    config: Config | Mapping[str, Any] | str | os.PathLike | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    workdir: str | os.PathLike | None = None,
+) -> RunResult:
+    """Trains ``config`` (a `Config`, a dict, a YAML path, or None for the default demo).
+
+    Returns the final state, the per-round metrics and a summary; writes ``config.yaml``,
+    ``metrics.jsonl``, ``summary.json`` and ``learning_curve.png`` into the workdir.
+    """
+    if not isinstance(config, Config):
+        from fedjax_sim.config import config_from_dict
+
+        if isinstance(config, Mapping):
+            config = config_from_dict(config, overrides)
+        else:
+            config = load_config(config, overrides)
+    start = time.perf_counter()
+    experiment = build_experiment(config)
+    workdir = Path(workdir or config.workdir or default_workdir(config.name))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(config_to_yaml(config))
+    summary_line = experiment.dataset.train.summary()
+    print(f"fedjax_sim: {config.name}: workdir {workdir}")
+    print(
+        f"fedjax_sim: {config.dataset.name}: {summary_line['clients']} clients, "
+        f"{summary_line['examples']} train examples (per client min {summary_line['min']}, "
+        f"median {summary_line['median']:g}, max {summary_line['max']}); model "
+        f"{config.model.name}; {experiment.round_step.cohort_size} clients x "
+        f"{experiment.schedule.num_steps} steps x batch {experiment.schedule.batch_size} per round"
+    )
+    setup_seconds = time.perf_counter() - start
+    state, history, first_round = _train(experiment, workdir)
+    summary = _finish(experiment, workdir, history, setup_seconds, first_round,
+                      time.perf_counter() - start)
+    return RunResult(workdir, state, history, summary)
+
+
+def _train(experiment: Experiment, workdir: Path) -> tuple[SimulationState, list[dict], float]:
+    config = experiment.config
+    state = experiment.init_state()
+    writer = _tensorboard_writer(workdir) if config.log.tensorboard else None
+    progress = _progress_bar(config)
+    history: list[dict[str, float]] = []
+    pending: list[Mapping[str, jax.Array]] = []
+    start = time.perf_counter()
+    first_round_seconds = None
+    with open(workdir / "metrics.jsonl", "w") as log_file:
+        for round_index in range(1, config.rounds + 1):
+            state, metrics = experiment.round_step(state)
+            pending.append(metrics)
+            if first_round_seconds is None:
+                jax.block_until_ready(metrics)
+                first_round_seconds = time.perf_counter() - start
+            evaluate_now = round_index % config.eval.every == 0 or round_index == config.rounds
+            if round_index % config.log.every and not evaluate_now:
+                continue
+            rows = _host_metrics(pending)
+            first = round_index - len(pending) + 1
+            pending = []
+            now = time.perf_counter() - start
+            for offset, row in enumerate(rows):
+                row = {"round": first + offset, "wall_time": round(now, 3), **row}
+                _check_finite(row["round"], row)
+                history.append(row)
+            if evaluate_now:
+                history[-1].update(experiment.evaluate(state.algorithm.params))
+                _check_finite(round_index, history[-1])
+            for row in history[-len(rows):]:
+                log_file.write(json.dumps(row) + "\n")
+                if writer is not None:
+                    for key, value in row.items():
+                        if key not in ("round", "wall_time"):
+                            writer.add_scalar(key, value, row["round"])
+            log_file.flush()
+            if progress is not None:
+                progress.update(len(rows))
+                progress.set_postfix(_postfix(history))
+    if progress is not None:
+        progress.close()
+    if writer is not None:
+        writer.close()
+    return state, history, first_round_seconds or 0.0
+
+
+def _postfix(history: list[dict[str, float]]) -> dict[str, str]:
+    last = history[-1]
+    postfix = {"loss": f"{last['train/loss']:.3f}", "acc": f"{last['train/accuracy']:.3f}"}
+    tests = [row for row in history if "test/accuracy" in row]
+    if tests:
+        postfix["test_acc"] = f"{tests[-1]['test/accuracy']:.3f}"
+    return postfix
+
+
+def _progress_bar(config: Config):
+    if not config.log.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.rounds, unit="round", desc=config.name, dynamic_ncols=True)
+
+
+def _tensorboard_writer(workdir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "config key 'log.tensorboard': tensorboardX is not installed; "
+            "pip install 'fedjax_sim[tensorboard]'"
+        ) from None
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -> dict:
+    config = experiment.config
+    train_seconds = history[-1]["wall_time"]
+    steady = (train_seconds - first) / max(config.rounds - 1, 1)
+    final = {k: v for k, v in history[-1].items() if k not in ("wall_time",)}
+    summary = {
+        "name": config.name,
+        "rounds": config.rounds,
+        "final": final,
+        "setup_seconds": round(setup_seconds, 2),
+        "first_round_seconds": round(first, 3),
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_round": round(steady, 4),
+        "rounds_per_second": round(1.0 / steady, 2) if steady > 0 else None,
+        "total_seconds": round(total_seconds, 2),
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "workdir": str(workdir),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if config.log.plot:
+        plot_learning_curve(history, workdir / "learning_curve.png", title=config.name)
+    tests = {k: v for k, v in final.items() if k.endswith("/accuracy") and "train" not in k}
+    print(
+        f"fedjax_sim: done: {config.rounds} rounds in {summary['train_seconds']:.1f} s "
+        f"({summary['seconds_per_round']:.3f} s/round, first round {first:.1f} s), total "
+        f"{summary['total_seconds']:.1f} s; final train loss {final['train/loss']:.3f}, "
+        + ", ".join(f"{k} {v:.4f}" for k, v in tests.items())
+    )
+    print(f"fedjax_sim: wrote {workdir}/metrics.jsonl, summary.json"
+          + (", learning_curve.png" if config.log.plot else ""))
+    return summary
+
+
+def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str = "") -> None:
+    """Train loss and train/test accuracy against rounds, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [row["round"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(rounds, [row["train/loss"] for row in history], label="train loss", lw=1)
+    ax_acc.plot(rounds, [row["train/accuracy"] for row in history], label="train accuracy", lw=1)
+    for key in sorted({k for row in history for k in row}):
+        if key.endswith("/accuracy") and not key.startswith("train"):
+            points = [(row["round"], row[key]) for row in history if key in row]
+            ax_acc.plot(*zip(*points), marker="o", label=key)
+        if key.endswith("/loss") and not key.startswith("train"):
+            points = [(row["round"], row[key]) for row in history if key in row]
+            ax_loss.plot(*zip(*points), marker="o", label=key)
+    for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,236 @@
+"""The standard models: shapes, closed-form parameter counts, masked statistics, dropout and
+`create_model`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_sim.models import (
+    MLP,
+    CharLSTM,
+    EmnistCNN,
+    LogisticRegression,
+    Model,
+    batch_statistics,
+    create_model,
+    mean_loss,
+)
+
+
+def _num_params(params) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _init(model: Model):
+    return jax.jit(model.init)(jax.random.key(0))
+
+
+def _apply(model: Model, params, x, **kwargs):
+    # jitted: eager flax dispatches op by op and makes the tests slow
+    return jax.jit(model.apply, static_argnames="train")(params, x, **kwargs)
+
+
+def _stats(model: Model, params, batch, mask):
+    return jax.jit(lambda p, b, m: batch_statistics(model, p, b, m))(params, batch, mask)
+
+
+def _lstm_layer(inputs: int, hidden: int) -> int:
+    # four gates: input kernel (no bias) + recurrent kernel with bias
+    return 4 * (inputs * hidden + hidden * hidden + hidden)
+
+
+# (name, create_model kwargs, closed-form parameter count, output shape for a batch of 3)
+MODEL_CASES = [
+    (
+        "logistic",
+        {"num_classes": 10, "input_shape": (28, 28)},
+        28 * 28 * 10 + 10,
+        (3, 10),
+    ),
+    (
+        "mlp",
+        {"num_classes": 10, "input_shape": (28, 28, 1)},
+        (784 * 200 + 200) + (200 * 200 + 200) + (200 * 10 + 10),  # McMahan et al.'s 2NN
+        (3, 10),
+    ),
+    (
+        "mlp",
+        {"num_classes": 5, "input_shape": (6,), "hidden": (7,)},
+        (6 * 7 + 7) + (7 * 5 + 5),
+        (3, 5),
+    ),
+    (
+        "emnist_cnn",
+        {"num_classes": 62, "input_shape": (28, 28, 1)},
+        3 * 3 * 1 * 32 + 32 + 3 * 3 * 32 * 64 + 64 + 12 * 12 * 64 * 128 + 128 + 128 * 62 + 62,
+        (3, 62),
+    ),
+    (
+        "char_lstm",
+        {"num_classes": 90, "input_shape": (5,), "input_dtype": "int32"},
+        90 * 8 + _lstm_layer(8, 256) + _lstm_layer(256, 256) + 256 * 90 + 90,
+        (3, 5, 90),
+    ),
+    (
+        "char_lstm",
+        {
+            "num_classes": 90,
+            "input_shape": (5,),
+            "input_dtype": "int32",
+            "hidden": 128,
+            "num_layers": 1,
+        },
+        90 * 8 + _lstm_layer(8, 128) + 128 * 90 + 90,
+        (3, 5, 90),
+    ),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,count,out_shape", MODEL_CASES)
+def test_output_shapes_and_parameter_counts(name, kwargs, count, out_shape):
+    model = create_model(name, **kwargs)
+    params = jax.eval_shape(model.init, jax.random.key(0))  # shapes only: fast
+    assert _num_params(params) == count
+    x = jnp.zeros((3, *kwargs["input_shape"]), kwargs.get("input_dtype", "float32"))
+    assert jax.eval_shape(model.apply, params, x).shape == out_shape
+    assert model.sample_input.shape == (1, *kwargs["input_shape"])
+    assert model.name == name and model.num_classes == kwargs["num_classes"]
+
+
+def test_emnist_cnn_parameter_count_is_the_published_one():
+    model = create_model("emnist_cnn", num_classes=62, input_shape=(28, 28, 1))
+    assert _num_params(jax.eval_shape(model.init, jax.random.key(0))) == 1_206_590
+
+
+def test_emnist_cnn_accepts_images_without_channel_axis():
+    module = EmnistCNN(num_classes=4, dropout=False)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8))
+    np.testing.assert_allclose(
+        *(jax.jit(module.apply)(params, v) for v in (x, x[..., None])), rtol=1e-6
+    )
+
+
+def test_masked_examples_do_not_count():
+    model = create_model("mlp", num_classes=4, input_shape=(5,), hidden=(8,))
+    params = _init(model)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, size=6), jnp.int32)
+    mask = jnp.array([True, False, True, True, False, True])
+    # padded examples hold garbage: it must not matter
+    x_padded = jnp.where(mask[:, None], x, 1e3)
+    stats = _stats(model, params, {"x": x_padded, "y": y}, mask)
+    keep = np.asarray(mask)
+    expected = _stats(model, params, {"x": x[keep], "y": y[keep]}, jnp.ones(int(keep.sum()), bool))
+    for key in ("loss_sum", "correct", "count"):
+        np.testing.assert_allclose(stats[key], expected[key], rtol=1e-6)
+    assert float(stats["count"]) == 4
+
+
+def test_lstm_ignores_masked_examples_and_pad_labels():
+    model = create_model(
+        "char_lstm",
+        num_classes=11,
+        input_shape=(4,),
+        input_dtype="int32",
+        pad_label=0,
+        hidden=8,
+        num_layers=1,
+    )
+    params = _init(model)
+    x = jnp.array([[3, 4, 5, 6], [7, 8, 0, 0], [1, 2, 3, 4]], jnp.int32)
+    y = jnp.array([[4, 5, 6, 1], [8, 9, 0, 0], [2, 3, 4, 5]], jnp.int32)
+    mask = jnp.array([True, True, False])
+    stats = _stats(model, params, {"x": x, "y": y}, mask)
+
+    # independent reference: numpy cross-entropy over the 6 valid (unmasked, non-pad) labels
+    logits = np.asarray(_apply(model, params, x), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    valid = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    loss = -sum(log_probs[b, t, int(y[b, t])] for b, t in valid)
+    correct = sum(int(np.argmax(logits[b, t]) == int(y[b, t])) for b, t in valid)
+    assert float(stats["count"]) == len(valid)
+    np.testing.assert_allclose(stats["loss_sum"], loss, rtol=1e-5)
+    assert float(stats["correct"]) == correct
+
+
+def test_logistic_regression_loss_is_softmax_cross_entropy():
+    model = create_model("logistic", num_classes=3, input_shape=(4,))
+    params = _init(model)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=5)
+    stats = _stats(model, params, {"x": jnp.asarray(x), "y": jnp.asarray(y)}, jnp.ones(5, bool))
+
+    kernel = np.asarray(params["Dense_0"]["kernel"], np.float64)
+    bias = np.asarray(params["Dense_0"]["bias"], np.float64)
+    logits = x.astype(np.float64) @ kernel + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    expected = -np.mean(np.log(probs[np.arange(5), y]))
+    np.testing.assert_allclose(mean_loss(stats), expected, rtol=1e-5)
+
+
+def test_mean_loss_is_zero_when_nothing_is_valid():
+    stats = {"loss_sum": jnp.float32(0.0), "correct": jnp.float32(0.0), "count": jnp.float32(0.0)}
+    assert float(mean_loss(stats)) == 0.0
+
+
+def test_dropout_only_in_training_with_an_rng():
+    model = create_model("emnist_cnn", num_classes=5, input_shape=(10, 10, 1))
+    params = _init(model)
+    x = jax.random.normal(jax.random.key(1), (2, 10, 10, 1))
+    eval_a = _apply(model, params, x)
+    eval_b = _apply(model, params, x, train=False, rng=jax.random.key(2))
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = _apply(model, params, x, train=True, rng=jax.random.key(3))
+    train_b = _apply(model, params, x, train=True, rng=jax.random.key(4))
+    train_a_again = _apply(model, params, x, train=True, rng=jax.random.key(3))
+    assert not np.allclose(train_a, train_b)
+    assert not np.allclose(train_a, eval_a)
+    np.testing.assert_array_equal(train_a, train_a_again)
+
+
+def test_no_dropout_model_is_deterministic_in_training():
+    model = create_model("emnist_cnn", num_classes=5, input_shape=(10, 10, 1), dropout=False)
+    params = _init(model)
+    x = jax.random.normal(jax.random.key(1), (2, 10, 10, 1))
+    np.testing.assert_array_equal(
+        _apply(model, params, x, train=True, rng=jax.random.key(3)), _apply(model, params, x)
+    )
+
+
+def test_modules_can_be_wrapped_by_hand():
+    for module, sample in (
+        (LogisticRegression(3), np.zeros((1, 4), np.float32)),
+        (MLP(3, hidden=(4,)), np.zeros((1, 4), np.float32)),
+        (CharLSTM(vocab_size=3, hidden=4, num_layers=1), np.zeros((1, 2), np.int32)),
+    ):
+        model = Model(module=module, sample_input=sample, num_classes=3)
+        params = _init(model)
+        assert _apply(model, params, jnp.asarray(sample)).shape[-1] == 3
+
+
+def test_unknown_model_name_suggests_the_closest():
+    with pytest.raises(ValueError, match=r"'emnist_cn'.*'char_lstm'.*Did you mean 'emnist_cnn'"):
+        create_model("emnist_cn", num_classes=62, input_shape=(28, 28, 1))
+    with pytest.raises(ValueError, match=r"unknown model name 'resnet'"):
+        create_model("resnet", num_classes=10, input_shape=(32, 32, 3))
+
+
+def test_unknown_keyword_names_the_key_and_the_accepted_ones():
+    with pytest.raises(ValueError, match=r"'hiden'.*MLP accepts \['hidden'\]"):
+        create_model("mlp", num_classes=10, input_shape=(4,), hiden=(8,))
+    with pytest.raises(ValueError, match=r"'vocab_size'.*num_classes"):
+        create_model(
+            "char_lstm", num_classes=90, input_shape=(4,), input_dtype="int32", vocab_size=90
+        )
+
+
+def test_char_lstm_needs_integer_inputs():
+    with pytest.raises(ValueError, match="input_dtype='int32'"):
+        create_model("char_lstm", num_classes=90, input_shape=(4,))
