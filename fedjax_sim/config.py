@@ -222,6 +222,18 @@ def _validate_value(path: str, value: Any) -> Any:
     return value
 
 
+def check_options(section: str, owner: str, options: Mapping[str, Any], valid) -> None:
+    """Rejects an option that ``owner`` (a loader, model or optimizer) does not take."""
+    valid = sorted(valid)
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{section}.{key}' for {owner}{hint} (valid: {valid})"
+            )
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"client.optimizer.learning_rate=0.1"`` -> (["client", "optimizer", ...], 0.1)."""
     key, sep, raw = text.partition("=")
@@ -238,31 +250,92 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+# Sections whose extra keys are options of the named thing (loader, model, optax function):
+# ``dataset: {name: fashion_mnist, alpha: 0.1}`` -> DatasetConfig(name, options={"alpha": 0.1}).
+OPEN_SECTIONS = {
+    ("dataset",): DatasetConfig,
+    ("model",): ModelConfig,
+    ("client", "optimizer"): OptimizerConfig,
+    ("server", "optimizer"): OptimizerConfig,
+}
+
+
+def _declared(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - {"options"}
+
+
 def _to_dict(config: Any) -> dict:
+    """The nested-dict form, with ``options`` kept apart (the internal form)."""
     return dataclasses.asdict(config)
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Applies dotted overrides to a nested dict (in place) and returns it."""
-    for text in overrides:
-        parts, value = parse_override(text)
+def _flat_dict(config: Any) -> dict:
+    """The YAML form: options flattened into their sections."""
+    data = _to_dict(config)
+    for path in OPEN_SECTIONS:
         node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section of keys")
-            node = child
-        node[parts[-1]] = value
+        for part in path:
+            node = node[part]
+        node.update(node.pop("options"))
     return data
 
 
+def _set(data: dict, parts: Sequence[str], value: Any, text: str) -> None:
+    """Sets a dotted key in the internal form; keys of open sections go into ``options``."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {text!r}: {part!r} is not a section of keys")
+        node = child
+        cls = OPEN_SECTIONS.get(tuple(parts[: i + 1]))
+        if cls is not None and parts[i + 1] not in _declared(cls) and i + 1 == len(parts) - 1:
+            node = node.setdefault("options", {})
+    key = parts[-1]
+    cls = OPEN_SECTIONS.get(tuple(parts[:-1]))
+    if cls is not None and key == "name" and node.get("name") != value:
+        node["options"] = {}  # another loader/model/optimizer: the old options do not apply
+    node[key] = value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Applies dotted overrides to the internal nested dict (in place) and returns it."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set(data, parts, value, text)
+    return data
+
+
+def _merge_user(base: dict, user: Mapping, prefix: tuple[str, ...] = ()) -> None:
+    """Merges a user's YAML dict (open sections flat) into the internal form."""
+    if not isinstance(user, Mapping):
+        raise ConfigError(f"config key {'.'.join(prefix)!r}: expected a mapping, got {user!r}")
+    cls = OPEN_SECTIONS.get(prefix)
+    if cls is not None and "name" in user and user["name"] != base.get("name"):
+        base["options"] = {}
+    for key, value in user.items():
+        path = prefix + (str(key),)
+        if cls is not None and key == "options":
+            raise ConfigError(
+                f"config key {'.'.join(path)!r}: write the options directly under "
+                f"{'.'.join(prefix)!r} (e.g. {'.'.join(prefix)}.alpha: 0.1)"
+            )
+        if cls is not None and key not in _declared(cls):
+            base.setdefault("options", {})[key] = _deep_copy(value)
+        elif isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge_user(base[key], value, path)
+        else:
+            base[key] = _deep_copy(value)
+
+
 def config_from_dict(data: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
-    """Builds a validated `Config` from a dict (missing keys take their defaults)."""
-    merged = _merge(_to_dict(Config()), _deep_copy(data or {}))
-    _replace_options(merged, data or {})
-    merged = apply_overrides(merged, overrides)
+    """Builds a validated `Config` from a YAML-form dict (missing keys take their defaults)."""
+    merged = _to_dict(Config())
+    if data:
+        _merge_user(merged, data)
+    apply_overrides(merged, overrides)
     return _build(Config, merged, "")
 
 
@@ -290,27 +363,6 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-def _merge(base: dict, update: Mapping) -> dict:
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def _replace_options(merged: dict, data: Mapping) -> None:
-    """A section that names another dataset/model/optimizer must not inherit default options."""
-    for section in ("dataset", "model"):
-        given = data.get(section)
-        if isinstance(given, Mapping) and "name" in given:
-            merged[section]["options"] = _deep_copy(dict(given.get("options") or {}))
-    for side in ("client", "server"):
-        given = data.get(side)
-        optimizer = given.get("optimizer") if isinstance(given, Mapping) else None
-        if isinstance(optimizer, Mapping) and "name" in optimizer:
-            merged[side]["optimizer"]["options"] = _deep_copy(dict(optimizer.get("options") or {}))
-
-
 def config_to_yaml(config: Config) -> str:
-    return yaml.safe_dump(_to_dict(config), sort_keys=False)
+    """The config in the YAML form ``load_config`` reads back."""
+    return yaml.safe_dump(_flat_dict(config), sort_keys=False)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import platformdirs
 
+from fedjax_sim.data.errors import DataError
+
 DATA_DIR_ENV = "FEDJAX_SIM_DATA"
 """Environment variable naming the root data folder (relative paths resolve against the cwd)."""
 
@@ -26,7 +28,11 @@ _CHUNK_BYTES = 1 << 20
 _log = logging.getLogger(__name__)
 
 
-class ChecksumError(ValueError):
+class MissingFileError(DataError, FileNotFoundError):
+    """A data file is not where it is expected; the message says where and how to get it."""
+
+
+class ChecksumError(DataError):
     """A file's sha256 is not the expected one (corrupt, truncated or a different file)."""
 
 
@@ -110,7 +116,7 @@ def download_file(url: str, path: str | os.PathLike, sha256: str, *, timeout: fl
                         digest.update(chunk)
                         out.write(chunk)
             except OSError as e:  # urllib.error.URLError is an OSError
-                raise OSError(f"could not download {url} to {path}: {e}") from e
+                raise DataError(f"could not download {url} to {path}: {e}") from e
             out.flush()
             os.fsync(out.fileno())
         check_sha256(f"{path} (downloaded from {url})", digest.hexdigest(), sha256)
@@ -159,5 +165,5 @@ def ensure_file(path: str | os.PathLike, *, url: str, sha256: str, download: boo
     if path.is_file():
         return path
     if not download:
-        raise FileNotFoundError(missing_file_message(path, url))
+        raise MissingFileError(missing_file_message(path, url))
     return download_file(url, path, sha256)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset, train_test_split_per_client
 from fedjax_sim.data.partition import dirichlet_partition, iid_partition
 from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
@@ -101,7 +102,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as e:  # truncated stream / bad header / bad deflate
-        raise ValueError(
+        raise DataError(
             f"{path}: truncated or corrupt gzip stream ({e}); delete the file and fetch it again"
         ) from e
 
@@ -109,7 +110,7 @@ def _read_bytes(path: Path) -> bytes:
 def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     """A read-only big-endian view of the IDX payload in ``data``, shaped by its header."""
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _IDX_DTYPES or data[3] == 0:
-        raise ValueError(
+        raise DataError(
             f"{path}: not an IDX file: magic number 0x{data[:4].hex() or 'empty'}, expected "
             "0x0000TTNN with type byte TT in {08, 09, 0b, 0c, 0d, 0e} and NN >= 1 dimensions "
             "(e.g. 0x00000801 for labels, 0x00000803 for images)"
@@ -117,7 +118,7 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     dtype, ndim = _IDX_DTYPES[data[2]], data[3]
     header_bytes = 4 + 4 * ndim
     if len(data) < header_bytes:
-        raise ValueError(
+        raise DataError(
             f"{path}: truncated IDX header: {len(data)} bytes, {header_bytes} needed for "
             f"{ndim} dimensions"
         )
@@ -125,7 +126,7 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     expected = header_bytes + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
         problem = "truncated IDX data" if len(data) < expected else "trailing bytes after IDX data"
-        raise ValueError(
+        raise DataError(
             f"{path}: {problem}: {len(data)} bytes, expected {expected} (a {header_bytes}-byte "
             f"header + {dims} {dtype.name} values); the file is damaged, fetch it again"
         )

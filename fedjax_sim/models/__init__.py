@@ -87,7 +87,7 @@ def create_model(
     for key in kwargs:
         if key not in accepted:
             extra = (
-                f" (the number of classes is set by create_model's num_classes)"
+                " (the number of classes is set by create_model's num_classes)"
                 if key in (classes_field, "num_classes")
                 else ""
             )

@@ -110,7 +110,10 @@ def canonical_conv(
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    if any(lo < 0 or hi < 0 or lo > k - 1 or hi > k - 1 for (lo, hi), k in zip(pads, kernel_size)):
+    if any(
+        lo < 0 or hi < 0 or lo > k - 1 or hi > k - 1
+        for (lo, hi), k in zip(pads, kernel_size, strict=True)
+    ):
         return fallback()
     return _conv_nhwc(lhs, rhs, strides, pads, precision)
 
@@ -145,7 +148,7 @@ def _conv_nhwc_bwd(strides, pads, precision, residuals, out_grad):
     # the weight-gradient convolution below produces that many extra kernel rows (sliced off).
     leftover = tuple(
         n + lo + hi - k - (o - 1) * s
-        for n, (lo, hi), k, o, s in zip(in_size, pads, kernel_size, out_size, strides)
+        for n, (lo, hi), k, o, s in zip(in_size, pads, kernel_size, out_size, strides, strict=True)
     )
 
     # Input gradient: dilate the output gradient by the stride, then a full-style convolution
@@ -156,7 +159,8 @@ def _conv_nhwc_bwd(strides, pads, precision, residuals, out_grad):
         dilated = lax.pad(out_grad, jnp.zeros((), out_grad.dtype), interior)
     flipped = rhs[::-1, ::-1].transpose(0, 1, 3, 2)
     in_pads = tuple(
-        (k - 1 - lo, k - 1 - hi + r) for (lo, hi), k, r in zip(pads, kernel_size, leftover)
+        (k - 1 - lo, k - 1 - hi + r)
+        for (lo, hi), k, r in zip(pads, kernel_size, leftover, strict=True)
     )
     lhs_grad = _forward(dilated, flipped, (1, 1), in_pads, precision)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -25,12 +26,13 @@ import numpy as np
 
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.fed_avg import fed_avg
-from fedjax_sim.config import Config, ConfigError, config_to_yaml, load_config
+from fedjax_sim.config import Config, ConfigError, check_options, config_to_yaml, load_config
 from fedjax_sim.data.batching import ClientSchedule
+from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
 from fedjax_sim.data.sampling import full_participation, uniform_sampler
-from fedjax_sim.datasets import load_dataset
-from fedjax_sim.models import Model, create_model
+from fedjax_sim.datasets import dataset_loader
+from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.evaluation import make_evaluator
@@ -83,12 +85,22 @@ class RunResult:
 def build_experiment(config: Config) -> Experiment:
     """Loads the data and builds the model, algorithm, round step and evaluators."""
     try:
-        dataset = load_dataset(config.dataset.name, **config.dataset.options)
-    except (ValueError, TypeError) as error:
-        if isinstance(error, ConfigError) or "dataset" in str(error):
-            raise ConfigError(f"config key 'dataset': {error}") from None
+        loader = dataset_loader(config.dataset.name)
+    except ValueError as error:
+        raise ConfigError(f"config key 'dataset.name': {error}") from None
+    check_options("dataset", f"dataset {config.dataset.name!r}", config.dataset.options,
+                  inspect.signature(loader).parameters)
+    try:
+        dataset = loader(**config.dataset.options)
+    except DataError:
         raise
+    except (ValueError, TypeError) as error:  # the loader rejected an option's value
+        raise ConfigError(f"config key 'dataset' ({config.dataset.name}): {error}") from None
     info = dataset.info
+    if config.model.name in MODELS:
+        module, classes_field = MODELS[config.model.name]
+        fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name", classes_field}
+        check_options("model", f"model {config.model.name!r}", config.model.options, fields)
     try:
         model = create_model(
             config.model.name,

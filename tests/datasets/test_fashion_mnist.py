@@ -10,6 +10,7 @@ import numpy as np
 import platformdirs
 import pytest
 
+from fedjax_sim.data.errors import DataError
 from fedjax_sim.datasets import download as download_lib
 from fedjax_sim.datasets import fashion_mnist as fm
 
@@ -363,7 +364,7 @@ def test_download_file_is_atomic_and_checked(tmp_path):
         download_lib.download_file(source.as_uri(), fresh, "0" * 64)
     assert os.listdir(fresh.parent) == []
 
-    with pytest.raises(OSError, match=r"could not download .*missing\.bin"):
+    with pytest.raises(DataError, match=r"could not download .*missing\.bin"):
         download_lib.download_file((tmp_path / "missing.bin").as_uri(), fresh, digest)
     assert os.listdir(fresh.parent) == []
 

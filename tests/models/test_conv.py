@@ -54,7 +54,7 @@ def test_matches_lax_conv_values_and_gradients(kernel, stride, padding, batch):
     got = jax.jit(_conv_and_grads, static_argnums=(0, 4, 5))(
         canonical_conv, x, w, out_grad, strides, padding
     )
-    for name, g, e in zip(("output", "input grad", "kernel grad"), got, expected):
+    for name, g, e in zip(("output", "input grad", "kernel grad"), got, expected, strict=True):
         assert g.shape == e.shape, name
         assert _relative_error(g, e) < 1e-5, name
 
@@ -94,7 +94,7 @@ def test_sgd_scan_with_canonical_conv_matches_lax_conv():
     expected = train(lax.conv_general_dilated)
     got = train(canonical_conv)
     for (path, g), e in zip(
-        jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(expected)
+        jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(expected), strict=True
     ):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6, err_msg=str(path))
 
@@ -130,3 +130,19 @@ def test_gradient_convolutions_are_canonical():
     for line in convolutions:
         assert canonical in line and "lhs_dilate = [1, 1]" in line, line
     assert not all(canonical in line for line in lowered_convolutions(lax.conv_general_dilated))
+
+
+def test_vmapped_gradients_match_lax_conv():
+    """Clients are vmapped: per-client kernels and inputs batch through the custom VJP."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(3, 2, 7, 7, 2)), jnp.float32)  # [clients, B, H, W, C]
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 4)), jnp.float32)  # [clients, kh, kw, I, O]
+
+    def grads(conv):
+        def loss(lhs, rhs):
+            return jnp.sum(jnp.tanh(conv(lhs, rhs, (2, 2), "SAME", dimension_numbers=NHWC)))
+
+        return jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(x, w)
+
+    for g, e in zip(grads(canonical_conv), grads(lax.conv_general_dilated), strict=True):
+        assert _relative_error(g, e) < 1e-5

@@ -184,12 +184,20 @@ def test_dropout_only_in_training_with_an_rng():
     model = create_model("emnist_cnn", num_classes=5, input_shape=(10, 10, 1))
     params = _init(model)
     x = jax.random.normal(jax.random.key(1), (2, 10, 10, 1))
-    eval_a = _apply(model, params, x)
-    eval_b = _apply(model, params, x, train=False, rng=jax.random.key(2))
+
+    @jax.jit
+    def outputs(params, x):
+        keys = jax.random.split(jax.random.key(2), 3)
+        return (
+            model.apply(params, x),
+            model.apply(params, x, train=False, rng=keys[0]),
+            model.apply(params, x, train=True, rng=keys[1]),
+            model.apply(params, x, train=True, rng=keys[2]),
+            model.apply(params, x, train=True, rng=keys[1]),
+        )
+
+    eval_a, eval_b, train_a, train_b, train_a_again = outputs(params, x)
     np.testing.assert_array_equal(eval_a, eval_b)
-    train_a = _apply(model, params, x, train=True, rng=jax.random.key(3))
-    train_b = _apply(model, params, x, train=True, rng=jax.random.key(4))
-    train_a_again = _apply(model, params, x, train=True, rng=jax.random.key(3))
     assert not np.allclose(train_a, train_b)
     assert not np.allclose(train_a, eval_a)
     np.testing.assert_array_equal(train_a, train_a_again)
