@@ -55,7 +55,9 @@ class OptimizerConfig:
 class ClientConfig:
     """Local training. ``local_steps`` (fixed steps) wins over ``local_epochs`` when set."""
 
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig(learning_rate=2.0)
+    )
     batch_size: int = 8
     local_epochs: int = 1
     local_steps: int | None = 10
@@ -93,7 +95,7 @@ class ExecutionConfig:
 class EvalConfig:
     """Evaluation cadence. ``max_examples`` caps each evaluated split (None: all)."""
 
-    every: int = 25
+    every: int = 50
     batch_size: int = 512
     max_examples: int | None = None
 
@@ -114,7 +116,7 @@ class Config:
 
     name: str = "shakespeare_fedavg"
     seed: int = 0
-    rounds: int = 200
+    rounds: int = 150
     algorithm: str = "fed_avg"
     workdir: str | None = None
     dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
