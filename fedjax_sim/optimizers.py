@@ -18,13 +18,17 @@ from fedjax_sim.config import ConfigError, OptimizerConfig
 KNOWN = ("sgd", "adam", "adamw", "adagrad", "yogi", "rmsprop", "lamb", "lion", "nadam", "adafactor")
 
 
-def make_optimizer(config: OptimizerConfig, path: str = "optimizer") -> optax.GradientTransformation:
+def make_optimizer(
+    config: OptimizerConfig, path: str = "optimizer"
+) -> optax.GradientTransformation:
     """``optax.<name>(learning_rate, **options)`` with injected (traceable) hyperparameters."""
     factory = getattr(optax, config.name, None)
     if not callable(factory) or config.name.startswith("_") or inspect.isclass(factory):
         close = difflib.get_close_matches(config.name, KNOWN, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; e.g. one of {list(KNOWN)}"
-        raise ConfigError(f"config key '{path}.name': unknown optax optimizer {config.name!r}{hint}")
+        raise ConfigError(
+            f"config key '{path}.name': unknown optax optimizer {config.name!r}{hint}"
+        )
     parameters = inspect.signature(factory).parameters
     if "learning_rate" not in parameters:
         raise ConfigError(
@@ -43,4 +47,6 @@ def make_optimizer(config: OptimizerConfig, path: str = "optimizer") -> optax.Gr
             learning_rate=config.learning_rate, **config.options
         )
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"config key '{path}': optax.{config.name} rejected it: {error}") from None
+        raise ConfigError(
+            f"config key '{path}': optax.{config.name} rejected it: {error}"
+        ) from None

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.fed_avg import fed_avg
@@ -339,10 +338,10 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str 
     for key in sorted({k for row in history for k in row}):
         if key.endswith("/accuracy") and not key.startswith("train"):
             points = [(row["round"], row[key]) for row in history if key in row]
-            ax_acc.plot(*zip(*points), marker="o", label=key)
+            ax_acc.plot(*zip(*points, strict=False), marker="o", label=key)
         if key.endswith("/loss") and not key.startswith("train"):
             points = [(row["round"], row[key]) for row in history if key in row]
-            ax_loss.plot(*zip(*points), marker="o", label=key)
+            ax_loss.plot(*zip(*points, strict=False), marker="o", label=key)
     for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("round")
         ax.set_ylabel(label)

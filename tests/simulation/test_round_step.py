@@ -54,7 +54,8 @@ def reference_round(model, params, data: FederatedData, cohort, client_opt, serv
         deltas.append(jax.tree.map(lambda a, b: np.float64(a) - np.float64(b), params, p))
         weights.append(float(data.client_sizes[cohort["ids"][c]]))
     w = np.array(weights) / np.sum(weights)
-    mean_delta = jax.tree.map(lambda *d: sum(wi * di for wi, di in zip(w, d)), *deltas)
+    mean_delta = jax.tree.map(lambda *d: sum(wi * di for wi, di in zip(w, d, strict=True)),
+                              *deltas)
     mean_delta = jax.tree.map(lambda d: d.astype(np.float32), mean_delta)
     updates, server_state = server_opt.update(mean_delta, server_state, params)
     return optax.apply_updates(params, updates), server_state
@@ -154,9 +155,10 @@ def _three_rounds(seed, execution="map"):
 
 def test_same_seed_is_bitwise_identical_and_another_seed_differs():
     a, b, c = _three_rounds(3), _three_rounds(3), _three_rounds(4)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False):
         np.testing.assert_array_equal(x, y)
-    assert any(not np.array_equal(x, z) for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+    leaves_a, leaves_c = jax.tree.leaves(a), jax.tree.leaves(c)
+    assert any(not np.array_equal(x, z) for x, z in zip(leaves_a, leaves_c, strict=True))
 
 
 def test_no_retrace_across_rounds():
