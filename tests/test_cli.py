@@ -83,3 +83,11 @@ def test_console_script_entry_point(tmp_path):
     result = subprocess.run([*command, "run", str(tmp_path / "x.yaml")], capture_output=True,
                             text=True, env={**os.environ}, timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_tensorboard_events_are_written_when_asked(tmp_path):
+    assert main(["demo", *TINY, "log.tensorboard=true", "log.plot=false",
+                 "--workdir", str(tmp_path / "tb")]) == 0
+    events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+    assert not (tmp_path / "tb" / "learning_curve.png").exists()
