@@ -35,6 +35,9 @@ class ClientInput:
       num_examples: int32 size of the client's training data (the default aggregation weight).
       valid: bool, False for a padding client added to fill a device shard.
       key: the client's PRNG key (dropout, client-side randomness).
+      own_trip_count: static; True when clients run one at a time (a sequential map), so the
+        local loop can stop after ``num_steps``; False under ``vmap``, where a fixed loop over
+        all S steps (padded steps masked) is cheaper than a loop with a batched trip count.
     """
 
     client_id: jax.Array
@@ -44,6 +47,7 @@ class ClientInput:
     num_examples: jax.Array
     valid: jax.Array
     key: jax.Array
+    own_trip_count: bool = struct.field(pytree_node=False, default=True)
 
 
 @struct.dataclass
@@ -73,11 +77,17 @@ class FederatedAlgorithm(NamedTuple):
 
 
 def weighted_mean(values: PyTree, weights: jax.Array) -> PyTree:
-    """Mean over the leading client axis with weights ``[C]`` (safe when all are zero)."""
+    """Mean over the leading client axis with weights ``[C]`` (safe when all are zero).
+
+    A ``tensordot`` rather than ``sum(x * w, axis=0)``: XLA:CPU compiles the latter into a slow
+    loop (162 ms vs 1.6 ms for the EMNIST CNN's 10 client deltas). ``HIGHEST`` keeps GPUs and TPUs
+    from reducing the precision of this contraction.
+    """
     total = jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
 
     def mean(x):
-        w = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-        return jnp.sum(x * w, axis=0) / total.astype(x.dtype)
+        summed = jnp.tensordot(weights.astype(x.dtype), x, axes=1,
+                               precision=jax.lax.Precision.HIGHEST)
+        return summed / total.astype(x.dtype)
 
     return jax.tree.map(mean, values)

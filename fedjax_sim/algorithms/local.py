@@ -1,8 +1,8 @@
 """Local training of one client: a loop of optax steps over the client's batches.
 
-The loop runs ``client.num_steps`` iterations (a per-client trip count): under a sequential
-client map each client runs only its own steps; under ``vmap`` JAX runs the cohort's largest
-count and leaves finished clients untouched, so both give the same result.
+Under a sequential client map the loop runs ``client.num_steps`` iterations (a per-client trip
+count: each client runs only its own steps); under ``vmap`` it is a fixed scan over all S steps.
+Steps without a real example change nothing, so both give the same result.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def local_train(
         totals = {k: totals[k] + stats[k] for k in STAT_KEYS}
         return params, opt_state, totals
 
-    params, _, totals = jax.lax.fori_loop(
-        0, client.num_steps, step, (params, opt_state, zero_stats)
-    )
+    # A static bound makes the loop a scan (vmap-friendly); a traced one a while loop.
+    trip_count = client.num_steps if client.own_trip_count else client.indices.shape[0]
+    params, _, totals = jax.lax.fori_loop(0, trip_count, step, (params, opt_state, zero_stats))
     return params, totals

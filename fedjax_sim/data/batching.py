@@ -112,8 +112,11 @@ def client_stream(
     # (sort by (epoch, uniform)) and composing with sigma makes every full epoch an independent
     # uniform permutation and the final partial epoch a uniform subset.
     slots = jnp.arange(length, dtype=jnp.int32)
-    epoch = slots // n
-    order = jnp.lexsort((jax.random.uniform(key_slots, (length,)), epoch))
+    if schedule.local_epochs == 1:
+        order = slots  # one pass: sigma alone is the epoch's permutation (saves a sort)
+    else:
+        epoch = slots // n
+        order = jnp.lexsort((jax.random.uniform(key_slots, (length,)), epoch))
     positions = sigma[order % n]
     mask = slots < limit
     positions = jnp.where(mask, positions, 0)

@@ -24,6 +24,18 @@ import jax.numpy as jnp
 from fedjax_sim.models.conv import canonical_conv
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool with stride 2 ('VALID') as a reshape + max.
+
+    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``; its gradient is a cheap
+    elementwise mask instead of XLA's select-and-scatter, which is 3x slower on CPU (0.65 vs
+    0.20 ms per EMNIST CNN step). Tied maxima share the gradient instead of the first taking it.
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 def _flatten(x: jax.Array) -> jax.Array:
     return jnp.reshape(x, (x.shape[0], -1))
 
@@ -88,7 +100,7 @@ class EmnistCNN(nn.Module):
         conv = self.conv_general_dilated
         x = nn.relu(nn.Conv(32, (3, 3), padding="VALID", conv_general_dilated=conv)(x))
         x = nn.relu(nn.Conv(64, (3, 3), padding="VALID", conv_general_dilated=conv)(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
         if self.dropout:
             x = nn.Dropout(0.25)(x, deterministic=deterministic)
         x = nn.relu(nn.Dense(128)(_flatten(x)))

@@ -25,6 +25,13 @@ def default_strategy(backend: str | None = None) -> str:
     return "map" if backend == "cpu" else "vmap"
 
 
+def resolve_strategy(strategy: str) -> str:
+    """``"auto"`` -> the backend's default; checks the name."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"client execution {strategy!r}: expected one of {STRATEGIES}")
+    return default_strategy() if strategy == "auto" else strategy
+
+
 def local_client_map(strategy: str = "auto", batch_size: int | None = None) -> ClientMap:
     """A client map on one device.
 
@@ -33,10 +40,7 @@ def local_client_map(strategy: str = "auto", batch_size: int | None = None) -> C
         ``batch_size`` clients, sequential when 1), or ``"auto"`` (by backend).
       batch_size: clients per chunk for ``"map"`` (default 1).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"client execution {strategy!r}: expected one of {STRATEGIES}")
-    if strategy == "auto":
-        strategy = default_strategy()
+    strategy = resolve_strategy(strategy)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"client batch_size must be >= 1, got {batch_size}")
 

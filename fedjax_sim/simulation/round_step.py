@@ -25,7 +25,12 @@ from fedjax_sim.algorithms.base import ClientInput, ClientMap, Cohort, Federated
 from fedjax_sim.data.batching import ClientSchedule, cohort_indices
 from fedjax_sim.data.federated_data import FederatedData
 from fedjax_sim.data.sampling import Sampler
-from fedjax_sim.simulation.client_map import CLIENT_AXIS, local_client_map, sharded_client_map
+from fedjax_sim.simulation.client_map import (
+    CLIENT_AXIS,
+    local_client_map,
+    resolve_strategy,
+    sharded_client_map,
+)
 
 PyTree = Any
 
@@ -104,6 +109,7 @@ def build_round_step(
       donate: donate the state's buffers to the step.
     """
     num_shards = mesh.shape[CLIENT_AXIS] if mesh is not None else 1
+    sequential = resolve_strategy(client_execution) == "map" and (client_batch_size or 1) == 1
     padded_size = -(-cohort_size // num_shards) * num_shards
     if mesh is not None:
         map_clients: ClientMap = sharded_client_map(mesh, client_execution, client_batch_size)
@@ -132,6 +138,7 @@ def build_round_step(
             num_examples=sizes,
             valid=valid,
             key=jax.random.split(key_clients, padded_size),
+            own_trip_count=sequential,
         )
         algorithm_state, metrics = algorithm.apply(
             state.algorithm, Cohort(clients, data), map_clients

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,3 +243,15 @@ def test_unknown_keyword_names_the_key_and_the_accepted_ones():
 def test_char_lstm_needs_integer_inputs():
     with pytest.raises(ValueError, match="input_dtype='int32'"):
         create_model("char_lstm", num_classes=90, input_shape=(4,))
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 24, 3), (1, 7, 9, 2)])
+def test_reshape_max_pool_matches_flax_max_pool(shape):
+    from fedjax_sim.models.classifiers import max_pool_2x2
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    reference = nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool_2x2(x), reference)
+    grad = jax.grad(lambda v: jnp.sum(max_pool_2x2(v) ** 2))(x)
+    grad_ref = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), strides=(2, 2)) ** 2))(x)
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-6)
