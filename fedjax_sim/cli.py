@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", help="output folder (default: runs/<name>-<time>)")
     for sub in (demo, run):
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
+        sub.add_argument("--overwrite", action="store_true",
+                         help="replace a run of another config in --workdir (default: refuse)")
     return parser
 
 
@@ -63,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = load_config(getattr(args, "config", None), args.overrides)
-        run(config, workdir=args.workdir)
+        run(config, workdir=args.workdir, overwrite=args.overwrite)
     except (ConfigError, DataError) as error:
         if debug:
             raise

@@ -1,4 +1,4 @@
-"""Typed experiment configs: YAML (``yaml.safe_load``) + dotted overrides -> frozen dataclasses.
+"""Typed experiment configs: YAML (a ``yaml.SafeLoader``) + dotted overrides -> dataclasses.
 
 Every key is checked: an unknown key gets a did-you-mean, a wrong type or a bad value names the
 key, the value and what was expected. The defaults are the default demo (FedAvg on Shakespeare
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -16,6 +18,32 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python objects, ever) that also reads ``1e-3`` as a float.
+
+    YAML 1.1 wants a dot in exponent floats, so plain ``safe_load`` turns ``1e-3`` into a string.
+    """
+
+
+SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def safe_load(text: str) -> Any:
+    """Parses YAML with `SafeLoader`."""
+    return yaml.load(text, Loader=SafeLoader)  # noqa: S506 - SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -111,6 +139,15 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints every ``every`` rounds (None: only at the end) and at the end; the last
+    ``keep`` are kept. A run started again in the same workdir resumes from the newest."""
+
+    every: int | None = 100
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole experiment."""
 
@@ -127,6 +164,7 @@ class Config:
     execution: ExecutionConfig = dataclasses.field(default_factory=ExecutionConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
 
 # Values that must be >= 1 (key paths), and > 0.
@@ -134,6 +172,7 @@ POSITIVE_INTS = {
     "rounds", "client.batch_size", "client.local_epochs", "client.local_steps",
     "client.max_local_steps", "cohort.size", "execution.client_batch_size",
     "execution.num_devices", "eval.every", "eval.batch_size", "eval.max_examples", "log.every",
+    "checkpoint.every", "checkpoint.keep",
 }
 CHOICES = {
     "cohort.sampler": ("uniform", "full"),
@@ -213,8 +252,10 @@ def _validate_value(path: str, value: Any) -> Any:
         return value
     if path in POSITIVE_INTS and value < 1:
         raise ConfigError(f"config key {path!r}: expected an integer >= 1, got {value!r}")
-    if path.endswith("learning_rate") and value <= 0:
-        raise ConfigError(f"config key {path!r}: expected a learning rate > 0, got {value!r}")
+    if path.endswith("learning_rate") and not (0 < value < math.inf):
+        raise ConfigError(
+            f"config key {path!r}: expected a finite learning rate > 0, got {value!r}"
+        )
     if path in CHOICES and value not in CHOICES[path]:
         close = difflib.get_close_matches(value, CHOICES[path], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -246,7 +287,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             "client.optimizer.learning_rate=0.1"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
     return parts, value
@@ -349,7 +390,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
         if not isinstance(data, Mapping):

@@ -48,8 +48,9 @@ def test_changing_a_name_drops_the_old_options():
         (["client.batch_size=0"], "'client.batch_size': expected an integer >= 1, got 0"),
         (["rounds=ten"], "'rounds': expected an integer, got 'ten'"),
         (["rounds=2.5"], "'rounds': expected an integer"),
-        (["client.optimizer.learning_rate=0"], "expected a learning rate > 0"),
-        (["server.optimizer.learning_rate=-1"], "expected a learning rate > 0"),
+        (["client.optimizer.learning_rate=0"], "expected a finite learning rate > 0"),
+        (["server.optimizer.learning_rate=-1"], "expected a finite learning rate > 0"),
+        (["server.optimizer.learning_rate=.nan"], "expected a finite learning rate > 0"),
         (["cohort.sampler=uniformm"], "did you mean 'uniform'"),
         (["execution.client_execution=gpu"], "'execution.client_execution'"),
         (["log.progress=maybe"], "expected true or false"),
@@ -82,3 +83,9 @@ def test_bad_files(tmp_path):
     (tmp_path / "evil.yaml").write_text("rounds: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "evil.yaml")
+
+
+def test_exponent_notation_reads_as_a_number():
+    config = load_config(None, ["client.optimizer.learning_rate=1e-3", "client.optimizer.eps=1e-8"])
+    assert config.client.optimizer.learning_rate == 1e-3
+    assert config.client.optimizer.options == {"eps": 1e-8}

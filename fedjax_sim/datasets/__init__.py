@@ -13,6 +13,7 @@ from fedjax_sim.data.federated_data import FederatedDataset
 LOADERS = {
     "shakespeare": ("fedjax_sim.datasets.shakespeare", "load_shakespeare"),
     "fashion_mnist": ("fedjax_sim.datasets.fashion_mnist", "load_fashion_mnist"),
+    "arrays": ("fedjax_sim.datasets.arrays", "load_arrays"),
 }
 
 

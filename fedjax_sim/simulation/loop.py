@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,10 +31,12 @@ from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
 from fedjax_sim.data.sampling import full_participation, uniform_sampler
+from fedjax_sim.data.validation import validate_dataset
 from fedjax_sim.datasets import dataset_loader
 from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.sharding import client_mesh
+from fedjax_sim.simulation.checkpoint import Checkpointer
 from fedjax_sim.simulation.evaluation import make_evaluator
 from fedjax_sim.simulation.round_step import (
     RoundStep,
@@ -95,6 +98,7 @@ def build_experiment(config: Config) -> Experiment:
         raise
     except (ValueError, TypeError) as error:  # the loader rejected an option's value
         raise ConfigError(f"config key 'dataset' ({config.dataset.name}): {error}") from None
+    validate_dataset(dataset)
     info = dataset.info
     if config.model.name in MODELS:
         module, classes_field = MODELS[config.model.name]
@@ -168,6 +172,12 @@ def _host_metrics(metrics: Sequence[Mapping[str, jax.Array]]) -> list[dict[str, 
 
 
 def _check_finite(round_index: int, metrics: Mapping[str, float]) -> None:
+    if metrics.get("state/nonfinite", 0.0) > 0:
+        raise DivergenceError(
+            f"round {round_index}: the state (parameters or optimizer state) holds "
+            f"{int(metrics['state/nonfinite'])} NaN/inf values; the run diverged (lower the "
+            "learning rates, or clip updates)"
+        )
     for name, value in metrics.items():
         if not math.isfinite(value):
             raise DivergenceError(
@@ -176,16 +186,28 @@ def _check_finite(round_index: int, metrics: Mapping[str, float]) -> None:
             )
 
 
+OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "learning_curve.png",
+           "checkpoints", "tensorboard")
+
+# A callback sees each logged round's metrics (and the state after the newest of them) and
+# returns True to stop the run there (pfl-research's `after_round -> stop?`).
+Callback = Callable[[dict[str, float], SimulationState], "bool | None"]
+
+
 def run(
     config: Config | Mapping[str, Any] | str | os.PathLike | None = None,
     *,
     overrides: Sequence[str] = (),
     workdir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     """Trains ``config`` (a `Config`, a dict, a YAML path, or None for the default demo).
 
-    Returns the final state, the per-round metrics and a summary; writes ``config.yaml``,
-    ``metrics.jsonl``, ``summary.json`` and ``learning_curve.png`` into the workdir.
+    Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``summary.json`` and
+    ``learning_curve.png`` into the workdir. A workdir that already holds a run of the same
+    config is resumed from its newest checkpoint; one that holds another config is refused
+    unless ``overwrite``. Returns the final state, the per-round metrics and a summary.
     """
     if not isinstance(config, Config):
         from fedjax_sim.config import config_from_dict
@@ -195,10 +217,9 @@ def run(
         else:
             config = load_config(config, overrides)
     start = time.perf_counter()
-    experiment = build_experiment(config)
+    experiment = build_experiment(config)  # every config or data error comes before any write
     workdir = Path(workdir or config.workdir or default_workdir(config.name))
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(config_to_yaml(config))
+    resume = _prepare_workdir(workdir, config, overwrite)
     summary_line = experiment.dataset.train.summary()
     print(f"fedjax_sim: {config.name}: workdir {workdir}")
     print(
@@ -209,56 +230,120 @@ def run(
         f"{experiment.schedule.num_steps} steps x batch {experiment.schedule.batch_size} per round"
     )
     setup_seconds = time.perf_counter() - start
-    state, history, first_round = _train(experiment, workdir)
+    state, history, first_round = _train(experiment, workdir, resume, callbacks)
     summary = _finish(experiment, workdir, history, setup_seconds, first_round,
                       time.perf_counter() - start)
     return RunResult(workdir, state, history, summary)
 
 
-def _train(experiment: Experiment, workdir: Path) -> tuple[SimulationState, list[dict], float]:
+def _prepare_workdir(workdir: Path, config: Config, overwrite: bool) -> bool:
+    """Creates the workdir; returns True when it holds this config's run (to resume)."""
+    saved = workdir / "config.yaml"
+    text = config_to_yaml(dataclasses.replace(config, workdir=None))
+    if saved.exists():
+        old = saved.read_text()
+        if old == text:
+            return True
+        if not overwrite:
+            new_lines, old_lines = set(text.splitlines()), set(old.splitlines())
+            changed = sorted(line.strip() for line in new_lines - old_lines)[:3]
+            raise ConfigError(
+                f"workdir {str(workdir)!r} holds a run of a different config (now: "
+                f"{'; '.join(changed)}); pass --overwrite (run(..., overwrite=True)) to replace "
+                "it, or choose another --workdir"
+            )
+        for name in OUTPUTS:
+            path = workdir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    temporary = workdir / "config.yaml.tmp"
+    temporary.write_text(text)
+    os.replace(temporary, saved)  # atomic: a config.yaml is always whole
+    return False
+
+
+def _resume(experiment, checkpointer, metrics_path: Path, state: SimulationState):
+    """Restores the newest checkpoint and cuts metrics.jsonl back to the rounds it covers."""
+    if checkpointer.latest_round() is None:
+        return state, []
+    state, host = checkpointer.restore(state)
+    with open(metrics_path, "a+b") as log_file:  # drop rows logged after the checkpoint
+        log_file.truncate(int(host["metrics_offset"]))
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    print(f"fedjax_sim: resuming after round {int(state.round)} "
+          f"(checkpoint {checkpointer.directory / str(int(state.round))})")
+    return state, history
+
+
+def _train(
+    experiment: Experiment, workdir: Path, resume: bool, callbacks: Sequence[Callback]
+) -> tuple[SimulationState, list[dict], float]:
     config = experiment.config
+    metrics_path = workdir / "metrics.jsonl"
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
     state = experiment.init_state()
-    writer = _tensorboard_writer(workdir) if config.log.tensorboard else None
-    progress = _progress_bar(config)
     history: list[dict[str, float]] = []
+    if resume:
+        state, history = _resume(experiment, checkpointer, metrics_path, state)
+    if not history:
+        metrics_path.write_text("")
+    done = int(state.round)
+    writer = _tensorboard_writer(workdir) if config.log.tensorboard else None
+    progress = _progress_bar(config, initial=done)
     pending: list[Mapping[str, jax.Array]] = []
+    clock_offset = history[-1]["wall_time"] if history else 0.0
     start = time.perf_counter()
     first_round_seconds = None
-    with open(workdir / "metrics.jsonl", "w") as log_file:
-        for round_index in range(1, config.rounds + 1):
-            state, metrics = experiment.round_step(state)
-            pending.append(metrics)
-            if first_round_seconds is None:
-                jax.block_until_ready(metrics)
-                first_round_seconds = time.perf_counter() - start
-            evaluate_now = round_index % config.eval.every == 0 or round_index == config.rounds
-            if round_index % config.log.every and not evaluate_now:
-                continue
-            rows = _host_metrics(pending)
-            first = round_index - len(pending) + 1
-            pending = []
-            now = time.perf_counter() - start
-            for offset, row in enumerate(rows):
-                row = {"round": first + offset, "wall_time": round(now, 3), **row}
-                _check_finite(row["round"], row)
-                history.append(row)
-            if evaluate_now:
-                history[-1].update(experiment.evaluate(state.algorithm.params))
-                _check_finite(round_index, history[-1])
-            for row in history[-len(rows):]:
-                log_file.write(json.dumps(row) + "\n")
-                if writer is not None:
-                    for key, value in row.items():
-                        if key not in ("round", "wall_time"):
-                            writer.add_scalar(key, value, row["round"])
-            log_file.flush()
-            if progress is not None:
-                progress.update(len(rows))
-                progress.set_postfix(_postfix(history))
-    if progress is not None:
-        progress.close()
-    if writer is not None:
-        writer.close()
+    every = config.checkpoint.every
+    try:
+        with open(metrics_path, "a") as log_file:
+            for round_index in range(done + 1, config.rounds + 1):
+                state, metrics = experiment.round_step(state)
+                pending.append(metrics)
+                if first_round_seconds is None:
+                    jax.block_until_ready(metrics)
+                    first_round_seconds = time.perf_counter() - start
+                last = round_index == config.rounds
+                evaluate_now = round_index % config.eval.every == 0 or last
+                checkpoint_now = last or (every is not None and round_index % every == 0)
+                if round_index % config.log.every and not (evaluate_now or checkpoint_now):
+                    continue
+                rows = _host_metrics(pending)
+                first = round_index - len(pending) + 1
+                pending = []
+                now = clock_offset + time.perf_counter() - start
+                for offset, row in enumerate(rows):
+                    row = {"round": first + offset, "wall_time": round(now, 3), **row}
+                    _check_finite(row["round"], row)  # before anything is written or saved
+                    history.append(row)
+                if evaluate_now:
+                    history[-1].update(experiment.evaluate(state.algorithm.params))
+                    _check_finite(round_index, history[-1])
+                for row in history[-len(rows):]:
+                    log_file.write(json.dumps(row) + "\n")
+                    if writer is not None:
+                        for key, value in row.items():
+                            if key not in ("round", "wall_time"):
+                                writer.add_scalar(key, value, row["round"])
+                log_file.flush()
+                stop = any([bool(callback(history[-1], state)) for callback in callbacks])
+                if checkpoint_now or stop:
+                    checkpointer.save(round_index, state, {"metrics_offset": log_file.tell()})
+                if progress is not None:
+                    progress.update(len(rows))
+                    progress.set_postfix(_postfix(history))
+                if stop:
+                    print(f"fedjax_sim: a callback stopped the run after round {round_index}")
+                    break
+    finally:
+        if progress is not None:
+            progress.close()
+        if writer is not None:
+            writer.close()
+        checkpointer.close()
     return state, history, first_round_seconds or 0.0
 
 
@@ -271,12 +356,13 @@ def _postfix(history: list[dict[str, float]]) -> dict[str, str]:
     return postfix
 
 
-def _progress_bar(config: Config):
+def _progress_bar(config: Config, initial: int = 0):
     if not config.log.progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.rounds, unit="round", desc=config.name, dynamic_ncols=True)
+    return tqdm(total=config.rounds, initial=initial, unit="round", desc=config.name,
+                dynamic_ncols=True)
 
 
 def _tensorboard_writer(workdir: Path):
@@ -293,11 +379,12 @@ def _tensorboard_writer(workdir: Path):
 def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -> dict:
     config = experiment.config
     train_seconds = history[-1]["wall_time"]
-    steady = (train_seconds - first) / max(config.rounds - 1, 1)
+    rounds = int(history[-1]["round"])  # fewer than config.rounds when a callback stopped it
+    steady = (train_seconds - first) / max(rounds - 1, 1)
     final = {k: v for k, v in history[-1].items() if k not in ("wall_time",)}
     summary = {
         "name": config.name,
-        "rounds": config.rounds,
+        "rounds": rounds,
         "final": final,
         "setup_seconds": round(setup_seconds, 2),
         "first_round_seconds": round(first, 3),
@@ -309,17 +396,19 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
         "devices": jax.device_count(),
         "workdir": str(workdir),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    temporary = workdir / "summary.json.tmp"
+    temporary.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(temporary, workdir / "summary.json")
     if config.log.plot:
         plot_learning_curve(history, workdir / "learning_curve.png", title=config.name)
     tests = {k: v for k, v in final.items() if k.endswith("/accuracy") and "train" not in k}
     print(
-        f"fedjax_sim: done: {config.rounds} rounds in {summary['train_seconds']:.1f} s "
+        f"fedjax_sim: done: {rounds} rounds in {summary['train_seconds']:.1f} s "
         f"({summary['seconds_per_round']:.3f} s/round, first round {first:.1f} s), total "
         f"{summary['total_seconds']:.1f} s; final train loss {final['train/loss']:.3f}, "
         + ", ".join(f"{k} {v:.4f}" for k, v in tests.items())
     )
-    print(f"fedjax_sim: wrote {workdir}/metrics.jsonl, summary.json"
+    print(f"fedjax_sim: wrote {workdir}/metrics.jsonl, summary.json, checkpoints/"
           + (", learning_curve.png" if config.log.plot else ""))
     return summary
 

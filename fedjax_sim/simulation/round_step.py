@@ -61,6 +61,16 @@ def init_simulation_state(algorithm_state: PyTree, seed: int | jax.Array) -> Sim
     return SimulationState(algorithm_state, jnp.zeros((), jnp.int32), key)
 
 
+def count_nonfinite(tree: PyTree) -> jax.Array:
+    """Number of NaN/inf values over the floating-point leaves of ``tree`` (float32 scalar)."""
+    counts = [
+        jnp.sum(~jnp.isfinite(leaf)).astype(jnp.float32)
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+    ]
+    return sum(counts, jnp.zeros((), jnp.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundStep:
     """A compiled round. Call it as ``state, metrics = round_step(state)``.
@@ -143,6 +153,8 @@ def build_round_step(
         algorithm_state, metrics = algorithm.apply(
             state.algorithm, Cohort(clients, data), map_clients
         )
+        # Checked on the host at log time (never inside the round): NaN/inf anywhere in the state.
+        metrics = {**metrics, "state/nonfinite": count_nonfinite(algorithm_state)}
         return state.replace(algorithm=algorithm_state, round=state.round + 1), metrics
 
     jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else ())

@@ -1,0 +1,241 @@
+"""Bring your own arrays: a federated dataset from one ``.npz`` file.
+
+Write the examples with numpy and train on them by name (``dataset.name: arrays``)::
+
+  np.savez("my_data.npz", x=x, y=y, client_id=writer)        # [N, ...], [N] ints, [N]
+  fedjax-sim run configs/fashion_mnist_fedavg.yaml dataset.name=arrays \\
+      dataset.path=my_data.npz dataset.partition=natural model.name=logistic
+
+Keys: ``x`` (inputs, any numeric dtype: floats, or ints such as token ids), ``y`` (integer class
+labels), optionally ``client_id`` (``[N]`` ints or strings; the natural partition groups by it),
+and optionally ``x_test`` / ``y_test`` (a central test set). The file is read with
+``np.load(path, allow_pickle=False)``: arrays only, never pickled Python objects, so an ``.npz``
+from an untrusted source cannot run code; an object array is refused with a `DataError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_sim.data.errors import DataError
+from fedjax_sim.data.federated_data import FederatedDataset, train_test_split_per_client
+from fedjax_sim.data.partition import dirichlet_partition, iid_partition, natural_partition
+
+PARTITIONS = ("natural", "iid", "dirichlet")
+KEYS = ("x", "y", "client_id", "x_test", "y_test")
+"""Keys the file may hold (others are ignored)."""
+
+_EXPECTED = {
+    "x": "'x', the inputs [N, ...]",
+    "y": "'y', the integer labels [N]",
+    "client_id": "'client_id', one client id per example [N], for partition='natural' (or use "
+    "partition='iid' or 'dirichlet')",
+}
+
+
+def load_arrays(
+    *,
+    path: str | os.PathLike,
+    partition: str = "natural",
+    num_clients: int = 10,
+    alpha: float = 0.5,
+    seed: int = 0,
+    num_classes: int | None = None,
+    test_fraction: float = 0.0,
+) -> FederatedDataset:
+    """A `FederatedDataset` from the arrays in an ``.npz`` file.
+
+    Args:
+      path: the ``.npz`` file (``np.savez``/``np.savez_compressed``) with keys ``x`` ``[N, ...]``
+        and ``y`` ``[N]`` integer labels, optionally ``client_id`` ``[N]`` (needed for
+        ``partition="natural"``), ``x_test`` and ``y_test`` (the central test set). Relative
+        paths resolve against the current folder.
+      partition: ``"natural"`` (one client per distinct ``client_id``, `natural_partition`),
+        ``"iid"`` (`iid_partition`) or ``"dirichlet"`` (label skew, `dirichlet_partition`).
+      num_clients: clients for ``"iid"`` and ``"dirichlet"`` (unused for ``"natural"``).
+      alpha: Dirichlet concentration for ``"dirichlet"``.
+      seed: seeds the partition and, independently, the per-client test split.
+      num_classes: the number of classes; default ``max(y, y_test) + 1``.
+      test_fraction: when > 0, each client's examples are split into train and test parts
+        (`train_test_split_per_client`, shuffled within the client).
+
+    Returns:
+      A `FederatedDataset` named ``"arrays"`` whose ``info`` has ``num_classes``,
+      ``pad_label=None``, ``input_shape = x.shape[1:]`` and ``input_dtype = str(x.dtype)``.
+
+    Raises:
+      DataError: the file is missing or not an ``.npz``, a key is missing, an array is an
+        object (pickled) array, or the arrays do not fit together (the message names the file
+        and the key).
+      ValueError: an option has a bad value (the message names the option).
+
+    Example:
+      >>> np.savez(tmp / "d.npz", x=x, y=y, client_id=writers)  # doctest: +SKIP
+      >>> load_arrays(path=tmp / "d.npz").train.num_clients  # doctest: +SKIP
+    """
+    _check_options(path, partition, num_clients, alpha, seed, num_classes, test_fraction)
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    arrays = _read_npz(path, need_client_id=partition == "natural")
+    x, y = arrays["x"], arrays["y"]
+    if partition == "dirichlet" and y.ndim != 1:
+        raise DataError(
+            f"{path}: key 'y' has shape {y.shape}; partition='dirichlet' splits by label and "
+            "expects one label per example, shape [N]"
+        )
+    test = {"x": arrays["x_test"], "y": arrays["y_test"]} if "x_test" in arrays else None
+    labels = [y] + ([test["y"]] if test is not None else [])
+    if num_classes is None:
+        num_classes = max(int(labels_.max()) for labels_ in labels if labels_.size) + 1
+
+    partition_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
+    partition_rng = np.random.default_rng(partition_seed)
+    examples = {"x": x, "y": y}
+    if partition == "natural":
+        clients = natural_partition(examples, arrays["client_id"])
+    elif partition == "iid":
+        clients = iid_partition(examples, num_clients, partition_rng)
+    else:
+        clients = dirichlet_partition(examples, num_clients, alpha, partition_rng, label_key="y")
+    client_test = None
+    if test_fraction > 0:
+        clients, client_test = train_test_split_per_client(
+            clients, test_fraction, np.random.default_rng(split_seed)
+        )
+    return FederatedDataset(
+        name="arrays",
+        train=clients,
+        test=client_test,
+        central_test=test,
+        info={
+            "num_classes": int(num_classes),
+            "pad_label": None,
+            "input_shape": tuple(x.shape[1:]),
+            "input_dtype": str(x.dtype),
+        },
+    )
+
+
+def _check_options(path, partition, num_clients, alpha, seed, num_classes, test_fraction):
+    """ValueError naming the first option with a bad value."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"path must name an .npz file, got {path!r}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {list(PARTITIONS)}, got {partition!r}")
+
+    def is_int(value):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not is_int(num_clients) or num_clients < 1:
+        raise ValueError(f"num_clients must be an int >= 1, got {num_clients!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+            or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if num_classes is not None and (not is_int(num_classes) or num_classes < 1):
+        raise ValueError(f"num_classes must be an int >= 1 or null, got {num_classes!r}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+            or not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be a number in [0, 1), got {test_fraction!r}")
+
+
+def _read_npz(path: Path, need_client_id: bool) -> dict[str, np.ndarray]:
+    """The known keys of the archive as arrays, checked for presence, dtype and lengths."""
+    if not path.is_file():
+        where = "is a folder" if path.is_dir() else "does not exist"
+        raise DataError(
+            f"arrays dataset file {str(path)!r} {where}; expected an .npz file with keys 'x' "
+            "and 'y' (and 'client_id' for partition='natural'), written with "
+            "np.savez(path, x=..., y=..., client_id=...); set config key 'dataset.path'"
+        )
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except ValueError:  # numpy's message for anything that is neither .npy nor .npz
+        raise DataError(
+            f"{path}: not an .npz archive (it holds pickled data, which is never loaded); "
+            "expected arrays written with np.savez"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(
+            f"{path}: not a readable .npz archive ({error}); expected a file written with "
+            "np.savez"
+        ) from None
+    if isinstance(archive, np.ndarray):
+        raise DataError(
+            f"{path}: a single .npy array, expected an .npz archive with keys 'x' and 'y' "
+            "(np.savez(path, x=..., y=...))"
+        )
+    with archive:
+        present = sorted(archive.files)
+        required = ["x", "y"] + (["client_id"] if need_client_id else [])
+        for key in required:
+            if key not in present:
+                raise DataError(
+                    f"{path}: no key {key!r} (keys present: {present}); expected "
+                    f"{_EXPECTED[key]}"
+                )
+        if ("x_test" in present) != ("y_test" in present):
+            has, lacks = ("x_test", "y_test") if "x_test" in present else ("y_test", "x_test")
+            raise DataError(
+                f"{path}: has key {has!r} but no {lacks!r} (keys present: {present}); a "
+                "central test set needs both"
+            )
+        arrays = {}
+        for key in KEYS:
+            if key not in present or (key == "client_id" and not need_client_id):
+                continue
+            try:
+                arrays[key] = archive[key]
+            except ValueError:  # "Object arrays cannot be loaded when allow_pickle=False"
+                raise DataError(
+                    f"{path}: key {key!r} is an object (pickled) array, which is never loaded; "
+                    "expected a numeric array (save it with a numeric dtype, e.g. "
+                    "np.asarray(values, np.float32))"
+                ) from None
+            except (OSError, EOFError, zipfile.BadZipFile) as error:
+                raise DataError(f"{path}: key {key!r} cannot be read ({error})") from None
+    _check_arrays(path, arrays)
+    return arrays
+
+
+def _check_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    for x_key, y_key in (("x", "y"), ("x_test", "y_test")):
+        if x_key not in arrays:
+            continue
+        x, y = arrays[x_key], arrays[y_key]
+        if x.dtype.kind not in "biuf":
+            raise DataError(
+                f"{path}: key {x_key!r} has dtype {x.dtype}, expected a numeric array "
+                "(floats, or integer ids)"
+            )
+        if y.dtype.kind not in "iu":
+            raise DataError(
+                f"{path}: key {y_key!r} has dtype {y.dtype}, expected integer class labels"
+            )
+        if x.ndim < 1 or y.ndim < 1 or len(x) != len(y):
+            raise DataError(
+                f"{path}: keys {x_key!r} {x.shape} and {y_key!r} {y.shape} do not match; "
+                f"expected {x_key!r} [N, ...] and {y_key!r} [N] with the same N"
+            )
+    if len(arrays["x"]) == 0:
+        raise DataError(
+            f"{path}: keys 'x' {arrays['x'].shape} and 'y' hold no examples; expected at least "
+            "one training example"
+        )
+    if "x_test" in arrays and arrays["x_test"].shape[1:] != arrays["x"].shape[1:]:
+        raise DataError(
+            f"{path}: key 'x_test' has examples of shape {arrays['x_test'].shape[1:]}, "
+            f"expected the shape of 'x' examples, {arrays['x'].shape[1:]}"
+        )
+    if "client_id" in arrays:
+        ids = arrays["client_id"]
+        if ids.shape != (len(arrays["x"]),) or ids.dtype.kind not in "iuUS":
+            raise DataError(
+                f"{path}: key 'client_id' is {ids.dtype} {ids.shape}, expected one integer or "
+                f"string id per example, shape ({len(arrays['x'])},)"
+            )

@@ -1,0 +1,145 @@
+"""Checkpoints, resume and divergence, checked against uninterrupted runs of the same config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_sim.cli import main
+from fedjax_sim.config import load_config
+from fedjax_sim.simulation.checkpoint import Checkpointer
+from fedjax_sim.simulation.loop import build_experiment
+
+TINY = ["cohort.size=3", "client.local_steps=3", "model.hidden=16", "eval.every=1000",
+        "eval.max_examples=200", "log.every=1", "log.progress=false", "log.plot=false"]
+
+
+def final_state(workdir: Path, overrides):
+    experiment = build_experiment(load_config(None, overrides))
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    state, host = checkpointer.restore(experiment.init_state())
+    checkpointer.close()
+    return jax.device_get(state), host
+
+
+def metric_rows(workdir: Path):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_bitwise_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path):
+    overrides = [*TINY, "rounds=150", "checkpoint.every=7"]
+    command = [sys.executable, "-m", "fedjax_sim.cli", "demo", *overrides]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--workdir", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline:  # kill once some checkpoints exist, mid-round
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 40:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    rows_at_kill = len(metric_rows(killed))
+    assert 40 <= rows_at_kill < 150, "the run must be killed in the middle"
+
+    resumed = subprocess.run([*command, "--workdir", str(killed)], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after round" in resumed.stdout
+    reference = tmp_path / "reference"
+    assert main(["demo", *overrides, "--workdir", str(reference)]) == 0
+
+    state, host = final_state(killed, overrides)
+    state_ref, _ = final_state(reference, overrides)
+    assert int(state.round) == 150
+    assert_bitwise_equal(state, state_ref)
+    rows, rows_ref = metric_rows(killed), metric_rows(reference)
+    assert [r["round"] for r in rows] == list(range(1, 151))  # each round exactly once
+    assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in rows_ref]
+    assert host["metrics_offset"] == (killed / "metrics.jsonl").stat().st_size
+
+
+def test_resume_in_process_matches_an_uninterrupted_run(tmp_path):
+    """A run stopped by a callback and run again ends where an uninterrupted run ends."""
+    from fedjax_sim.simulation.loop import run
+
+    overrides = [*TINY, "rounds=12", "checkpoint.every=5"]
+    stopped = run(None, overrides=overrides, workdir=tmp_path / "a",
+                  callbacks=[lambda row, state: row["round"] >= 8])
+    assert stopped.history[-1]["round"] == 8
+    resumed = run(None, overrides=overrides, workdir=tmp_path / "a")
+    reference = run(None, overrides=overrides, workdir=tmp_path / "b")
+    assert_bitwise_equal(resumed.state, reference.state)
+    assert [r["round"] for r in metric_rows(tmp_path / "a")] == list(range(1, 13))
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path):
+    experiment = build_experiment(load_config(None, TINY))
+    state = experiment.init_state()
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep=3)
+    checkpointer.save(4, state, {"metrics_offset": 10})
+    with pytest.raises(TypeError):  # the JSON item fails after the arrays were written
+        checkpointer.save(8, state, {"metrics_offset": object()})
+    checkpointer.close()
+    reopened = Checkpointer(tmp_path / "checkpoints", keep=3)
+    assert reopened.latest_round() == 4
+    restored, host = reopened.restore(state)
+    assert host == {"metrics_offset": 10}
+    assert_bitwise_equal(restored, state)
+    reopened.close()
+
+
+def test_another_config_in_a_used_workdir_is_refused_unless_overwrite(tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    assert main(["demo", *TINY, "rounds=2", "--workdir", workdir]) == 0
+    assert main(["demo", *TINY, "rounds=3", "--workdir", workdir]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of a different config" in err and "rounds: 3" in err
+    assert len(metric_rows(tmp_path / "w")) == 2  # the old run is untouched
+    assert main(["demo", *TINY, "rounds=3", "--workdir", workdir, "--overwrite"]) == 0
+    assert len(metric_rows(tmp_path / "w")) == 3
+
+
+def test_divergence_stops_with_the_round_and_metric_and_keeps_the_last_good_checkpoint(
+        tmp_path, capsys):
+    workdir = tmp_path / "w"
+    overrides = [*TINY, "rounds=40", "checkpoint.every=1", "log.every=1",
+                 "server.optimizer.learning_rate=1e36"]
+    assert main(["demo", *overrides, "--workdir", str(workdir)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "round" in err
+    assert "train/loss" in err or "NaN/inf values" in err
+    bad_round = int(err.split("round ")[1].split(":")[0])
+    state, host = final_state(workdir, overrides)
+    assert int(state.round) == bad_round - 1  # the newest checkpoint is the last good round
+    for leaf in jax.tree.leaves(state.algorithm.params):
+        assert np.isfinite(leaf).all()
+    assert not (workdir / "summary.json").exists()
+    assert os.path.getsize(workdir / "metrics.jsonl") == host["metrics_offset"]
+
+
+def test_nonfinite_state_is_divergence_even_when_the_loss_is_finite():
+    from fedjax_sim.simulation.loop import DivergenceError, _check_finite
+    from fedjax_sim.simulation.round_step import count_nonfinite
+
+    tree = {"w": np.array([1.0, np.inf, np.nan], np.float32), "count": np.array([3], np.int32)}
+    assert float(count_nonfinite(tree)) == 2.0
+    with pytest.raises(DivergenceError, match="round 7: the state .* holds 2 NaN/inf values"):
+        _check_finite(7, {"train/loss": 0.5, "state/nonfinite": 2.0})
