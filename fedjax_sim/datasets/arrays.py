@@ -19,6 +19,7 @@ import math
 import os
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -90,7 +91,8 @@ def load_arrays(
     test = {"x": arrays["x_test"], "y": arrays["y_test"]} if "x_test" in arrays else None
     labels = [y] + ([test["y"]] if test is not None else [])
     if num_classes is None:
-        num_classes = max(int(labels_.max()) for labels_ in labels if labels_.size) + 1
+        # At least 1, so that all-negative labels get the label-range message, not this one.
+        num_classes = max(1, max(int(part.max()) for part in labels if part.size) + 1)
 
     partition_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
     partition_rng = np.random.default_rng(partition_seed)
@@ -153,23 +155,35 @@ def _read_npz(path: Path, need_client_id: bool) -> dict[str, np.ndarray]:
             "and 'y' (and 'client_id' for partition='natural'), written with "
             "np.savez(path, x=..., y=..., client_id=...); set config key 'dataset.path'"
         )
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except ValueError:  # numpy's message for anything that is neither .npy nor .npz
-        raise DataError(
-            f"{path}: not an .npz archive (it holds pickled data, which is never loaded); "
-            "expected arrays written with np.savez"
-        ) from None
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(
-            f"{path}: not a readable .npz archive ({error}); expected a file written with "
-            "np.savez"
-        ) from None
-    if isinstance(archive, np.ndarray):
+    # numpy leaves its own file handle open when a zip is corrupt: hand it ours to close.
+    with open(path, "rb") as file:
+        arrays = _read_archive(path, file, need_client_id)
+    _check_arrays(path, arrays)
+    return arrays
+
+
+def _read_archive(path: Path, file: BinaryIO, need_client_id: bool) -> dict[str, np.ndarray]:
+    head = file.read(6)
+    file.seek(0)
+    if head == b"\x93NUMPY":
         raise DataError(
             f"{path}: a single .npy array, expected an .npz archive with keys 'x' and 'y' "
             "(np.savez(path, x=..., y=...))"
         )
+    if not head.startswith(b"PK"):  # an .npz is a zip archive
+        what = "a pickle, which is never loaded" if head[:1] == b"\x80" else \
+            f"it starts with the bytes {head!r}"
+        raise DataError(
+            f"{path}: not an .npz archive ({what}); expected a zip of arrays written with "
+            "np.savez(path, x=..., y=...)"
+        )
+    try:
+        archive = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(
+            f"{path}: not a readable .npz archive ({error}); expected a zip of arrays written "
+            "with np.savez"
+        ) from None
     with archive:
         present = sorted(archive.files)
         required = ["x", "y"] + (["client_id"] if need_client_id else [])
@@ -199,7 +213,6 @@ def _read_npz(path: Path, need_client_id: bool) -> dict[str, np.ndarray]:
                 ) from None
             except (OSError, EOFError, zipfile.BadZipFile) as error:
                 raise DataError(f"{path}: key {key!r} cannot be read ({error})") from None
-    _check_arrays(path, arrays)
     return arrays
 
 
@@ -224,8 +237,8 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
             )
     if len(arrays["x"]) == 0:
         raise DataError(
-            f"{path}: keys 'x' {arrays['x'].shape} and 'y' hold no examples; expected at least "
-            "one training example"
+            f"{path}: keys 'x' and 'y' hold no examples ('x' has shape {arrays['x'].shape}); "
+            "expected at least one training example"
         )
     if "x_test" in arrays and arrays["x_test"].shape[1:] != arrays["x"].shape[1:]:
         raise DataError(

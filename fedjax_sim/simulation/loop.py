@@ -265,7 +265,7 @@ def _prepare_workdir(workdir: Path, config: Config, overwrite: bool) -> bool:
     return False
 
 
-def _resume(experiment, checkpointer, metrics_path: Path, state: SimulationState):
+def _resume(checkpointer: Checkpointer, metrics_path: Path, state: SimulationState):
     """Restores the newest checkpoint and cuts metrics.jsonl back to the rounds it covers."""
     if checkpointer.latest_round() is None:
         return state, []
@@ -287,7 +287,7 @@ def _train(
     state = experiment.init_state()
     history: list[dict[str, float]] = []
     if resume:
-        state, history = _resume(experiment, checkpointer, metrics_path, state)
+        state, history = _resume(checkpointer, metrics_path, state)
     if not history:
         metrics_path.write_text("")
     done = int(state.round)
