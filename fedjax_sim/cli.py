@@ -41,7 +41,8 @@ class _ArgumentError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, like every other bad input
-        raise _ArgumentError(message)
+        # argparse lists an empty `nargs="*"` positional among the missing ones; it is optional.
+        raise _ArgumentError(message.replace("config, overrides", "config"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

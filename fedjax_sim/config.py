@@ -41,6 +41,14 @@ SafeLoader.add_implicit_resolver(
 )
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where it is."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def safe_load(text: str) -> Any:
     """Parses YAML with `SafeLoader`."""
     return yaml.load(text, Loader=SafeLoader)  # noqa: S506 - SafeLoader subclass
@@ -289,7 +297,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(error)})") \
+            from None
     return parts, value
 
 
@@ -392,7 +401,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         try:
             data = safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}"
+            ) from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
     return config_from_dict(data, overrides)

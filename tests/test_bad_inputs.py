@@ -1,0 +1,243 @@
+"""The catalogue of bad inputs: every one exits 2 with ONE stderr line and leaves no output.
+
+Each case runs the real command line (`fedjax_sim.cli.main`) with ``--workdir <tmp>/w`` from a
+fresh current folder, and checks: exit code 2; stderr is exactly one line, naming the file, key
+or value and what was expected; no traceback; and neither ``<tmp>/w`` nor ``runs/`` exists
+afterwards (nothing a later run, or a person, could mistake for output). ``--debug`` shows the
+traceback instead.
+
+Data cases damage copies of the real Fashion-MNIST files laid out exactly as the loader expects
+(``<data>/fashion-mnist/<name>.gz``), and write small ``.npz`` files for the arrays dataset.
+"""
+
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedjax_sim.cli import main
+from fedjax_sim.data.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FASHION_MNIST = SHARED_DATA / "fashion-mnist"
+FASHION_CONFIG = str(REPO / "configs" / "fashion_mnist_fedavg.yaml")
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+LABELS = "train-labels-idx1-ubyte"
+LABELS_CONTENT_SHA256 = "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+QUICK = ["rounds=1", "log.progress=false"]  # nothing trains long should a case get that far
+ARRAYS = ["demo", "dataset.name=arrays", "dataset.path=data.npz", "model.name=logistic",
+          "cohort.size=2", *QUICK]
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not all((FASHION_MNIST / f"{name}.gz").is_file() for name in FASHION_FILES),
+    reason=f"offline Fashion-MNIST copy not found at {FASHION_MNIST}",
+)
+
+
+# ----------------------------------------------------------------------------- input makers
+
+
+# A maker writes a case's files into the test's folder and returns extra overrides.
+Maker = Callable[[Path, pytest.MonkeyPatch], list[str]]
+
+
+def write(name: str, text: str) -> Maker:
+    def make(tmp: Path, monkeypatch) -> list[str]:
+        (tmp / name).write_text(text)
+        return []
+
+    return make
+
+
+def fashion_mnist_copy(damage: Callable[[bytes], bytes | None], how: str = "data_dir") -> Maker:
+    """A data folder with the real files (symlinked) except ``train-labels``, damaged.
+
+    ``damage`` maps the real ``.gz`` bytes to the bytes to write (None: leave the file out).
+    ``how``: point the loader at the folder by ``dataset.data_dir`` or ``$FEDJAX_SIM_DATA``.
+    """
+
+    def make(tmp: Path, monkeypatch) -> list[str]:
+        folder = tmp / "data" / "fashion-mnist"
+        folder.mkdir(parents=True)
+        for name in FASHION_FILES:
+            source = FASHION_MNIST / f"{name}.gz"
+            if name != LABELS:
+                (folder / f"{name}.gz").symlink_to(source)
+            elif (damaged := damage(source.read_bytes())) is not None:
+                (folder / f"{name}.gz").write_bytes(damaged)
+        if how == "env":
+            monkeypatch.setenv("FEDJAX_SIM_DATA", str(tmp / "data"))
+            return []
+        monkeypatch.delenv("FEDJAX_SIM_DATA", raising=False)
+        return [f"dataset.data_dir={tmp / 'data'}"]
+
+    return make
+
+
+def regzip(change: Callable[[bytearray], None]) -> Callable[[bytes], bytes]:
+    def damage(raw: bytes) -> bytes:
+        content = bytearray(gzip.decompress(raw))
+        change(content)
+        return gzip.compress(bytes(content), compresslevel=1)
+
+    return damage
+
+
+def set_magic(content: bytearray) -> None:
+    content[:4] = b"\xde\xad\xbe\xef"
+
+
+def relabel_first_example(content: bytearray) -> None:
+    content[8] = (content[8] + 1) % 10  # still a valid IDX file, but not Zalando's content
+
+
+def npz(**arrays) -> Maker:
+    """Writes ``data.npz`` from ``arrays`` (callables are called for fresh data)."""
+
+    def make(tmp: Path, monkeypatch) -> list[str]:
+        np.savez(tmp / "data.npz", **{k: v() if callable(v) else v for k, v in arrays.items()})
+        return []
+
+    return make
+
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(60, 4)).astype(np.float32)
+Y = RNG.integers(0, 3, 60).astype(np.int32)
+CLIENT = np.repeat(np.arange(6), 10)
+
+
+def with_nan():
+    x = X.copy()
+    x[7, 2] = np.nan
+    return x
+
+
+# ----------------------------------------------------------------------------- the catalogue
+
+# (id, command line after `fedjax-sim`, files to write into the current folder, fragments the
+# one stderr line must contain: the file/key/value and what was expected)
+CASES = [
+    # configs
+    ("unknown-key", ["demo", "client.batchsize=3"], None,
+     ["unknown config key 'client.batchsize'", "did you mean 'client.batch_size'"]),
+    ("wrong-type", ["demo", "rounds=ten"], None,
+     ["config key 'rounds'", "expected an integer", "'ten'"]),
+    ("client-learning-rate-zero", ["demo", "client.optimizer.learning_rate=0"], None,
+     ["'client.optimizer.learning_rate'", "expected a finite learning rate > 0", "got 0"]),
+    ("server-learning-rate-negative", ["demo", "server.optimizer.learning_rate=-1"], None,
+     ["'server.optimizer.learning_rate'", "expected a finite learning rate > 0", "got -1"]),
+    ("cohort-larger-than-clients", ["demo", "cohort.size=100000", *QUICK], None,
+     ["'cohort.size'", "100000", "larger than the number of clients (1390)"]),
+    ("batch-size-zero", ["demo", "client.batch_size=0"], None,
+     ["'client.batch_size'", "expected an integer >= 1", "got 0"]),
+    ("unknown-optimizer", ["demo", "client.optimizer.name=adamm", *QUICK], None,
+     ["'client.optimizer.name'", "unknown optax optimizer 'adamm'", "did you mean 'adam'"]),
+    ("unknown-model", ["demo", "model.name=resnet", *QUICK], None,
+     ["config key 'model'", "'resnet'", "char_lstm"]),
+    ("unknown-dataset", ["demo", "dataset.name=shakespear"], None,
+     ["'dataset.name'", "unknown dataset 'shakespear'", "did you mean 'shakespeare'"]),
+    ("malformed-override", ["demo", "client..batch_size=3"], None,
+     ["malformed override 'client..batch_size=3'", "expected dotted.key=value"]),
+    ("yaml-syntax-error", ["run", "bad.yaml"], write("bad.yaml", "rounds: [1,\n"),
+     ["config file 'bad.yaml'", "not valid YAML", "line 2"]),
+    ("yaml-not-a-mapping", ["run", "list.yaml"], write("list.yaml", "- 1\n- 2\n"),
+     ["config file 'list.yaml'", "expected a mapping at the top level"]),
+    ("config-file-missing", ["run", "no/such/config.yaml"], None,
+     ["config file 'no/such/config.yaml' does not exist"]),
+    ("unknown-model-option", ["demo", "model.hiden=3", *QUICK], None,
+     ["unknown config key 'model.hiden'", "did you mean 'model.hidden'"]),
+    ("unknown-dataset-option", ["demo", "dataset.sequence_lenght=5", *QUICK], None,
+     ["unknown config key 'dataset.sequence_lenght'", "did you mean 'dataset.sequence_length'"]),
+    ("bad-dataset-option-value", ["demo", "dataset.test_fraction=1.5", *QUICK], None,
+     ["config key 'dataset'", "test_fraction must be in [0, 1)", "1.5"]),
+    # Fashion-MNIST files
+    ("fashion-mnist-missing-file", ["run", FASHION_CONFIG, *QUICK],
+     fashion_mnist_copy(lambda raw: None, how="env"),
+     [f"{LABELS}.gz", "not found", "fashion-mnist", "FEDJAX_SIM_DATA", "download"]),
+    ("fashion-mnist-truncated-gzip", ["run", FASHION_CONFIG, *QUICK],
+     fashion_mnist_copy(lambda raw: raw[: len(raw) // 2]),
+     [f"{LABELS}.gz", "truncated or corrupt gzip stream", "fetch it again"]),
+    ("fashion-mnist-wrong-magic", ["run", FASHION_CONFIG, *QUICK],
+     fashion_mnist_copy(regzip(set_magic), how="env"),
+     [f"{LABELS}.gz", "not an IDX file", "magic number 0xdeadbeef", "expected 0x0000TTNN"]),
+    ("fashion-mnist-checksum-mismatch", ["run", FASHION_CONFIG, *QUICK],
+     fashion_mnist_copy(regzip(relabel_first_example)),
+     [f"{LABELS}.gz", "sha256", f"expected {LABELS_CONTENT_SHA256}", "fetch it again"]),
+    # the arrays dataset (`dataset.name=arrays`, a .npz of your own)
+    ("arrays-missing-file", ARRAYS, None,
+     ["arrays dataset file", "data.npz", "does not exist", "expected an .npz file",
+      "'dataset.path'"]),
+    ("arrays-no-examples", ARRAYS, npz(x=X[:0], y=Y[:0], client_id=CLIENT[:0]),
+     ["data.npz", "hold no examples", "expected at least one training example"]),
+    ("arrays-labels-out-of-range", [*ARRAYS, "dataset.num_classes=2"],
+     npz(x=X, y=Y, client_id=CLIENT),
+     ["dataset 'arrays'", "split 'train'", "feature 'y'", "outside [0, 2)", "values 2",
+      "expected class ids"]),
+    ("arrays-negative-labels", ARRAYS, npz(x=X, y=np.where(Y == 1, -1, Y), client_id=CLIENT),
+     ["dataset 'arrays'", "split 'train'", "feature 'y'", "values -1", "expected class ids"]),
+    ("arrays-nan-features", ARRAYS, npz(x=with_nan, y=Y, client_id=CLIENT),
+     ["dataset 'arrays'", "split 'train'", "feature 'x'", "1 non-finite values (1 NaN",
+      "expected finite numbers"]),
+    ("arrays-missing-key", ARRAYS, npz(x=X, labels=Y, client_id=CLIENT),
+     ["data.npz", "no key 'y'", "keys present: ['client_id', 'labels', 'x']", "expected 'y'"]),
+    ("arrays-missing-client-id", ARRAYS, npz(x=X, y=Y),
+     ["data.npz", "no key 'client_id'", "partition='natural'", "partition='iid'"]),
+    ("arrays-object-array", ARRAYS,
+     npz(x=np.array([[1.0], "a"], dtype=object), y=Y[:2], client_id=CLIENT[:2]),
+     ["data.npz", "key 'x'", "object (pickled) array", "expected a numeric array"]),
+    ("arrays-not-an-npz", ARRAYS, write("data.npz", "x,y\n1,2\n"),
+     ["data.npz", "not an .npz archive", "starts with the bytes b'x,y", "expected a zip"]),
+    ("arrays-no-path", ARRAYS[:2] + ARRAYS[3:], None,
+     ["config key 'dataset' (arrays)", "argument: 'path'"]),
+    ("arrays-bad-partition", [*ARRAYS, "dataset.partition=random"],
+     npz(x=X, y=Y, client_id=CLIENT),
+     ["config key 'dataset'", "partition must be one of", "'random'"]),
+    # the command line
+    ("unknown-command", ["bogus"], None, ["invalid choice: 'bogus'", "demo", "run"]),
+    ("missing-config-argument", ["run"], None,
+     ["the following arguments are required: config"]),
+    ("unknown-flag", ["run", "configs/x.yaml", "--bogus"], None,
+     ["unrecognized arguments: --bogus"]),
+]
+
+def _params():
+    for case_id, args, make, fragments in CASES:
+        marks = []
+        if case_id.startswith("fashion-mnist"):
+            marks.append(needs_fashion_mnist)
+        yield pytest.param(args, make, fragments, id=case_id, marks=marks)
+
+
+def test_catalogue_is_complete():
+    assert len(CASES) >= 25
+    assert len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("args, make, fragments", list(_params()))
+def test_bad_input_exits_2_with_one_line_and_no_output(
+    args, make, fragments, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    extra = make(tmp_path, monkeypatch) if make is not None else []
+    code = main([*args, *extra, "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line, got:\n{err}"
+    assert err.startswith("fedjax-sim: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data.npz.*does not exist"):
+        main(["--debug", *ARRAYS, "--workdir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
