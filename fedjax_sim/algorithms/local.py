@@ -48,12 +48,8 @@ def with_hyperparams(opt_state: Any, hyperparams: Mapping[str, jax.Array]) -> An
 
 def optimizer_hyperparams(optimizer: optax.GradientTransformation, params: Params) -> dict:
     """The injected hyperparameters of ``optimizer`` ({} for a plain transform)."""
-    state = jax.eval_shape(optimizer.init, params)
-    hyperparams = getattr(state, "hyperparams", None)
-    if not isinstance(hyperparams, dict):
-        return {}
-    # Materialize the initial values (eval_shape only gave shapes).
-    return dict(optimizer.init(params).hyperparams)
+    hyperparams = getattr(optimizer.init(params), "hyperparams", None)
+    return dict(hyperparams) if isinstance(hyperparams, dict) else {}
 
 
 def local_train(
