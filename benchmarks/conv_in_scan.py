@@ -31,20 +31,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax import lax  # noqa: E402
+from round_throughput import cpu_model  # noqa: E402  (a sibling script)
 
 from fedjax_sim.models import EmnistCNN, canonical_conv  # noqa: E402
 
 STEPS, BATCH = 5, 20
-
-
-def _cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def time_sgd_scan(conv, repeats: int, unroll: bool = False) -> dict[str, float]:
@@ -106,7 +97,7 @@ def main() -> None:
         "setup": {"model": "EmnistCNN(62, dropout=False)", "steps": STEPS, "batch": BATCH},
         "machine": {
             "platform": platform.platform(),
-            "cpu": _cpu_name(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "hostname": host,
             "backend": jax.default_backend(),

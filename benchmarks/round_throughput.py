@@ -104,6 +104,15 @@ SPECS = {
 # ----------------------------------------------------------------------------- machine facts
 
 
+def write_report(report: dict, out: pathlib.Path | None, prefix: str) -> pathlib.Path:
+    """Writes ``report`` as JSON to ``out`` or ``results/<prefix><date>-<machine>.json``."""
+    out = out or (pathlib.Path(__file__).parent / "results"
+                  / f"{prefix}{report['date']}-{machine_slug()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
 def cpu_model() -> str:
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -725,11 +734,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - start,
     }
     print_table(report)
-    out = args.out or (
-        pathlib.Path(__file__).parent / "results" / f"{report['date']}-{machine_slug()}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out, prefix="")
     print(f"wrote {out} ({report['wall_s']:.0f} s)")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import pathlib
 import sys
@@ -46,7 +45,7 @@ import jax
 from fedjax_sim.simulation.loop import run
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from round_throughput import machine_info, machine_slug  # noqa: E402  (a sibling script)
+from round_throughput import machine_info, write_report  # noqa: E402  (a sibling script)
 
 TARGET_GROWTH_PERCENT = 5.0
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -231,12 +230,7 @@ def main() -> None:
           f"({growth_percent:+.2f}%, target < {TARGET_GROWTH_PERCENT}%); history rows explain "
           f"{history_growth_mib:.2f} MiB ({per_row:.0f} B/row); {steady:.0f} rounds/s after "
           f"warm-up; final test accuracy {result.summary['final'].get('test/accuracy', 0):.4f}")
-    out = args.out or (
-        pathlib.Path(__file__).parent / "results" / f"soak-{report['date']}-{machine_slug()}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_report(report, args.out, prefix='soak-')}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedjax_sim.data.federated_data import FederatedData
+from fedjax_sim.data.federated_data import FederatedData, train_test_split_per_client
 
 
 def _as_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
@@ -207,3 +207,41 @@ def natural_partition(arrays: Mapping[str, np.ndarray], group_ids: np.ndarray) -
     client_ids, client_of_example = np.unique(group_ids, return_inverse=True)
     data = FederatedData.from_assignment(arrays, client_of_example.reshape(-1), len(client_ids))
     return dataclasses.replace(data, client_ids=client_ids)
+
+
+def split_into_clients(
+    arrays: Mapping[str, np.ndarray],
+    partition: str,
+    *,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    test_fraction: float = 0.0,
+    group_ids: np.ndarray | None = None,
+) -> tuple[FederatedData, FederatedData | None]:
+    """A centralized dataset split into clients by name: ``"iid"``, ``"dirichlet"``, ``"natural"``.
+
+    ``seed`` seeds the partition and, independently, the per-client test split (when
+    ``test_fraction > 0``), so changing ``test_fraction`` leaves the partition unchanged.
+    ``group_ids`` are the per-example client ids of the natural partition.
+
+    Returns:
+      ``(train, test)``; ``test`` is None when ``test_fraction == 0``.
+    """
+    partition_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
+    partition_rng = np.random.default_rng(partition_seed)
+    if partition == "natural":
+        if group_ids is None:
+            raise ValueError("partition='natural' needs group_ids (one client id per example)")
+        clients = natural_partition(arrays, group_ids)
+    elif partition == "iid":
+        clients = iid_partition(arrays, num_clients, partition_rng)
+    elif partition == "dirichlet":
+        clients = dirichlet_partition(arrays, num_clients, alpha, partition_rng, label_key="y")
+    else:
+        raise ValueError(
+            f"partition={partition!r}: expected one of 'iid', 'dirichlet', 'natural'"
+        )
+    if test_fraction <= 0:
+        return clients, None
+    return train_test_split_per_client(clients, test_fraction, np.random.default_rng(split_seed))

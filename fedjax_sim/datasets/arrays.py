@@ -24,8 +24,8 @@ from typing import BinaryIO
 import numpy as np
 
 from fedjax_sim.data.errors import DataError
-from fedjax_sim.data.federated_data import FederatedDataset, train_test_split_per_client
-from fedjax_sim.data.partition import dirichlet_partition, iid_partition, natural_partition
+from fedjax_sim.data.federated_data import FederatedDataset
+from fedjax_sim.data.partition import split_into_clients
 
 PARTITIONS = ("natural", "iid", "dirichlet")
 KEYS = ("x", "y", "client_id", "x_test", "y_test")
@@ -94,20 +94,10 @@ def load_arrays(
         # At least 1, so that all-negative labels get the label-range message, not this one.
         num_classes = max(1, max(int(part.max()) for part in labels if part.size) + 1)
 
-    partition_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
-    partition_rng = np.random.default_rng(partition_seed)
-    examples = {"x": x, "y": y}
-    if partition == "natural":
-        clients = natural_partition(examples, arrays["client_id"])
-    elif partition == "iid":
-        clients = iid_partition(examples, num_clients, partition_rng)
-    else:
-        clients = dirichlet_partition(examples, num_clients, alpha, partition_rng, label_key="y")
-    client_test = None
-    if test_fraction > 0:
-        clients, client_test = train_test_split_per_client(
-            clients, test_fraction, np.random.default_rng(split_seed)
-        )
+    clients, client_test = split_into_clients(
+        {"x": x, "y": y}, partition, num_clients=num_clients, alpha=alpha, seed=seed,
+        test_fraction=test_fraction, group_ids=arrays.get("client_id"),
+    )
     return FederatedDataset(
         name="arrays",
         train=clients,

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from fedjax_sim.data.errors import DataError
-from fedjax_sim.data.federated_data import FederatedDataset, train_test_split_per_client
-from fedjax_sim.data.partition import dirichlet_partition, iid_partition
+from fedjax_sim.data.federated_data import FederatedDataset
+from fedjax_sim.data.partition import split_into_clients
 from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
 
 URL_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -242,19 +242,11 @@ def load_fashion_mnist(
         raise ValueError(f"partition must be 'dirichlet' or 'iid', got {partition!r}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    partition_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
-    partition_rng = np.random.default_rng(partition_seed)
-
     train, central_test = load_fashion_mnist_arrays(data_dir, download)
-    if partition == "dirichlet":
-        clients = dirichlet_partition(train, num_clients, alpha, partition_rng, label_key="y")
-    else:
-        clients = iid_partition(train, num_clients, partition_rng)
-    test = None
-    if test_fraction > 0:
-        clients, test = train_test_split_per_client(
-            clients, test_fraction, np.random.default_rng(split_seed)
-        )
+    clients, test = split_into_clients(
+        train, partition, num_clients=num_clients, alpha=alpha, seed=seed,
+        test_fraction=test_fraction,
+    )
     return FederatedDataset(
         name="fashion_mnist",
         train=clients,
