@@ -79,11 +79,27 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    """``name`` picks the algorithm (see `fedjax_sim.algorithms.ALGORITHMS`); ``options`` are
+    the factory's keyword arguments, e.g. ``algorithm: {name: fed_prox, mu: 0.01}``.
+    ``algorithm: fed_prox`` is short for ``algorithm: {name: fed_prox}``."""
+
+    name: str = "fed_avg"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """An optax optimizer by name (``optax.<name>``) and its keyword arguments."""
+    """An optax optimizer by name (``optax.<name>``) and its keyword arguments.
+
+    ``schedule`` (optional) makes the learning rate a function of the round: an optax schedule
+    by name and its arguments, e.g. ``{name: cosine_decay_schedule, decay_steps: 1000}``; its
+    initial value is ``learning_rate``.
+    """
 
     name: str = "sgd"
     learning_rate: float = 1.0
+    schedule: dict[str, Any] | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -108,10 +124,32 @@ class ServerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CohortConfig:
-    """``sampler``: ``uniform`` (without replacement each round) or ``full``."""
+    """``sampler``: ``uniform`` (each client equally likely), ``weighted`` (probability
+    proportional to the client's number of training examples) or ``full`` (every client, every
+    round). ``replace``: draw with replacement (a client can appear twice in a cohort)."""
 
     size: int = 10
     sampler: str = "uniform"
+    replace: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemConfig:
+    """System heterogeneity on a simulated clock (all off by default).
+
+    ``dropout``: probability that a sampled client fails and sends nothing. Each client has a
+    fixed speed: ``seconds_per_step`` times a factor drawn once per client from ``speed``
+    (``constant``: 1; ``lognormal``: exp(N(0, speed_sigma)); ``uniform``: U[1, 1 + speed_sigma])
+    or read from ``trace`` (a ``.npy`` or ``.csv`` file of per-client seconds per step).
+    ``deadline`` (simulated seconds): a straggler runs only the local steps that fit.
+    """
+
+    dropout: float = 0.0
+    speed: str = "constant"
+    speed_sigma: float = 0.5
+    seconds_per_step: float = 1.0
+    trace: str | None = None
+    deadline: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +167,20 @@ class ExecutionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation cadence. ``max_examples`` caps each evaluated split (None: all)."""
+    """Evaluation cadence. ``max_examples`` caps each evaluated split (None: all).
+
+    ``per_client``: also evaluate every client on its own held-out split and report the
+    distribution (percentiles, worst 10%, variance). ``fine_tune_steps`` > 0: personalization
+    evaluation, each client fine-tunes the global model for that many local steps first
+    (``fine_tune_learning_rate``, default the client learning rate).
+    """
 
     every: int = 50
     batch_size: int = 512
     max_examples: int | None = None
+    per_client: bool = False
+    fine_tune_steps: int = 0
+    fine_tune_learning_rate: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,13 +209,14 @@ class Config:
     name: str = "shakespeare_fedavg"
     seed: int = 0
     rounds: int = 150
-    algorithm: str = "fed_avg"
     workdir: str | None = None
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     cohort: CohortConfig = dataclasses.field(default_factory=CohortConfig)
+    system: SystemConfig = dataclasses.field(default_factory=SystemConfig)
     execution: ExecutionConfig = dataclasses.field(default_factory=ExecutionConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
@@ -183,10 +231,14 @@ POSITIVE_INTS = {
     "checkpoint.every", "checkpoint.keep",
 }
 CHOICES = {
-    "cohort.sampler": ("uniform", "full"),
+    "cohort.sampler": ("uniform", "weighted", "full"),
     "execution.client_execution": ("auto", "vmap", "map"),
-    "algorithm": ("fed_avg",),
+    "system.speed": ("constant", "lognormal", "uniform", "trace"),
 }
+# Values that must lie in [0, 1), and values that must be > 0.
+FRACTIONS = {"system.dropout"}
+POSITIVE_FLOATS = {"system.seconds_per_step", "system.deadline", "system.speed_sigma",
+                   "eval.fine_tune_learning_rate"}
 
 
 def _type_name(tp) -> str:
@@ -260,6 +312,12 @@ def _validate_value(path: str, value: Any) -> Any:
         return value
     if path in POSITIVE_INTS and value < 1:
         raise ConfigError(f"config key {path!r}: expected an integer >= 1, got {value!r}")
+    if path in FRACTIONS and not 0 <= value < 1:
+        raise ConfigError(f"config key {path!r}: expected a number in [0, 1), got {value!r}")
+    if path in POSITIVE_FLOATS and not 0 < value < math.inf:
+        raise ConfigError(f"config key {path!r}: expected a finite number > 0, got {value!r}")
+    if path == "eval.fine_tune_steps" and value < 0:
+        raise ConfigError(f"config key {path!r}: expected an integer >= 0, got {value!r}")
     if path.endswith("learning_rate") and not (0 < value < math.inf):
         raise ConfigError(
             f"config key {path!r}: expected a finite learning rate > 0, got {value!r}"
@@ -305,6 +363,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 # Sections whose extra keys are options of the named thing (loader, model, optax function):
 # ``dataset: {name: fashion_mnist, alpha: 0.1}`` -> DatasetConfig(name, options={"alpha": 0.1}).
 OPEN_SECTIONS = {
+    ("algorithm",): AlgorithmConfig,
     ("dataset",): DatasetConfig,
     ("model",): ModelConfig,
     ("client", "optimizer"): OptimizerConfig,
@@ -356,6 +415,8 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Applies dotted overrides to the internal nested dict (in place) and returns it."""
     for text in overrides:
         parts, value = parse_override(text)
+        if isinstance(value, str) and OPEN_SECTIONS.get(tuple(parts)) is not None:
+            parts = [*parts, "name"]  # `algorithm=fed_prox` sets algorithm.name
         _set(data, parts, value, text)
     return data
 
@@ -369,6 +430,8 @@ def _merge_user(base: dict, user: Mapping, prefix: tuple[str, ...] = ()) -> None
         base["options"] = {}
     for key, value in user.items():
         path = prefix + (str(key),)
+        if isinstance(value, str) and OPEN_SECTIONS.get(path) is not None:
+            value = {"name": value}  # `algorithm: fed_prox` is short for {name: fed_prox}
         if cls is not None and key == "options":
             raise ConfigError(
                 f"config key {'.'.join(path)!r}: write the options directly under "

@@ -89,3 +89,30 @@ def test_exponent_notation_reads_as_a_number():
     config = load_config(None, ["client.optimizer.learning_rate=1e-3", "client.optimizer.eps=1e-8"])
     assert config.client.optimizer.learning_rate == 1e-3
     assert config.client.optimizer.options == {"eps": 1e-8}
+
+
+def test_algorithm_section_shorthand_options_and_errors():
+    from fedjax_sim.config import ConfigError, config_from_dict
+
+    assert config_from_dict({"algorithm": "fed_prox"}).algorithm.name == "fed_prox"
+    config = config_from_dict({"algorithm": {"name": "fed_prox", "mu": 0.1}})
+    assert config.algorithm.options == {"mu": 0.1}
+    config = config_from_dict({}, ["algorithm=scaffold"])
+    assert config.algorithm.name == "scaffold" and config.algorithm.options == {}
+    config = config_from_dict({}, ["algorithm.name=fed_prox", "algorithm.mu=0.5"])
+    assert config.algorithm.options == {"mu": 0.5}
+    with pytest.raises(ConfigError, match="system.dropout"):
+        config_from_dict({"system": {"dropout": 1.5}})
+    with pytest.raises(ConfigError, match="cohort.sampler"):
+        config_from_dict({"cohort": {"sampler": "weigthed"}})
+
+
+def test_unknown_algorithm_and_option_are_config_errors():
+    from fedjax_sim.config import ConfigError, config_from_dict
+    from fedjax_sim.simulation.loop import _build_algorithm
+
+    with pytest.raises(ConfigError, match="did you mean 'fed_avg'"):
+        _build_algorithm(config_from_dict({"algorithm": "fed_agv"}), None, None, None, 10)
+    with pytest.raises(ConfigError, match="algorithm.mu"):
+        _build_algorithm(config_from_dict({"algorithm": {"name": "fed_avg", "mu": 1.0}}),
+                         None, None, None, 10)

@@ -52,10 +52,17 @@ class ClientInput:
 
 @struct.dataclass
 class Cohort:
-    """The round's clients (`ClientInput` with a leading ``[C]`` axis) and the shared data."""
+    """The round's clients (`ClientInput` with a leading ``[C]`` axis) and the shared data.
+
+    Attributes:
+      clients: the cohort's `ClientInput`, stacked ``[C, ...]``.
+      data: the flat example arrays the clients' ``indices`` point into.
+      round: int32 scalar, the index of this round (0 for the first; for schedules).
+    """
 
     clients: ClientInput
     data: Mapping[str, jax.Array]
+    round: jax.Array | int = 0
 
 
 class ClientMap(Protocol):
@@ -70,7 +77,11 @@ class ClientMap(Protocol):
 
 
 class FederatedAlgorithm(NamedTuple):
-    """A federated algorithm as a pure ``(init, apply)`` pair."""
+    """A federated algorithm as a pure ``(init, apply)`` pair.
+
+    The state ``init`` returns must have a ``params`` attribute: the global model that the
+    engine evaluates and checkpoints with everything else.
+    """
 
     init: Callable[..., PyTree]
     apply: Callable[[PyTree, Cohort, ClientMap], tuple[PyTree, dict[str, jax.Array]]]

@@ -14,6 +14,22 @@ LOADERS = {
     "shakespeare": ("fedjax_sim.datasets.shakespeare", "load_shakespeare"),
     "fashion_mnist": ("fedjax_sim.datasets.fashion_mnist", "load_fashion_mnist"),
     "arrays": ("fedjax_sim.datasets.arrays", "load_arrays"),
+    # TFF's h5 files (examples/<client_id>/<feature>)
+    "tff_emnist": ("fedjax_sim.datasets.tff_h5", "load_tff_emnist"),
+    "tff_shakespeare": ("fedjax_sim.datasets.tff_h5", "load_tff_shakespeare"),
+    "tff_stackoverflow": ("fedjax_sim.datasets.tff_h5", "load_tff_stackoverflow"),
+    "tff_cifar100": ("fedjax_sim.datasets.tff_h5", "load_tff_cifar100"),
+    # LEAF's JSON files
+    "leaf_femnist": ("fedjax_sim.datasets.leaf", "load_leaf_femnist"),
+    "leaf_shakespeare": ("fedjax_sim.datasets.leaf", "load_leaf_shakespeare"),
+    "leaf_sent140": ("fedjax_sim.datasets.leaf", "load_leaf_sent140"),
+    "leaf_celeba": ("fedjax_sim.datasets.leaf", "load_leaf_celeba"),
+    # centralized datasets split into clients by a partitioner
+    "cifar10": ("fedjax_sim.datasets.cifar", "load_cifar10"),
+    "cifar100": ("fedjax_sim.datasets.cifar", "load_cifar100"),
+    "mnist": ("fedjax_sim.datasets.mnist", "load_mnist"),
+    "emnist": ("fedjax_sim.datasets.mnist", "load_emnist"),
+    "tfds": ("fedjax_sim.datasets.tfds", "load_tfds"),
 }
 
 

@@ -63,3 +63,23 @@ def make_evaluator(
     batches, mask = pad_to_batches(arrays, batch_size, max_examples, np.random.default_rng(seed))
     batches, mask = jax.device_put((batches, mask))
     return lambda params: _evaluate(model, params, batches, mask)
+
+
+def build_evaluators(config, model: Model, dataset) -> dict[str, Callable[..., dict]]:
+    """``{split: evaluate(algorithm_state)}`` for the config's ``eval`` section.
+
+    ``test``: the central test set when the dataset has one; ``clients_test`` (or ``test`` when
+    there is no central set): the pool of the clients' held-out splits. Each evaluates the
+    state's global ``params``.
+    """
+    evaluators = {}
+    eval_kwargs = dict(batch_size=config.eval.batch_size, max_examples=config.eval.max_examples,
+                       seed=config.seed)
+    if dataset.central_test is not None:
+        evaluate = make_evaluator(model, dataset.central_test, **eval_kwargs)
+        evaluators["test"] = lambda state, evaluate=evaluate: evaluate(state.params)
+    if dataset.test is not None and dataset.test.num_examples > 0:
+        key = "clients_test" if "test" in evaluators else "test"
+        evaluate = make_evaluator(model, dataset.test.arrays, **eval_kwargs)
+        evaluators[key] = lambda state, evaluate=evaluate: evaluate(state.params)
+    return evaluators

@@ -24,8 +24,8 @@ from typing import Any
 
 import jax
 
+from fedjax_sim.algorithms import algorithm_factory, algorithm_options, create_algorithm
 from fedjax_sim.algorithms.base import FederatedAlgorithm
-from fedjax_sim.algorithms.fed_avg import fed_avg
 from fedjax_sim.config import Config, ConfigError, check_options, config_to_yaml, load_config
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.errors import DataError
@@ -37,7 +37,7 @@ from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.checkpoint import Checkpointer
-from fedjax_sim.simulation.evaluation import make_evaluator
+from fedjax_sim.simulation.evaluation import build_evaluators
 from fedjax_sim.simulation.round_step import (
     RoundStep,
     SimulationState,
@@ -60,6 +60,7 @@ class Experiment:
     algorithm: FederatedAlgorithm
     schedule: ClientSchedule
     round_step: RoundStep
+    # split -> (algorithm state -> metrics)
     evaluators: dict[str, Callable[[Any], dict[str, jax.Array]]]
 
     def init_state(self) -> SimulationState:
@@ -68,10 +69,11 @@ class Experiment:
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)
         return init_simulation_state(self.algorithm.init(params), key)
 
-    def evaluate(self, params) -> dict[str, float]:
+    def evaluate(self, algorithm_state) -> dict[str, float]:
+        """Every evaluator on the algorithm state (its ``params`` unless it personalizes)."""
         out = {}
         for split, evaluator in self.evaluators.items():
-            for name, value in jax.device_get(evaluator(params)).items():
+            for name, value in jax.device_get(evaluator(algorithm_state)).items():
                 out[f"{split}/{name}"] = float(value)
         return out
 
@@ -117,11 +119,8 @@ def build_experiment(config: Config) -> Experiment:
         raise ConfigError(f"config key 'model': {error}") from None
     client_optimizer = make_optimizer(config.client.optimizer, "client.optimizer")
     server_optimizer = make_optimizer(config.server.optimizer, "server.optimizer")
-    try:
-        algorithm = fed_avg(model, client_optimizer, server_optimizer,
-                            client_weighting=config.client.weighting)
-    except ValueError as error:
-        raise ConfigError(f"config key 'client.weighting': {error}") from None
+    algorithm = _build_algorithm(config, model, client_optimizer, server_optimizer,
+                                 dataset.train.num_clients)
 
     train = dataset.train
     if config.cohort.size > train.num_clients:
@@ -150,15 +149,30 @@ def build_experiment(config: Config) -> Experiment:
         client_execution=config.execution.client_execution,
         client_batch_size=config.execution.client_batch_size, mesh=mesh,
     )
-    evaluators = {}
-    eval_kwargs = dict(batch_size=config.eval.batch_size, max_examples=config.eval.max_examples,
-                       seed=config.seed)
-    if dataset.central_test is not None:
-        evaluators["test"] = make_evaluator(model, dataset.central_test, **eval_kwargs)
-    if dataset.test is not None and dataset.test.num_examples > 0:
-        key = "clients_test" if "test" in evaluators else "test"
-        evaluators[key] = make_evaluator(model, dataset.test.arrays, **eval_kwargs)
+    evaluators = build_evaluators(config, model, dataset)
     return Experiment(config, dataset, model, algorithm, schedule, round_step, evaluators)
+
+
+def _build_algorithm(config: Config, model: Model, client_optimizer, server_optimizer,
+                     num_clients: int) -> FederatedAlgorithm:
+    """The configured algorithm (``algorithm.name`` and its options) from the registry."""
+    name = config.algorithm.name
+    try:
+        factory = algorithm_factory(name)
+    except ValueError as error:
+        raise ConfigError(f"config key 'algorithm.name': {error}") from None
+    check_options("algorithm", f"algorithm {name!r}", config.algorithm.options,
+                  algorithm_options(name))
+    accepted = inspect.signature(factory).parameters
+    if "client_weighting" not in accepted and config.client.weighting != "num_examples":
+        raise ConfigError(f"config key 'client.weighting': algorithm {name!r} does not take a "
+                          "client weighting")
+    try:
+        return create_algorithm(name, model, client_optimizer, server_optimizer,
+                                client_weighting=config.client.weighting,
+                                num_clients=num_clients, **config.algorithm.options)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config key 'algorithm' ({name}): {error}") from None
 
 
 def default_workdir(name: str) -> Path:
@@ -320,7 +334,7 @@ def _train(
                     _check_finite(row["round"], row)  # before anything is written or saved
                     history.append(row)
                 if evaluate_now:
-                    history[-1].update(experiment.evaluate(state.algorithm.params))
+                    history[-1].update(experiment.evaluate(state.algorithm))
                     _check_finite(round_index, history[-1])
                 for row in history[-len(rows):]:
                     log_file.write(json.dumps(row) + "\n")

@@ -151,7 +151,7 @@ def build_round_step(
             own_trip_count=sequential,
         )
         algorithm_state, metrics = algorithm.apply(
-            state.algorithm, Cohort(clients, data), map_clients
+            state.algorithm, Cohort(clients, data, state.round), map_clients
         )
         # Checked on the host at log time (never inside the round): NaN/inf anywhere in the state.
         metrics = {**metrics, "state/nonfinite": count_nonfinite(algorithm_state)}
