@@ -35,6 +35,8 @@ class ClientInput:
       num_examples: int32 size of the client's training data (the default aggregation weight).
       valid: bool, False for a padding client added to fill a device shard.
       key: the client's PRNG key (dropout, client-side randomness).
+      duration: float32 simulated seconds the client needs for its local steps (1 per step
+        unless a system model sets per-client speeds; see `fedjax_sim.simulation.system`).
       own_trip_count: static; True when clients run one at a time (a sequential map), so the
         local loop can stop after ``num_steps``; False under ``vmap``, where a fixed loop over
         all S steps (padded steps masked) is cheaper than a loop with a batched trip count.
@@ -47,6 +49,7 @@ class ClientInput:
     num_examples: jax.Array
     valid: jax.Array
     key: jax.Array
+    duration: jax.Array
     own_trip_count: bool = struct.field(pytree_node=False, default=True)
 
 

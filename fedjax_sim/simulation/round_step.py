@@ -104,6 +104,7 @@ def build_round_step(
     client_batch_size: int | None = None,
     mesh: Mesh | None = None,
     donate: bool = True,
+    system: Callable[[jax.Array, ClientInput], ClientInput] | None = None,
 ) -> RoundStep:
     """Builds the jitted round step.
 
@@ -117,6 +118,9 @@ def build_round_step(
       client_batch_size: clients per chunk under ``"map"``.
       mesh: a mesh with a ``clients`` axis to shard the cohort over devices (None: one device).
       donate: donate the state's buffers to the step.
+      system: ``(key, clients) -> clients``, a system-heterogeneity model applied to the cohort
+        before the algorithm sees it (dropout, stragglers, per-client durations; see
+        `fedjax_sim.simulation.system`). None: every client finishes every step, 1 s per step.
     """
     num_shards = mesh.shape[CLIENT_AXIS] if mesh is not None else 1
     sequential = resolve_strategy(client_execution) == "map" and (client_batch_size or 1) == 1
@@ -133,23 +137,27 @@ def build_round_step(
 
     def round_fn(state: SimulationState, data, offsets):
         round_key = jax.random.fold_in(state.key, state.round)
-        key_sample, key_batch, key_clients = jax.random.split(round_key, 3)
+        key_sample, key_batch, key_clients, key_system = jax.random.split(round_key, 4)
         cohort_ids = sampler(key_sample)
         valid = jnp.arange(padded_size) < cohort_size
         cohort_ids = jnp.pad(cohort_ids, (0, padded_size - cohort_size))
         indices, mask, sizes = cohort_indices(key_batch, cohort_ids, offsets, schedule)
         mask = mask & valid[:, None, None]
         sizes = jnp.where(valid, sizes, 0)
+        num_steps = schedule.steps_for(sizes)
         clients = ClientInput(
             client_id=cohort_ids,
             indices=indices,
             mask=mask,
-            num_steps=schedule.steps_for(sizes),
+            num_steps=num_steps,
             num_examples=sizes,
             valid=valid,
             key=jax.random.split(key_clients, padded_size),
+            duration=num_steps.astype(jnp.float32),
             own_trip_count=sequential,
         )
+        if system is not None:
+            clients = system(key_system, clients)
         algorithm_state, metrics = algorithm.apply(
             state.algorithm, Cohort(clients, data, state.round), map_clients
         )

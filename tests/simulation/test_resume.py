@@ -95,7 +95,9 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path):
     state = experiment.init_state()
     checkpointer = Checkpointer(tmp_path / "checkpoints", keep=3)
     checkpointer.save(4, state, {"metrics_offset": 10})
-    with pytest.raises(TypeError):  # the JSON item fails after the arrays were written
+    # The JSON item fails after the arrays were written (under load, orbax's array writer may
+    # report its own failure first, once the tmp dir it wrote into has been cleaned up).
+    with pytest.raises((TypeError, ValueError)):
         checkpointer.save(8, state, {"metrics_offset": object()})
     checkpointer.close()
     reopened = Checkpointer(tmp_path / "checkpoints", keep=3)
