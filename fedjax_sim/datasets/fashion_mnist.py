@@ -15,18 +15,16 @@ checked on the *decompressed* IDX bytes, so any gzip wrapping of the same conten
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
 from fedjax_sim.data.partition import split_into_clients
 from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
+from fedjax_sim.datasets import idx
 
 URL_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 """Where Zalando's README (github.com/zalandoresearch/fashion-mnist) points for the files."""
@@ -83,77 +81,11 @@ _FILES = {
     ),
 }
 
-# IDX type byte -> big-endian dtype (yann.lecun.com/exdb/mnist, "THE IDX FILE FORMAT").
-_IDX_DTYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when they start with the gzip magic ``1f 8b``."""
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as e:  # truncated stream / bad header / bad deflate
-        raise DataError(
-            f"{path}: truncated or corrupt gzip stream ({e}); delete the file and fetch it again"
-        ) from e
-
-
-def _parse_idx(data: bytes, path: Path) -> np.ndarray:
-    """A read-only big-endian view of the IDX payload in ``data``, shaped by its header."""
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _IDX_DTYPES or data[3] == 0:
-        raise DataError(
-            f"{path}: not an IDX file: magic number 0x{data[:4].hex() or 'empty'}, expected "
-            "0x0000TTNN with type byte TT in {08, 09, 0b, 0c, 0d, 0e} and NN >= 1 dimensions "
-            "(e.g. 0x00000801 for labels, 0x00000803 for images)"
-        )
-    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
-    header_bytes = 4 + 4 * ndim
-    if len(data) < header_bytes:
-        raise DataError(
-            f"{path}: truncated IDX header: {len(data)} bytes, {header_bytes} needed for "
-            f"{ndim} dimensions"
-        )
-    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected = header_bytes + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
-        problem = "truncated IDX data" if len(data) < expected else "trailing bytes after IDX data"
-        raise DataError(
-            f"{path}: {problem}: {len(data)} bytes, expected {expected} (a {header_bytes}-byte "
-            f"header + {dims} {dtype.name} values); the file is damaged, fetch it again"
-        )
-    return np.frombuffer(data, dtype, offset=header_bytes).reshape(dims)
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Reads an IDX file, gzip'd or plain, into a native-endian numpy array.
-
-    Format (LeCun's MNIST page): a big-endian magic ``0x0000TTNN`` (``TT`` the element type,
-    ``0x08`` = uint8 ...; ``NN`` the number of dimensions), ``NN`` big-endian uint32 sizes, then
-    the values in row-major order. Fashion-MNIST labels are ``0x00000801`` (uint8, 1-D), images
-    ``0x00000803`` (uint8, 3-D).
-
-    Args:
-      path: the file; gzip is detected from its first bytes, not its name.
-
-    Returns:
-      An array shaped by the header (e.g. ``[60000, 28, 28]`` uint8).
-
-    Raises:
-      ValueError (naming the file): a wrong magic number, a truncated or corrupt gzip stream, or
-        a payload whose size does not match the header.
-    """
-    path = Path(path)
-    array = _parse_idx(_read_bytes(path), path)
-    return array.astype(array.dtype.newbyteorder("="))
+# The IDX parser lives in `fedjax_sim.datasets.idx` (shared with MNIST and EMNIST); these names
+# stay importable from here.
+read_idx = idx.read_idx
+_read_bytes = idx.read_bytes
+_parse_idx = idx.parse_idx
 
 
 def _load_file(folder: Path, spec: _IdxFile, download: bool) -> np.ndarray:
