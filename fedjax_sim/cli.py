@@ -2,6 +2,8 @@
 
   fedjax-sim demo [overrides...]            FedAvg on Shakespeare by role (the defaults)
   fedjax-sim run CONFIG [overrides...]      e.g. rounds=50 client.optimizer.learning_rate=0.1
+  fedjax-sim data stats CONFIG [overrides...] [--out DIR]     clients, sizes, labels, plots
+  fedjax-sim data convert CONFIG [overrides...] [--out DIR]   build the memory-mapped cache
 
 Bad input gives one line on stderr naming the file, key or value and exit code 2 (add
 ``--debug`` for the traceback); a diverged run exits with code 3.
@@ -32,6 +34,20 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
         sub.add_argument("--overwrite", action="store_true",
                          help="replace a run of another config in --workdir (default: refuse)")
+    data = commands.add_parser("data", help="inspect or convert a config's dataset")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    stats = data_commands.add_parser(
+        "stats", help="print clients, examples per client and classes; write PNG plots")
+    convert = data_commands.add_parser(
+        "convert", help="convert the dataset once into a memory-mapped cache")
+    for sub, out_help in ((stats, "folder for the plots (default: runs/data_stats-<dataset>)"),
+                          (convert, "cache folder (default: the loader's, under the data dir)")):
+        sub.add_argument("config", help="path to a YAML config (its dataset section is used)")
+        sub.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        sub.add_argument("--out", help=out_help)
+        sub.add_argument("--debug", action="store_true", help="show tracebacks")
+    stats.add_argument("--sample", type=int, default=30,
+                       help="clients in the label-distribution heatmap (default 30)")
     return parser
 
 
@@ -45,12 +61,19 @@ class _Parser(argparse.ArgumentParser):
         raise _ArgumentError(message.replace("config, overrides", "config"))
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Makes ``parser`` and its sub-command parsers, at any depth, raise `_ArgumentError`."""
+    parser.__class__ = _Parser
+    if parser._subparsers is None:  # noqa: SLF001 - argparse has no API
+        return
+    for action in parser._subparsers._group_actions:  # noqa: SLF001
+        for sub in action.choices.values():
+            _one_line_errors(sub)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    parser.__class__ = _Parser
-    for action in parser._subparsers._group_actions:  # noqa: SLF001 - argparse has no API
-        for sub in action.choices.values():
-            sub.__class__ = _Parser
+    _one_line_errors(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -66,7 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = load_config(getattr(args, "config", None), args.overrides)
-        run(config, workdir=args.workdir, overwrite=args.overwrite)
+        if args.command == "data":
+            _data_command(args, config)
+        else:
+            run(config, workdir=args.workdir, overwrite=args.overwrite)
     except (ConfigError, DataError) as error:
         if debug:
             raise
@@ -81,6 +107,89 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fedjax-sim: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _configured_loader(config):
+    """The config's dataset loader, its options checked (a ConfigError names the bad key)."""
+    import inspect
+
+    from fedjax_sim.config import ConfigError, check_options
+    from fedjax_sim.datasets import dataset_loader
+
+    name, options = config.dataset.name, config.dataset.options
+    try:
+        loader = dataset_loader(name)
+    except ValueError as error:
+        raise ConfigError(f"config key 'dataset.name': {error}") from None
+    check_options("dataset", f"dataset {name!r}", options, inspect.signature(loader).parameters)
+    return loader
+
+
+def _call_loader(config, function, *args):
+    """``function(*args)``; a value the loader rejects becomes a ConfigError naming 'dataset'."""
+    from fedjax_sim.config import ConfigError
+    from fedjax_sim.data.errors import DataError
+
+    try:
+        return function(*args)
+    except DataError:
+        raise
+    except (ValueError, TypeError) as error:  # the loader rejected an option's value
+        raise ConfigError(f"config key 'dataset' ({config.dataset.name}): {error}") from None
+
+
+def _data_command(args, config) -> None:
+    """``fedjax-sim data stats|convert``: the dataset of ``config``."""
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from fedjax_sim.data import stats
+    from fedjax_sim.datasets import cache
+
+    loader = _configured_loader(config)
+    if args.data_command == "convert":
+        start = time.perf_counter()
+        path = _call_loader(config, cache.convert_dataset, config.dataset.name,
+                            config.dataset.options, args.out)
+        summary = cache.open_cache(path).train.summary()
+        print(f"fedjax-sim: {config.dataset.name}: {summary['clients']:,} clients, "
+              f"{summary['examples']:,} train examples -> {path} "
+              f"({time.perf_counter() - start:.1f} s)")
+        return
+
+    dataset = _call_loader(config, lambda: loader(**config.dataset.options))
+    info = dataset.info
+    out = Path(args.out or Path("runs") / f"data_stats-{config.dataset.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    train = dataset.train
+    print(f"dataset {config.dataset.name}: {train.num_clients:,} clients")
+    splits = [("train", train), ("test", dataset.test)]
+    for split, data in splits:
+        if data is None:
+            continue
+        s = stats.size_summary(data.client_sizes)
+        print(f"  {split}: {s['examples']:,} examples; per client min {s['min']:,} / median "
+              f"{s['median']:g} / mean {s['mean']:.1f} / max {s['max']:,}")
+    if dataset.central_test is not None:
+        central = len(next(iter(dataset.central_test.values())))
+        print(f"  central test: {central:,} examples")
+    num_classes = int(info["num_classes"])
+    pad = info.get("pad_label")
+    totals = stats.class_counts(train.arrays["y"], num_classes, pad)
+    pad_note = f", pad label {pad} not counted" if pad is not None else ""
+    print(f"  classes: {num_classes:,} ({int(np.count_nonzero(totals)):,} occur in the train "
+          f"labels{pad_note})")
+    sizes_png = stats.plot_client_sizes(
+        train.client_sizes, out / "client_sizes.png",
+        title=f"{config.dataset.name}: {train.num_clients:,} clients")
+    sample = stats.sample_clients(train.num_clients, args.sample, seed=config.seed)
+    counts = stats.client_label_counts(train, sample, num_classes, pad)
+    labels_png = stats.plot_label_distribution(
+        counts, train.client_ids[sample], out / "label_distribution.png",
+        title=f"{config.dataset.name}: labels of {sample.size} sampled clients")
+    print(f"  wrote {sizes_png} and {labels_png}")
 
 
 if __name__ == "__main__":

@@ -157,12 +157,17 @@ class ExecutionConfig:
     """How clients run: ``auto`` (sequential map on CPU, vmap on GPU/TPU), ``vmap`` or ``map``.
 
     ``client_batch_size``: clients per chunk under ``map``. ``num_devices``: shard the cohort
-    over this many devices (None: 1).
+    over this many devices (None: 1). ``data_placement``: ``device`` (the training arrays live
+    on the device), ``host`` (they stay in host memory; each round's rows are gathered and
+    transferred while the previous round computes, ``prefetch`` rounds ahead) or ``auto`` (host
+    for memory-mapped caches or more than 4 GiB).
     """
 
     client_execution: str = "auto"
     client_batch_size: int | None = None
     num_devices: int | None = None
+    data_placement: str = "auto"
+    prefetch: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +238,7 @@ POSITIVE_INTS = {
 CHOICES = {
     "cohort.sampler": ("uniform", "weighted", "full"),
     "execution.client_execution": ("auto", "vmap", "map"),
+    "execution.data_placement": ("auto", "device", "host"),
     "system.speed": ("constant", "lognormal", "uniform", "trace"),
 }
 # Values that must lie in [0, 1), and values that must be > 0.
@@ -316,7 +322,7 @@ def _validate_value(path: str, value: Any) -> Any:
         raise ConfigError(f"config key {path!r}: expected a number in [0, 1), got {value!r}")
     if path in POSITIVE_FLOATS and not 0 < value < math.inf:
         raise ConfigError(f"config key {path!r}: expected a finite number > 0, got {value!r}")
-    if path == "eval.fine_tune_steps" and value < 0:
+    if path in ("eval.fine_tune_steps", "execution.prefetch") and value < 0:
         raise ConfigError(f"config key {path!r}: expected an integer >= 0, got {value!r}")
     if path.endswith("learning_rate") and not (0 < value < math.inf):
         raise ConfigError(

@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -68,6 +69,30 @@ def client_weights(clients, exponent: jax.Array) -> jax.Array:
     return jnp.where(active, jnp.power(jnp.maximum(n, 1.0), exponent), 0.0)
 
 
+def scheduled_hyperparams(
+    hyperparams: Mapping[str, jax.Array],
+    schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None,
+    round_index: jax.Array | int,
+) -> dict[str, jax.Array]:
+    """``hyperparams`` with each scheduled one replaced by ``schedule(round_index)``.
+
+    Client optimizer state is fresh every round, so a client learning-rate schedule is a
+    function of the round (not of the local step). Raises ValueError for a schedule of a
+    hyperparameter the client optimizer does not inject.
+    """
+    if not schedules:
+        return dict(hyperparams)
+    out = dict(hyperparams)
+    for name, schedule in schedules.items():
+        if name not in out:
+            raise ValueError(
+                f"client_schedules: the client optimizer has no injected hyperparameter {name!r} "
+                f"(it has {sorted(out)}); build it with optax.inject_hyperparams"
+            )
+        out[name] = jnp.asarray(schedule(round_index), jnp.asarray(out[name]).dtype)
+    return out
+
+
 def round_metrics(stats: dict[str, jax.Array], weights: jax.Array) -> dict[str, jax.Array]:
     """Train metrics over the cohort, pooled over every trained label (client-weighted)."""
     totals = {k: jnp.sum(stats[k]) for k in STAT_KEYS}
@@ -87,6 +112,7 @@ def fed_avg(
     *,
     client_weighting: str | float = "num_examples",
     loss_fn: LossFn | None = None,
+    client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg with any optax client optimizer and any optax server optimizer (FedOpt).
 
@@ -97,6 +123,9 @@ def fed_avg(
       client_weighting: ``"num_examples"`` (default), ``"uniform"``, or an exponent p
         (weight = num_examples ** p).
       loss_fn: the local objective (default: the model's masked cross-entropy).
+      client_schedules: ``{hyperparameter: round -> value}`` for the client optimizer (e.g. a
+        learning-rate schedule from `fedjax_sim.optimizers.make_optimizer`); each round the
+        clients use ``schedule(cohort.round)``.
 
     Returns:
       A `FederatedAlgorithm` whose state is a `ServerState`.
@@ -129,8 +158,10 @@ def fed_avg(
         return delta, stats
 
     def apply(state: ServerState, cohort: Cohort, map_clients: ClientMap):
+        hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
+                                            cohort.round)
         deltas, stats = map_clients(
-            client_update, cohort.clients, (state.params, cohort.data, state.client_hyperparams)
+            client_update, cohort.clients, (state.params, cohort.data, hyperparams)
         )
         weights = client_weights(cohort.clients, state.weight_exponent)
         pseudo_gradient = weighted_mean(deltas, weights)

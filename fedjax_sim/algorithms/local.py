@@ -21,6 +21,9 @@ Params = Any
 # (params, batch, mask, rng) -> (scalar loss, stats dict)
 LossFn = Callable[[Params, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
+# (minibatch grads, current local params) -> the gradient the optimizer steps with
+GradCorrection = Callable[[Params, Params], Params]
+
 STAT_KEYS = ("loss_sum", "correct", "count")
 
 
@@ -59,6 +62,8 @@ def local_train(
     client: ClientInput,
     data: Mapping[str, jax.Array],
     hyperparams: Mapping[str, jax.Array] | None = None,
+    *,
+    grad_correction: GradCorrection | None = None,
 ) -> tuple[Params, dict[str, jax.Array]]:
     """Runs ``client.num_steps`` optimizer steps from ``params`` on the client's batches.
 
@@ -69,6 +74,9 @@ def local_train(
       client: one client's `ClientInput` (``indices``/``mask`` of shape ``[S, B]``).
       data: the flat example arrays (device resident).
       hyperparams: overrides for an ``inject_hyperparams`` optimizer (traced, sweepable).
+      grad_correction: ``(grads, params) -> grads``, applied to every step's minibatch gradient
+        before the optimizer sees it: a proximal term (FedProx), control variates (SCAFFOLD,
+        Mime), a dynamic regularizer (FedDyn). None: plain local training.
 
     Returns:
       ``(client params after training, summed batch stats over its steps)``.
@@ -83,6 +91,8 @@ def local_train(
         grads, stats = jax.grad(loss_fn, has_aux=True)(
             params, batch, mask, jax.random.fold_in(client.key, s)
         )
+        if grad_correction is not None:
+            grads = grad_correction(grads, params)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # A step without a single real example leaves params and optimizer state untouched.
@@ -99,3 +109,51 @@ def local_train(
     trip_count = client.num_steps if client.own_trip_count else client.indices.shape[0]
     params, _, totals = jax.lax.fori_loop(0, trip_count, step, (params, opt_state, zero_stats))
     return params, totals
+
+
+def full_batch_gradient(
+    loss_fn: LossFn,
+    params: Params,
+    client: ClientInput,
+    data: Mapping[str, jax.Array],
+) -> Params:
+    """The gradient at ``params`` of the client's mean loss over every real example of its round.
+
+    Sums ``count * grad(mean batch loss)`` over the client's ``[S, B]`` batches (padding masked,
+    one batch in memory at a time) and divides by the number of real examples: the full-batch
+    gradient over the examples the client trains on this round (with E local epochs each
+    appears E times, which leaves the mean unchanged). Zero for a client without examples.
+    Used by Mime / MimeLite (Karimireddy et al. 2021, arXiv:2008.03606).
+    """
+
+    def step(s, carry):
+        total, count = carry
+        batch = gather_batch(data, client.indices[s])
+        grads, stats = jax.grad(loss_fn, has_aux=True)(
+            params, batch, client.mask[s], jax.random.fold_in(client.key, s)
+        )
+        total = jax.tree.map(lambda t, g: t + stats["count"] * g, total, grads)
+        return total, count + stats["count"]
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    trip_count = client.num_steps if client.own_trip_count else client.indices.shape[0]
+    total, count = jax.lax.fori_loop(
+        0, trip_count, step, (zeros, jnp.zeros((), jnp.float32))
+    )
+    return jax.tree.map(lambda t: t / jnp.maximum(count, 1.0).astype(t.dtype), total)
+
+
+def weight_exponent(client_weighting: str | float) -> float:
+    """The exponent p of ``num_examples ** p`` for a ``client_weighting`` option.
+
+    ``"num_examples"``: 1, ``"uniform"``: 0, a number: itself (ValueError otherwise).
+    """
+    weightings = {"num_examples": 1.0, "uniform": 0.0}
+    if isinstance(client_weighting, str):
+        if client_weighting not in weightings:
+            raise ValueError(
+                f"client_weighting={client_weighting!r}: expected one of {sorted(weightings)} "
+                "or a number (the exponent of num_examples)"
+            )
+        return weightings[client_weighting]
+    return float(client_weighting)

@@ -2,6 +2,14 @@
 
 The engine calls a sampler with ``fold_in(root_key, round)``-derived keys, so the cohort of a
 round depends only on the seed and the round number (resuming reproduces it).
+
+* `uniform_sampler`: every client equally likely, with or without replacement;
+* `weighted_sampler`: probability proportional to the client's number of training examples
+  (McMahan et al. 2017's ``n_k / n``; Li et al. 2020, "Federated Optimization in Heterogeneous
+  Networks", arXiv:1812.06127, sample by ``p_k`` with replacement and then average uniformly).
+  Without replacement the draws are successive (each next client proportional to size among
+  those not yet drawn), so inclusion probabilities are not exactly proportional to size;
+* `full_participation`: every client, every round.
 """
 
 from __future__ import annotations
@@ -10,21 +18,68 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Sampler = Callable[[jax.Array], jax.Array]
 
 
-def uniform_sampler(num_clients: int, cohort_size: int) -> Sampler:
-    """Draws ``cohort_size`` distinct clients uniformly at random each round."""
-    if not 1 <= cohort_size <= num_clients:
-        raise ValueError(
-            f"cohort size {cohort_size} must be in [1, num_clients={num_clients}]"
-        )
+def uniform_sampler(num_clients: int, cohort_size: int, replace: bool = False) -> Sampler:
+    """Draws ``cohort_size`` clients uniformly at random each round.
+
+    Args:
+      num_clients: clients to draw from (positions ``0 .. num_clients - 1``).
+      cohort_size: C, clients per round.
+      replace: with replacement (a client may appear more than once; then it trains twice on
+        independent batches and counts twice in the aggregate).
+    """
+    if cohort_size < 1 or (not replace and cohort_size > num_clients):
+        bound = "" if replace else f", num_clients={num_clients}"
+        raise ValueError(f"cohort size {cohort_size} must be in [1{bound}]")
 
     def sample(key: jax.Array) -> jax.Array:
-        return jax.random.choice(key, num_clients, (cohort_size,), replace=False).astype(
+        return jax.random.choice(key, num_clients, (cohort_size,), replace=replace).astype(
             jnp.int32
         )
+
+    return sample
+
+
+def weighted_sampler(
+    client_sizes: np.ndarray, cohort_size: int, replace: bool = False
+) -> Sampler:
+    """Draws clients with probability proportional to their number of examples.
+
+    With replacement every draw is independent with ``P(client k) = n_k / sum(n)``. Without
+    replacement each next client is drawn proportionally to size among the clients not yet in
+    the cohort (``jax.random.choice``'s Gumbel-top-k), so the cohort has no duplicates.
+
+    Args:
+      client_sizes: ``[num_clients]`` training examples per client (a client with 0 is never
+        drawn).
+      cohort_size: C, clients per round.
+      replace: with replacement.
+    """
+    sizes = np.asarray(client_sizes, dtype=np.float64)
+    if sizes.ndim != 1 or sizes.size == 0 or np.any(sizes < 0) or not np.all(np.isfinite(sizes)):
+        raise ValueError(
+            f"weighted_sampler: client_sizes must be a non-empty 1-D array of sizes >= 0, got "
+            f"shape {sizes.shape}"
+        )
+    nonempty = int(np.count_nonzero(sizes))
+    if replace and (cohort_size < 1 or nonempty == 0):
+        raise ValueError(f"cohort size {cohort_size} must be >= 1 and some client must have data")
+    if not replace and not 1 <= cohort_size <= nonempty:
+        raise ValueError(
+            f"cohort size {cohort_size} must be in [1, {nonempty}] (the clients with data) for "
+            "weighted sampling without replacement"
+        )
+    probabilities = jnp.asarray(sizes / sizes.sum(), jnp.float32)
+    num_clients = sizes.size
+
+    def sample(key: jax.Array) -> jax.Array:
+        return jax.random.choice(
+            key, num_clients, (cohort_size,), replace=replace, p=probabilities
+        ).astype(jnp.int32)
 
     return sample
 

@@ -15,7 +15,6 @@ from an untrusted source cannot run code; an object array is refused with a `Dat
 
 from __future__ import annotations
 
-import math
 import os
 import zipfile
 from pathlib import Path
@@ -25,9 +24,13 @@ import numpy as np
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
-from fedjax_sim.data.partition import split_into_clients
+from fedjax_sim.data.partition import PARTITIONS
+from fedjax_sim.datasets._partition_options import (
+    LABEL_PARTITIONS,
+    partition_options,
+    split_centralized,
+)
 
-PARTITIONS = ("natural", "iid", "dirichlet")
 KEYS = ("x", "y", "client_id", "x_test", "y_test")
 """Keys the file may hold (others are ignored)."""
 
@@ -35,7 +38,7 @@ _EXPECTED = {
     "x": "'x', the inputs [N, ...]",
     "y": "'y', the integer labels [N]",
     "client_id": "'client_id', one client id per example [N], for partition='natural' (or use "
-    "partition='iid' or 'dirichlet')",
+    "partition='iid', 'dirichlet', 'shards', 'quantity' or 'classes')",
 }
 
 
@@ -45,6 +48,11 @@ def load_arrays(
     partition: str = "natural",
     num_clients: int = 10,
     alpha: float = 0.5,
+    shards_per_client: int = 2,
+    classes_per_client: int = 2,
+    quantity_distribution: str = "lognormal",
+    sigma: float = 1.0,
+    exponent: float = 2.5,
     seed: int = 0,
     num_classes: int | None = None,
     test_fraction: float = 0.0,
@@ -57,9 +65,16 @@ def load_arrays(
         ``partition="natural"``), ``x_test`` and ``y_test`` (the central test set). Relative
         paths resolve against the current folder.
       partition: ``"natural"`` (one client per distinct ``client_id``, `natural_partition`),
-        ``"iid"`` (`iid_partition`) or ``"dirichlet"`` (label skew, `dirichlet_partition`).
-      num_clients: clients for ``"iid"`` and ``"dirichlet"`` (unused for ``"natural"``).
+        ``"iid"`` (`iid_partition`), ``"dirichlet"`` (label skew, `dirichlet_partition`),
+        ``"shards"`` (`shards_partition`), ``"quantity"`` (`quantity_skew_partition`) or
+        ``"classes"`` (`classes_partition`); see `fedjax_sim.datasets._partition_options`.
+      num_clients: number of clients (unused for ``"natural"``).
       alpha: Dirichlet concentration for ``"dirichlet"``.
+      shards_per_client: shards per client for ``"shards"``.
+      classes_per_client: labels per client for ``"classes"``.
+      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
+      sigma: log-normal shape for ``"quantity"``.
+      exponent: power-law exponent for ``"quantity"``.
       seed: seeds the partition and, independently, the per-client test split.
       num_classes: the number of classes; default ``max(y, y_test) + 1``.
       test_fraction: when > 0, each client's examples are split into train and test parts
@@ -79,13 +94,20 @@ def load_arrays(
       >>> np.savez(tmp / "d.npz", x=x, y=y, client_id=writers)  # doctest: +SKIP
       >>> load_arrays(path=tmp / "d.npz").train.num_clients  # doctest: +SKIP
     """
-    _check_options(path, partition, num_clients, alpha, seed, num_classes, test_fraction)
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"path must name an .npz file, got {path!r}")
+    options = partition_options(locals(), dataset="arrays", partitions=PARTITIONS)
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+        or num_classes < 1
+    ):
+        raise ValueError(f"num_classes must be an int >= 1 or null, got {num_classes!r}")
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     arrays = _read_npz(path, need_client_id=partition == "natural")
     x, y = arrays["x"], arrays["y"]
-    if partition == "dirichlet" and y.ndim != 1:
+    if partition in LABEL_PARTITIONS and y.ndim != 1:
         raise DataError(
-            f"{path}: key 'y' has shape {y.shape}; partition='dirichlet' splits by label and "
+            f"{path}: key 'y' has shape {y.shape}; partition={partition!r} splits by label and "
             "expects one label per example, shape [N]"
         )
     test = {"x": arrays["x_test"], "y": arrays["y_test"]} if "x_test" in arrays else None
@@ -94,9 +116,8 @@ def load_arrays(
         # At least 1, so that all-negative labels get the label-range message, not this one.
         num_classes = max(1, max(int(part.max()) for part in labels if part.size) + 1)
 
-    clients, client_test = split_into_clients(
-        {"x": x, "y": y}, partition, num_clients=num_clients, alpha=alpha, seed=seed,
-        test_fraction=test_fraction, group_ids=arrays.get("client_id"),
+    clients, client_test = split_centralized(
+        {"x": x, "y": y}, group_ids=arrays.get("client_id"), **options
     )
     return FederatedDataset(
         name="arrays",
@@ -110,30 +131,6 @@ def load_arrays(
             "input_dtype": str(x.dtype),
         },
     )
-
-
-def _check_options(path, partition, num_clients, alpha, seed, num_classes, test_fraction):
-    """ValueError naming the first option with a bad value."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise ValueError(f"path must name an .npz file, got {path!r}")
-    if partition not in PARTITIONS:
-        raise ValueError(f"partition must be one of {list(PARTITIONS)}, got {partition!r}")
-
-    def is_int(value):
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-    if not is_int(num_clients) or num_clients < 1:
-        raise ValueError(f"num_clients must be an int >= 1, got {num_clients!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
-            or not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if not is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if num_classes is not None and (not is_int(num_classes) or num_classes < 1):
-        raise ValueError(f"num_classes must be an int >= 1 or null, got {num_classes!r}")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
-            or not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be a number in [0, 1), got {test_fraction!r}")
 
 
 def _read_npz(path: Path, need_client_id: bool) -> dict[str, np.ndarray]:

@@ -40,8 +40,8 @@ import numpy as np
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
-from fedjax_sim.data.partition import split_into_clients
 from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
+from fedjax_sim.datasets._partition_options import partition_options, split_centralized
 
 IMAGE_SHAPE = (32, 32, 3)
 PIXELS = 32 * 32 * 3
@@ -318,27 +318,14 @@ def _load(
     name: str,
     version: CifarVersion,
     class_names: tuple[str, ...],
+    options: dict,
     *,
     data_dir,
     download: bool,
-    partition: str,
-    num_clients: int,
-    alpha: float,
-    seed: int,
-    test_fraction: float,
     label_mode: str = "fine",
 ) -> FederatedDataset:
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     train, central_test = load_cifar_arrays(version, data_dir, download, label_mode)
-    clients, test = split_into_clients(
-        train,
-        partition,
-        num_clients=num_clients,
-        alpha=alpha,
-        seed=seed,
-        test_fraction=test_fraction,
-    )
+    clients, test = split_centralized(train, **options)
     return FederatedDataset(
         name=name,
         train=clients,
@@ -361,6 +348,11 @@ def load_cifar10(
     partition: str = "dirichlet",
     num_clients: int = 100,
     alpha: float = 0.5,
+    shards_per_client: int = 2,
+    classes_per_client: int = 2,
+    quantity_distribution: str = "lognormal",
+    sigma: float = 1.0,
+    exponent: float = 2.5,
     seed: int = 0,
     test_fraction: float = 0.0,
 ) -> FederatedDataset:
@@ -371,9 +363,15 @@ def load_cifar10(
         ``<data_dir>/cifar-10-binary.tar.gz``).
       download: fetch the archive (170 MB) when neither is there.
       partition: a partitioner of `split_into_clients`: ``"dirichlet"`` (label skew with
-        ``alpha``; Hsu et al. 2019 use CIFAR-10 this way), ``"iid"``, ...
+        ``alpha``; Hsu et al. 2019 use CIFAR-10 this way), ``"iid"``, ``"shards"``,
+        ``"quantity"`` or ``"classes"`` (see `fedjax_sim.datasets._partition_options`).
       num_clients: number of clients.
       alpha: Dirichlet concentration.
+      shards_per_client: shards per client for ``"shards"``.
+      classes_per_client: labels per client for ``"classes"``.
+      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
+      sigma: log-normal shape for ``"quantity"``.
+      exponent: power-law exponent for ``"quantity"``.
       seed: seeds the partition and, independently, the per-client test split.
       test_fraction: when > 0, each client's examples are split into train and test parts.
 
@@ -383,11 +381,9 @@ def load_cifar10(
     Example:
       >>> dataset = load_cifar10(num_clients=100, alpha=0.1)  # doctest: +SKIP
     """
-    return _load(
-        "cifar10", CIFAR10, CIFAR10_CLASS_NAMES, data_dir=data_dir, download=download,
-        partition=partition, num_clients=num_clients, alpha=alpha, seed=seed,
-        test_fraction=test_fraction,
-    )  # fmt: skip
+    options = partition_options(locals(), dataset="cifar10")
+    return _load("cifar10", CIFAR10, CIFAR10_CLASS_NAMES, options, data_dir=data_dir,
+                 download=download)
 
 
 def load_cifar100(
@@ -398,6 +394,11 @@ def load_cifar100(
     partition: str = "dirichlet",
     num_clients: int = 100,
     alpha: float = 0.5,
+    shards_per_client: int = 2,
+    classes_per_client: int = 2,
+    quantity_distribution: str = "lognormal",
+    sigma: float = 1.0,
+    exponent: float = 2.5,
     seed: int = 0,
     test_fraction: float = 0.0,
 ) -> FederatedDataset:
@@ -411,9 +412,16 @@ def load_cifar100(
         ``<data_dir>/cifar-100-binary.tar.gz``).
       download: fetch the archive (169 MB) when neither is there.
       label_mode: ``"fine"`` (100 classes) or ``"coarse"`` (20 superclasses).
-      partition: a partitioner of `split_into_clients` (``"dirichlet"``, ``"iid"``, ...).
+      partition: a partitioner of `split_into_clients`: ``"dirichlet"``, ``"iid"``,
+        ``"shards"``, ``"quantity"`` or ``"classes"`` (see
+        `fedjax_sim.datasets._partition_options`).
       num_clients: number of clients.
       alpha: Dirichlet concentration.
+      shards_per_client: shards per client for ``"shards"``.
+      classes_per_client: labels per client for ``"classes"``.
+      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
+      sigma: log-normal shape for ``"quantity"``.
+      exponent: power-law exponent for ``"quantity"``.
       seed: seeds the partition and, independently, the per-client test split.
       test_fraction: when > 0, each client's examples are split into train and test parts.
 
@@ -421,12 +429,10 @@ def load_cifar100(
       A `FederatedDataset` named ``"cifar100"``, the 10,000 test images as ``central_test``;
       ``info["label_mode"]`` says which labels ``y`` holds.
     """
+    options = partition_options(locals(), dataset="cifar100")
     if label_mode not in ("fine", "coarse"):
         raise ValueError(f"label_mode must be 'fine' or 'coarse', got {label_mode!r}")
     names = CIFAR100_FINE_CLASS_NAMES if label_mode == "fine" else CIFAR100_COARSE_CLASS_NAMES
-    dataset = _load(
-        "cifar100", CIFAR100, names, data_dir=data_dir, download=download,
-        partition=partition, num_clients=num_clients, alpha=alpha, seed=seed,
-        test_fraction=test_fraction, label_mode=label_mode,
-    )  # fmt: skip
+    dataset = _load("cifar100", CIFAR100, names, options, data_dir=data_dir,
+                    download=download, label_mode=label_mode)
     return dataclasses.replace(dataset, info={**dataset.info, "label_mode": label_mode})

@@ -2,7 +2,8 @@
 
 70,000 28x28 grayscale images of 10 clothing classes (60,000 train, 10,000 test) in Zalando's
 four IDX files. The 60k training images are split into clients by a partitioner (Dirichlet label
-skew or IID); the 10k test images are the central test set.
+skew, IID, shards, quantity skew or k classes per client); the 10k test images are the central
+test set.
 
 The files live in ``<data_dir>/fashion-mnist/`` (see `fedjax_sim.datasets.download.data_dir`),
 gzip'd as distributed (``train-images-idx3-ubyte.gz`` ...) or already decompressed. Integrity is
@@ -22,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from fedjax_sim.data.federated_data import FederatedDataset
-from fedjax_sim.data.partition import split_into_clients
 from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
 from fedjax_sim.datasets import idx
+from fedjax_sim.datasets._partition_options import partition_options, split_centralized
 
 URL_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 """Where Zalando's README (github.com/zalandoresearch/fashion-mnist) points for the files."""
@@ -143,6 +144,11 @@ def load_fashion_mnist(
     partition: str = "dirichlet",
     num_clients: int = 100,
     alpha: float = 0.5,
+    shards_per_client: int = 2,
+    classes_per_client: int = 2,
+    quantity_distribution: str = "lognormal",
+    sigma: float = 1.0,
+    exponent: float = 2.5,
     seed: int = 0,
     test_fraction: float = 0.0,
 ) -> FederatedDataset:
@@ -151,9 +157,18 @@ def load_fashion_mnist(
     Args:
       data_dir: the root data folder (see `load_fashion_mnist_arrays`).
       download: fetch missing files.
-      partition: ``"dirichlet"`` (label skew, `dirichlet_partition` with ``alpha``) or ``"iid"``.
-      num_clients: number of clients the 60,000 training examples are split into.
-      alpha: Dirichlet concentration (small = each client sees few classes); unused for iid.
+      partition: how the 60,000 training examples are split: ``"dirichlet"`` (label skew with
+        ``alpha``), ``"iid"``, ``"shards"`` (``shards_per_client`` label-sorted shards),
+        ``"quantity"`` (``quantity_distribution`` client sizes with ``sigma`` or
+        ``exponent``) or ``"classes"`` (``classes_per_client`` labels each); see
+        `fedjax_sim.datasets._partition_options`.
+      num_clients: number of clients.
+      alpha: Dirichlet concentration (small = each client sees few classes).
+      shards_per_client: shards per client for ``"shards"``.
+      classes_per_client: labels per client for ``"classes"``.
+      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
+      sigma: log-normal shape for ``"quantity"``.
+      exponent: power-law exponent for ``"quantity"``.
       seed: seeds the partition and, independently, the per-client test split, so changing
         ``test_fraction`` leaves the partition unchanged.
       test_fraction: when > 0, each client's examples are split into train and test parts
@@ -170,15 +185,9 @@ def load_fashion_mnist(
       >>> dataset.train.num_examples  # doctest: +SKIP
       60000
     """
-    if partition not in ("dirichlet", "iid"):
-        raise ValueError(f"partition must be 'dirichlet' or 'iid', got {partition!r}")
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    options = partition_options(locals(), dataset="fashion_mnist")  # checked before reading
     train, central_test = load_fashion_mnist_arrays(data_dir, download)
-    clients, test = split_into_clients(
-        train, partition, num_clients=num_clients, alpha=alpha, seed=seed,
-        test_fraction=test_fraction,
-    )
+    clients, test = split_centralized(train, **options)
     return FederatedDataset(
         name="fashion_mnist",
         train=clients,

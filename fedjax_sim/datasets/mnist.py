@@ -41,9 +41,9 @@ import numpy as np
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
-from fedjax_sim.data.partition import split_into_clients
 from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
 from fedjax_sim.datasets import idx
+from fedjax_sim.datasets._partition_options import partition_options, split_centralized
 
 IMAGE_SHAPE = (28, 28)
 
@@ -178,23 +178,9 @@ def _federated(
     train: dict[str, np.ndarray],
     central_test: dict[str, np.ndarray],
     class_names: tuple[str, ...],
-    *,
-    partition: str,
-    num_clients: int,
-    alpha: float,
-    seed: int,
-    test_fraction: float,
+    options: dict,
 ) -> FederatedDataset:
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    clients, test = split_into_clients(
-        train,
-        partition,
-        num_clients=num_clients,
-        alpha=alpha,
-        seed=seed,
-        test_fraction=test_fraction,
-    )
+    clients, test = split_centralized(train, **options)
     return FederatedDataset(
         name=name,
         train=clients,
@@ -267,6 +253,11 @@ def load_mnist(
     partition: str = "dirichlet",
     num_clients: int = 100,
     alpha: float = 0.5,
+    shards_per_client: int = 2,
+    classes_per_client: int = 2,
+    quantity_distribution: str = "lognormal",
+    sigma: float = 1.0,
+    exponent: float = 2.5,
     seed: int = 0,
     test_fraction: float = 0.0,
 ) -> FederatedDataset:
@@ -276,9 +267,15 @@ def load_mnist(
       data_dir: the root data folder (see `load_mnist_arrays`).
       download: fetch missing files.
       partition: a partitioner of `split_into_clients`: ``"dirichlet"`` (label skew with
-        ``alpha``), ``"iid"``, ...
+        ``alpha``), ``"iid"``, ``"shards"``, ``"quantity"`` or ``"classes"`` (see
+        `fedjax_sim.datasets._partition_options`).
       num_clients: number of clients.
       alpha: Dirichlet concentration (small = each client sees few classes).
+      shards_per_client: shards per client for ``"shards"``.
+      classes_per_client: labels per client for ``"classes"``.
+      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
+      sigma: log-normal shape for ``"quantity"``.
+      exponent: power-law exponent for ``"quantity"``.
       seed: seeds the partition and, independently, the per-client test split.
       test_fraction: when > 0, each client's examples are split into train and test parts.
 
@@ -288,18 +285,9 @@ def load_mnist(
     Example:
       >>> dataset = load_mnist(partition="iid", num_clients=100)  # doctest: +SKIP
     """
+    options = partition_options(locals(), dataset="mnist")
     train, central_test = load_mnist_arrays(data_dir, download)
-    return _federated(
-        "mnist",
-        train,
-        central_test,
-        _DIGITS,
-        partition=partition,
-        num_clients=num_clients,
-        alpha=alpha,
-        seed=seed,
-        test_fraction=test_fraction,
-    )
+    return _federated("mnist", train, central_test, _DIGITS, options)
 
 
 # --- EMNIST loading -------------------------------------------------------------------------------
@@ -413,6 +401,11 @@ def load_emnist(
     partition: str = "dirichlet",
     num_clients: int = 100,
     alpha: float = 0.5,
+    shards_per_client: int = 2,
+    classes_per_client: int = 2,
+    quantity_distribution: str = "lognormal",
+    sigma: float = 1.0,
+    exponent: float = 2.5,
     seed: int = 0,
     test_fraction: float = 0.0,
 ) -> FederatedDataset:
@@ -423,9 +416,16 @@ def load_emnist(
         FEMNIST.
       data_dir: the root data folder (see `load_emnist_arrays`).
       download: fetch a missing ``gzip.zip``.
-      partition: a partitioner of `split_into_clients` (``"dirichlet"``, ``"iid"``, ...).
+      partition: a partitioner of `split_into_clients`: ``"dirichlet"``, ``"iid"``,
+        ``"shards"``, ``"quantity"`` or ``"classes"`` (see
+        `fedjax_sim.datasets._partition_options`).
       num_clients: number of clients.
       alpha: Dirichlet concentration.
+      shards_per_client: shards per client for ``"shards"``.
+      classes_per_client: labels per client for ``"classes"``.
+      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
+      sigma: log-normal shape for ``"quantity"``.
+      exponent: power-law exponent for ``"quantity"``.
       seed: seeds the partition and, independently, the per-client test split.
       test_fraction: when > 0, each client's examples are split into train and test parts.
 
@@ -434,16 +434,7 @@ def load_emnist(
       ``central_test``; ``info["class_names"]`` are the characters (``"Aa"`` for a merged
       letter class), ``info["split"]`` the split.
     """
+    options = partition_options(locals(), dataset="emnist")
     train, central_test = load_emnist_arrays(split, data_dir, download)
-    dataset = _federated(
-        "emnist",
-        train,
-        central_test,
-        EMNIST_SPLITS[split].class_names,
-        partition=partition,
-        num_clients=num_clients,
-        alpha=alpha,
-        seed=seed,
-        test_fraction=test_fraction,
-    )
+    dataset = _federated("emnist", train, central_test, EMNIST_SPLITS[split].class_names, options)
     return dataclasses.replace(dataset, info={**dataset.info, "split": split})

@@ -37,8 +37,9 @@ import numpy as np
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
-from fedjax_sim.data.partition import PARTITIONS, split_into_clients
+from fedjax_sim.data.partition import PARTITIONS
 from fedjax_sim.datasets import download as download_lib
+from fedjax_sim.datasets._partition_options import partition_options, split_centralized
 
 TFDS_FOLDER = "tfds"
 """Sub-folder of the root data folder used as the TFDS data dir when none is given."""
@@ -342,6 +343,7 @@ def load_tfds(
         or a feature has the wrong kind of values.
       ValueError: an option has a bad value.
     """
+    options = partition_options(locals(), dataset=f"tfds:{tfds_name}", partitions=PARTITIONS)
     _check_options(partition, client_id_feature, image_dtype, batch_size, num_classes)
     builder = open_tfds_builder(tfds_name, data_dir, download)
     wanted = [image_feature, label_feature]
@@ -378,12 +380,7 @@ def load_tfds(
     names = getattr(label_info, "names", None)
     if names and not all(n == str(i) for i, n in enumerate(names)):
         class_names = list(names)
-    clients, client_test = split_into_clients(
-        {"x": x, "y": y}, partition, num_clients=num_clients, alpha=alpha, seed=seed,
-        test_fraction=test_fraction, group_ids=group_ids, shards_per_client=shards_per_client,
-        classes_per_client=classes_per_client, quantity_distribution=quantity_distribution,
-        sigma=sigma, exponent=exponent,
-    )
+    clients, client_test = split_centralized({"x": x, "y": y}, group_ids=group_ids, **options)
     info: dict[str, Any] = {
         "num_classes": int(num_classes),
         "pad_label": None,
@@ -405,9 +402,8 @@ def load_tfds(
 
 
 def _check_options(partition, client_id_feature, image_dtype, batch_size, num_classes):
-    """ValueError naming the first option with a bad value."""
-    if partition not in PARTITIONS:
-        raise ValueError(f"partition must be one of {list(PARTITIONS)}, got {partition!r}")
+    """ValueError naming the first option with a bad value (partition options: see
+    `partition_options`)."""
     if partition == "natural" and not client_id_feature:
         raise ValueError(
             "partition='natural' needs client_id_feature (the TFDS feature that holds each "

@@ -30,7 +30,7 @@ from fedjax_sim.config import Config, ConfigError, check_options, config_to_yaml
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
-from fedjax_sim.data.sampling import full_participation, uniform_sampler
+from fedjax_sim.data.sampling import full_participation, uniform_sampler, weighted_sampler
 from fedjax_sim.data.validation import validate_dataset
 from fedjax_sim.datasets import dataset_loader
 from fedjax_sim.models import MODELS, Model, create_model
@@ -44,6 +44,7 @@ from fedjax_sim.simulation.round_step import (
     build_round_step,
     init_simulation_state,
 )
+from fedjax_sim.simulation.system import make_system
 
 
 class DivergenceError(RuntimeError):
@@ -117,22 +118,34 @@ def build_experiment(config: Config) -> Experiment:
         )
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config key 'model': {error}") from None
-    client_optimizer = make_optimizer(config.client.optimizer, "client.optimizer")
-    server_optimizer = make_optimizer(config.server.optimizer, "server.optimizer")
+    # A client schedule follows the round (client optimizer state is fresh every round); a
+    # server schedule is injected into the server optimizer, whose update count is the round.
+    client_optimizer, client_schedules = make_optimizer(
+        config.client.optimizer, "client.optimizer", inject_schedule=False)
+    server_optimizer, _ = make_optimizer(config.server.optimizer, "server.optimizer")
     algorithm = _build_algorithm(config, model, client_optimizer, server_optimizer,
-                                 dataset.train.num_clients)
+                                 dataset.train.num_clients, client_schedules)
 
     train = dataset.train
-    if config.cohort.size > train.num_clients:
+    if config.cohort.size > train.num_clients and not config.cohort.replace:
         raise ConfigError(
             f"config key 'cohort.size': {config.cohort.size} is larger than the number of "
             f"clients ({train.num_clients}) in dataset {config.dataset.name!r}"
         )
-    if config.cohort.sampler == "full":
-        sampler, cohort_size = full_participation(train.num_clients), train.num_clients
-    else:
-        sampler, cohort_size = uniform_sampler(train.num_clients, config.cohort.size), \
-            config.cohort.size
+    cohort_size = config.cohort.size
+    try:
+        if config.cohort.sampler == "full":
+            if config.cohort.replace:
+                raise ValueError("replace: true needs sampler uniform or weighted (full "
+                                 "participation takes every client once)")
+            sampler, cohort_size = full_participation(train.num_clients), train.num_clients
+        elif config.cohort.sampler == "weighted":
+            sampler = weighted_sampler(train.client_sizes, cohort_size, config.cohort.replace)
+        else:
+            sampler = uniform_sampler(train.num_clients, cohort_size, config.cohort.replace)
+    except ValueError as error:
+        raise ConfigError(f"config key 'cohort': {error}") from None
+    system = make_system(config.system, train.num_clients, config.seed)
     schedule = ClientSchedule.from_sizes(
         train.client_sizes, config.client.batch_size,
         local_epochs=config.client.local_epochs, local_steps=config.client.local_steps,
@@ -147,14 +160,15 @@ def build_experiment(config: Config) -> Experiment:
     round_step = build_round_step(
         algorithm, train, schedule, sampler, cohort_size,
         client_execution=config.execution.client_execution,
-        client_batch_size=config.execution.client_batch_size, mesh=mesh,
+        client_batch_size=config.execution.client_batch_size, mesh=mesh, system=system,
+        data_placement=config.execution.data_placement, prefetch=config.execution.prefetch,
     )
     evaluators = build_evaluators(config, model, dataset)
     return Experiment(config, dataset, model, algorithm, schedule, round_step, evaluators)
 
 
 def _build_algorithm(config: Config, model: Model, client_optimizer, server_optimizer,
-                     num_clients: int) -> FederatedAlgorithm:
+                     num_clients: int, client_schedules=None) -> FederatedAlgorithm:
     """The configured algorithm (``algorithm.name`` and its options) from the registry."""
     name = config.algorithm.name
     try:
@@ -167,10 +181,14 @@ def _build_algorithm(config: Config, model: Model, client_optimizer, server_opti
     if "client_weighting" not in accepted and config.client.weighting != "num_examples":
         raise ConfigError(f"config key 'client.weighting': algorithm {name!r} does not take a "
                           "client weighting")
+    if client_schedules and "client_schedules" not in accepted:
+        raise ConfigError(f"config key 'client.optimizer.schedule': algorithm {name!r} does not "
+                          "take client schedules")
     try:
         return create_algorithm(name, model, client_optimizer, server_optimizer,
                                 client_weighting=config.client.weighting,
-                                num_clients=num_clients, **config.algorithm.options)
+                                num_clients=num_clients, client_schedules=client_schedules,
+                                **config.algorithm.options)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config key 'algorithm' ({name}): {error}") from None
 
@@ -353,6 +371,7 @@ def _train(
                     print(f"fedjax_sim: a callback stopped the run after round {round_index}")
                     break
     finally:
+        experiment.round_step.reset()  # stops a host-data feeder thread
         if progress is not None:
             progress.close()
         if writer is not None:

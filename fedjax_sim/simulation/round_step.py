@@ -31,6 +31,8 @@ from fedjax_sim.simulation.client_map import (
     resolve_strategy,
     sharded_client_map,
 )
+from fedjax_sim.simulation.host_data import HostFeeder
+from fedjax_sim.simulation.system import system_metrics
 
 PyTree = Any
 
@@ -71,26 +73,74 @@ def count_nonfinite(tree: PyTree) -> jax.Array:
     return sum(counts, jnp.zeros((), jnp.float32))
 
 
+@struct.dataclass
+class CohortPlan:
+    """Which clients train in a round and which example rows they read (``[C]`` leading axis).
+
+    Attributes:
+      cohort_ids: ``[C]`` int32 client positions (padding clients: 0).
+      indices: ``[C, S, B]`` int32 rows of the flat example arrays.
+      mask: ``[C, S, B]`` bool, False for padding.
+      sizes: ``[C]`` int32 training examples per client (0 for padding clients).
+      valid: ``[C]`` bool, False for padding clients added to fill device shards.
+    """
+
+    cohort_ids: jax.Array
+    indices: jax.Array
+    mask: jax.Array
+    sizes: jax.Array
+    valid: jax.Array
+
+
+def _round_keys(key: jax.Array, round_index: jax.Array) -> list[jax.Array]:
+    """The round's keys: sampling, batching, clients, system."""
+    return list(jax.random.split(jax.random.fold_in(key, round_index), 4))
+
+
+PLACEMENTS = ("auto", "device", "host")
+DEVICE_BYTES_LIMIT = 4 << 30
+"""``data_placement="auto"`` keeps arrays larger than this (in total) on the host."""
+
+
+def should_keep_on_host(arrays: Mapping[str, np.ndarray]) -> bool:
+    """True for memory-mapped arrays, or more than `DEVICE_BYTES_LIMIT` bytes in total."""
+    total = sum(np.asarray(a).nbytes if not isinstance(a, np.memmap) else a.nbytes
+                for a in arrays.values())
+    return any(isinstance(a, np.memmap) for a in arrays.values()) or total > DEVICE_BYTES_LIMIT
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundStep:
     """A compiled round. Call it as ``state, metrics = round_step(state)``.
 
     Attributes:
       fn: the pure, unjitted round ``(state, data, offsets) -> (state, metrics)`` (vmap it over
-        a sweep axis of the state, or wrap it in your own jit).
-      data: the device-resident flat example arrays.
+        a sweep axis of the state, or wrap it in your own jit); with host data
+        ``(state, batch, plan) -> (state, metrics)``.
+      jitted: ``fn`` jitted (state donated).
+      data: the device-resident flat example arrays (None when they stay on the host).
       offsets: ``[num_clients + 1]`` int32 on the device.
       cohort_size: C (before padding for devices).
+      feeder: the host data path (None when the data is on the device).
     """
 
     fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]]
     jitted: Callable[..., tuple[SimulationState, dict[str, jax.Array]]]
-    data: Mapping[str, jax.Array]
+    data: Mapping[str, jax.Array] | None
     offsets: jax.Array
     cohort_size: int
+    feeder: HostFeeder | None = None
 
     def __call__(self, state: SimulationState) -> tuple[SimulationState, dict[str, jax.Array]]:
-        return self.jitted(state, self.data, self.offsets)
+        if self.feeder is None:
+            return self.jitted(state, self.data, self.offsets)
+        batch, plan = self.feeder.next(state)
+        return self.jitted(state, batch, plan)
+
+    def reset(self) -> None:
+        """Forget prepared rounds (host data): call it before running a different state."""
+        if self.feeder is not None:
+            self.feeder.reset()
 
 
 def build_round_step(
@@ -105,12 +155,14 @@ def build_round_step(
     mesh: Mesh | None = None,
     donate: bool = True,
     system: Callable[[jax.Array, ClientInput], ClientInput] | None = None,
+    data_placement: str = "device",
+    prefetch: int = 2,
 ) -> RoundStep:
     """Builds the jitted round step.
 
     Args:
       algorithm: an ``(init, apply)`` pair.
-      train: the clients' training data; its arrays are put on the device(s) once.
+      train: the clients' training data (put on the device(s) once, unless kept on the host).
       schedule: static local-training shape (S, B, epochs).
       sampler: ``key -> [cohort_size]`` client positions.
       cohort_size: C, clients per round.
@@ -121,49 +173,81 @@ def build_round_step(
       system: ``(key, clients) -> clients``, a system-heterogeneity model applied to the cohort
         before the algorithm sees it (dropout, stragglers, per-client durations; see
         `fedjax_sim.simulation.system`). None: every client finishes every step, 1 s per step.
+      data_placement: ``"device"`` (the flat arrays live on the device; the step gathers the
+        cohort's rows), ``"host"`` (the arrays stay in host memory, e.g. a memory-mapped cache:
+        a background thread plans each round, gathers its rows and transfers them while the
+        previous round computes), or ``"auto"`` (host for memory-mapped arrays or more than
+        `DEVICE_BYTES_LIMIT` bytes). Both give the same result, bit for bit.
+      prefetch: rounds the host path prepares ahead (0: gather when the round is called).
     """
     num_shards = mesh.shape[CLIENT_AXIS] if mesh is not None else 1
     sequential = resolve_strategy(client_execution) == "map" and (client_batch_size or 1) == 1
     padded_size = -(-cohort_size // num_shards) * num_shards
+    if data_placement not in PLACEMENTS:
+        raise ValueError(f"data_placement={data_placement!r}: expected one of {PLACEMENTS}")
+    on_host = data_placement == "host" or (
+        data_placement == "auto" and should_keep_on_host(train.arrays)
+    )
     if mesh is not None:
         map_clients: ClientMap = sharded_client_map(mesh, client_execution, client_batch_size)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        data = jax.device_put(dict(train.arrays), replicated)
-        offsets = jax.device_put(train.offsets.astype(np.int32), replicated)
+        target: Any = NamedSharding(mesh, PartitionSpec())
     else:
         map_clients = local_client_map(client_execution, client_batch_size)
-        data = jax.device_put(dict(train.arrays))
-        offsets = jax.device_put(train.offsets.astype(np.int32))
+        target = jax.devices()[0]
+    offsets = jax.device_put(train.offsets.astype(np.int32), target)
+    data = None if on_host else jax.device_put(dict(train.arrays), target)
 
-    def round_fn(state: SimulationState, data, offsets):
-        round_key = jax.random.fold_in(state.key, state.round)
-        key_sample, key_batch, key_clients, key_system = jax.random.split(round_key, 4)
+    def plan_fn(key: jax.Array, round_index: jax.Array, offsets: jax.Array) -> CohortPlan:
+        """Which clients train this round and which example rows each step reads."""
+        key_sample, key_batch, _, _ = _round_keys(key, round_index)
         cohort_ids = sampler(key_sample)
         valid = jnp.arange(padded_size) < cohort_size
         cohort_ids = jnp.pad(cohort_ids, (0, padded_size - cohort_size))
         indices, mask, sizes = cohort_indices(key_batch, cohort_ids, offsets, schedule)
         mask = mask & valid[:, None, None]
         sizes = jnp.where(valid, sizes, 0)
-        num_steps = schedule.steps_for(sizes)
+        return CohortPlan(cohort_ids, indices, mask, sizes, valid)
+
+    def train_fn(state: SimulationState, data, plan: CohortPlan, indices: jax.Array):
+        _, _, key_clients, key_system = _round_keys(state.key, state.round)
+        num_steps = schedule.steps_for(plan.sizes)
         clients = ClientInput(
-            client_id=cohort_ids,
+            client_id=plan.cohort_ids,
             indices=indices,
-            mask=mask,
+            mask=plan.mask,
             num_steps=num_steps,
-            num_examples=sizes,
-            valid=valid,
+            num_examples=plan.sizes,
+            valid=plan.valid,
             key=jax.random.split(key_clients, padded_size),
             duration=num_steps.astype(jnp.float32),
             own_trip_count=sequential,
         )
-        if system is not None:
-            clients = system(key_system, clients)
+        if system is not None:  # dropout, stragglers, durations; metrics of the simulated clock
+
+            clients, unchanged = system(key_system, clients), clients
+            system_stats = system_metrics(unchanged, clients)
         algorithm_state, metrics = algorithm.apply(
             state.algorithm, Cohort(clients, data, state.round), map_clients
         )
         # Checked on the host at log time (never inside the round): NaN/inf anywhere in the state.
-        metrics = {**metrics, "state/nonfinite": count_nonfinite(algorithm_state)}
+        metrics = {**(system_stats if system is not None else {}), **metrics,
+                   "state/nonfinite": count_nonfinite(algorithm_state)}
         return state.replace(algorithm=algorithm_state, round=state.round + 1), metrics
 
-    jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else ())
-    return RoundStep(round_fn, jitted, data, offsets, cohort_size)
+    def round_fn(state: SimulationState, data, offsets):
+        plan = plan_fn(state.key, state.round, offsets)
+        return train_fn(state, data, plan, plan.indices)
+
+    def host_round_fn(state: SimulationState, batch, plan: CohortPlan):
+        # The cohort's rows were gathered on the host in [C, S, B] order: row i of the batch is
+        # slot i of the plan, so the clients read their batches by position.
+        local = jnp.arange(plan.indices.size, dtype=jnp.int32).reshape(plan.indices.shape)
+        return train_fn(state, batch, plan, local)
+
+    donate_argnums = (0,) if donate else ()
+    if not on_host:
+        jitted = jax.jit(round_fn, donate_argnums=donate_argnums)
+        return RoundStep(round_fn, jitted, data, offsets, cohort_size)
+    feeder = HostFeeder(plan_fn, train.arrays, train.offsets, target, prefetch)
+    jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums)
+    return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder)

@@ -148,7 +148,8 @@ def test_per_client_test_split_keeps_the_partition(real_arrays, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"partition": "shards"}, r"partition must be 'dirichlet' or 'iid', got 'shards'"),
+        ({"partition": "shard"}, r"partition must be one of \['iid', 'dirichlet', 'shards', "
+         r"'quantity', 'classes'\], got 'shard'"),
         ({"test_fraction": 1.0}, r"test_fraction must be in \[0, 1\), got 1.0"),
         ({"test_fraction": -0.1}, r"test_fraction must be in \[0, 1\), got -0.1"),
     ],

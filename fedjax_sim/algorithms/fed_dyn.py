@@ -1,0 +1,167 @@
+"""FedDyn: federated learning with a dynamic regularizer per client.
+
+Acar, Zhao, Matas, Mattina, Whatmough and Saligrama 2021, "Federated Learning Based on Dynamic
+Regularization", ICLR 2021, arXiv:2111.04263 (Algorithm 1).
+
+Client i keeps h_i = grad L_i at its last local model (a ``[num_clients, ...]`` store in the
+state, zero at the start). In round t it starts from the server model theta and approximately
+minimizes, with its local optimizer,
+
+  L_i(w) - <h_i, w> + alpha / 2 * ||w - theta||^2        (gradient: g - h_i + alpha (w - theta))
+
+then updates ``h_i <- h_i - alpha (w_i - theta)``. The server keeps h (zero at the start):
+
+  h     <- h - alpha / N * sum_{i in cohort} (w_i - theta)
+  theta <- weighted mean of w_i - h / alpha
+
+with N the number of clients. The second line is handed to the server optax optimizer as the
+pseudo-gradient ``theta - (mean w_i - h / alpha)``: SGD with learning rate 1 (the default) is
+the paper's update. Padding clients and clients without a real step neither write their h_i
+nor count in the sums.
+
+Example::
+
+  algorithm = fed_dyn(model, optax.sgd(0.05), optax.sgd(1.0), alpha=0.01, num_clients=100)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
+from fedjax_sim.algorithms.client_state import (
+    gather_client_state,
+    init_client_state,
+    scatter_client_state,
+)
+from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics
+from fedjax_sim.algorithms.local import (
+    LossFn,
+    local_train,
+    model_loss,
+    optimizer_hyperparams,
+    weight_exponent,
+)
+from fedjax_sim.models.base import Model
+
+Params = Any
+
+
+@struct.dataclass
+class FedDynState:
+    """FedDyn server state.
+
+    Attributes:
+      params: the server model theta.
+      opt_state: the server optimizer's state.
+      h: the server's running sum of client drifts, scaled by -alpha / N (shaped like params).
+      client_gradients: every client's h_i, leaves ``[num_clients, ...]``.
+      client_hyperparams: injected client-optimizer hyperparameters.
+      weight_exponent: client weight = ``num_examples ** weight_exponent``.
+    """
+
+    params: Params
+    opt_state: optax.OptState
+    h: Params
+    client_gradients: Params
+    client_hyperparams: dict[str, jax.Array]
+    weight_exponent: jax.Array
+
+
+def fed_dyn(
+    model: Model,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    *,
+    alpha: float = 0.01,
+    client_weighting: str | float = "num_examples",
+    num_clients: int | None = None,
+    loss_fn: LossFn | None = None,
+) -> FederatedAlgorithm:
+    """FedDyn with optax client and server optimizers.
+
+    Args:
+      model: the model to train.
+      client_optimizer: the local optimizer (fresh state each round).
+      server_optimizer: applied to ``theta - (mean w_i - h / alpha)`` (SGD 1.0: the paper).
+      alpha: the regularization coefficient (> 0; the paper uses 0.1, 0.01, 0.001).
+      client_weighting: weights of the mean of w_i: ``"num_examples"``, ``"uniform"`` (the
+        paper) or an exponent of num_examples.
+      num_clients: N, the number of training clients (required: the store has a row for each).
+      loss_fn: the local objective L_i (default: the model's masked cross-entropy).
+
+    Returns:
+      A `FederatedAlgorithm` whose state is a `FedDynState`.
+    """
+    if num_clients is None or int(num_clients) < 1:
+        raise ValueError(f"fed_dyn needs num_clients (>= 1) for its per-client state, "
+                         f"got {num_clients!r}")
+    if not float(alpha) > 0:
+        raise ValueError(f"fed_dyn: alpha must be > 0, got {alpha!r}")
+    alpha = float(alpha)
+    exponent = weight_exponent(client_weighting)
+    loss_fn = loss_fn or model_loss(model)
+
+    def init(params: Params) -> FedDynState:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return FedDynState(
+            params=params,
+            opt_state=server_optimizer.init(params),
+            h=zeros,
+            client_gradients=init_client_state(zeros, int(num_clients)),
+            client_hyperparams=optimizer_hyperparams(client_optimizer, params),
+            weight_exponent=jnp.asarray(exponent, jnp.float32),
+        )
+
+    def client_update(inputs, shared):
+        client, client_gradient = inputs
+        server_params, data, hyperparams = shared
+
+        # g - h_i + alpha (w - theta) = g + alpha w - offset, with the offset fixed per round
+        offset = jax.tree.map(lambda hi, w0: hi + alpha * w0, client_gradient, server_params)
+
+        def regularized(grads, params):
+            return jax.tree.map(lambda g, w, o: g + alpha * w - o, grads, params, offset)
+
+        params, stats = local_train(loss_fn, client_optimizer, server_params, client, data,
+                                    hyperparams, grad_correction=regularized)
+        drift = jax.tree.map(jnp.subtract, params, server_params)  # w_i - theta
+        new_gradient = jax.tree.map(lambda hi, d: hi - alpha * d, client_gradient, drift)
+        return drift, new_gradient, stats
+
+    def apply(state: FedDynState, cohort: Cohort, map_clients: ClientMap):
+        clients = cohort.clients
+        client_gradients = gather_client_state(state.client_gradients, clients.client_id)
+        drifts, new_gradients, stats = map_clients(
+            client_update,
+            (clients, client_gradients),
+            (state.params, cohort.data, state.client_hyperparams),
+        )
+        weights = client_weights(clients, state.weight_exponent)
+        trained = weights > 0
+        count = jnp.sum(trained.astype(jnp.float32))
+        # h <- h - alpha / N * sum_i (w_i - theta), over the clients that trained.
+        mean_drift = weighted_mean(drifts, trained.astype(jnp.float32))
+        h = jax.tree.map(lambda h, d: h - (alpha * count / num_clients) * d, state.h, mean_drift)
+        # theta - (mean w_i - h / alpha) = -(weighted mean drift) + h / alpha
+        # (a round in which no client trained leaves theta where it is)
+        pseudo_gradient = jax.tree.map(lambda d, h: jnp.where(count > 0, h / alpha - d, 0.0),
+                                       weighted_mean(drifts, weights), h)
+        updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state,
+                                                     state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            params=params,
+            opt_state=opt_state,
+            h=h,
+            client_gradients=scatter_client_state(
+                state.client_gradients, clients.client_id, new_gradients, trained),
+        )
+        return new_state, round_metrics(stats, weights)
+
+    return FederatedAlgorithm(init, apply)

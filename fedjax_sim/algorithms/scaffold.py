@@ -1,0 +1,182 @@
+"""SCAFFOLD: local training corrected by control variates, with a control variate per client.
+
+Karimireddy, Kale, Mohri, Reddi, Stich and Suresh 2020, "SCAFFOLD: Stochastic Controlled
+Averaging for Federated Learning", ICML 2020, arXiv:1910.06378 (Algorithm 1, option II).
+
+The server keeps params x and a control variate c; every client i keeps its own c_i (all N of
+them live in the state as a ``[num_clients, ...]`` store, gathered and scattered by the cohort's
+ids inside the jitted round). Client i starts from y = x and takes K local steps with
+
+  g = grad f_i(y; batch) - c_i + c,
+
+then computes (option II) ``c_i+ = c_i - c + (x - y) / (K * lr)``, K its number of real local
+steps and lr the client learning rate. The server steps its optimizer on the weighted mean of
+``x - y_i`` (SGD with learning rate eta_g is the paper's global step; 1.0 by default) and sets
+``c <- c + 1/N * sum_i (c_i+ - c_i)`` over the cohort (= |S|/N times the cohort mean). Padding
+clients and clients without a real step neither write their row nor count in that sum.
+
+Example::
+
+  algorithm = scaffold(model, optax.inject_hyperparams(optax.sgd)(learning_rate=0.05),
+                       optax.sgd(1.0), num_clients=100)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
+from fedjax_sim.algorithms.client_state import (
+    gather_client_state,
+    init_client_state,
+    scatter_client_state,
+)
+from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics
+from fedjax_sim.algorithms.local import (
+    LossFn,
+    local_train,
+    model_loss,
+    optimizer_hyperparams,
+    weight_exponent,
+)
+from fedjax_sim.models.base import Model
+
+Params = Any
+
+
+@struct.dataclass
+class ScaffoldState:
+    """SCAFFOLD server state.
+
+    Attributes:
+      params: the global model x.
+      opt_state: the server optimizer's state.
+      control: the server control variate c (shaped like params).
+      client_controls: every client's control variate c_i, leaves ``[num_clients, ...]``.
+      client_hyperparams: injected client-optimizer hyperparameters (e.g. ``learning_rate``).
+      client_learning_rate: the local learning rate in option II's ``(x - y) / (K * lr)``.
+      weight_exponent: client weight = ``num_examples ** weight_exponent``.
+    """
+
+    params: Params
+    opt_state: optax.OptState
+    control: Params
+    client_controls: Params
+    client_hyperparams: dict[str, jax.Array]
+    client_learning_rate: jax.Array
+    weight_exponent: jax.Array
+
+
+def scaffold(
+    model: Model,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    *,
+    client_learning_rate: float | None = None,
+    client_weighting: str | float = "num_examples",
+    num_clients: int | None = None,
+    loss_fn: LossFn | None = None,
+) -> FederatedAlgorithm:
+    """SCAFFOLD (option II control variates) with optax client and server optimizers.
+
+    Args:
+      model: the model to train.
+      client_optimizer: the local optimizer (SGD in the paper); its state starts fresh each round.
+      server_optimizer: applied to ``x - weighted mean of y_i`` (SGD with the global learning
+        rate eta_g; 1.0 is the paper's default).
+      client_learning_rate: lr in option II's ``(x - y) / (K * lr)``. None (default): the client
+        optimizer's injected ``learning_rate`` (what the config's optimizers have), read from
+        the state each round, so sweeps and schedules of it stay consistent.
+      client_weighting: ``"num_examples"``, ``"uniform"`` or an exponent of num_examples (the
+        weights of the params average; the control variate update is the paper's 1/N sum).
+      num_clients: N, the number of training clients (required: the store has a row for each).
+      loss_fn: the local objective (default: the model's masked cross-entropy).
+
+    Returns:
+      A `FederatedAlgorithm` whose state is a `ScaffoldState`.
+    """
+    if num_clients is None or int(num_clients) < 1:
+        raise ValueError(f"scaffold needs num_clients (>= 1) for its per-client control "
+                         f"variates, got {num_clients!r}")
+    if client_learning_rate is not None and not float(client_learning_rate) > 0:
+        raise ValueError(f"scaffold: client_learning_rate must be > 0, got "
+                         f"{client_learning_rate!r}")
+    exponent = weight_exponent(client_weighting)
+    loss_fn = loss_fn or model_loss(model)
+
+    def init(params: Params) -> ScaffoldState:
+        hyperparams = optimizer_hyperparams(client_optimizer, params)
+        if client_learning_rate is None and "learning_rate" not in hyperparams:
+            raise ValueError(
+                "scaffold: set client_learning_rate, or use a client optimizer built with "
+                "optax.inject_hyperparams(...)(learning_rate=...) so it can be read"
+            )
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return ScaffoldState(
+            params=params,
+            opt_state=server_optimizer.init(params),
+            control=zeros,
+            client_controls=init_client_state(zeros, int(num_clients)),
+            client_hyperparams=hyperparams,
+            client_learning_rate=jnp.asarray(
+                0.0 if client_learning_rate is None else client_learning_rate, jnp.float32),
+            weight_exponent=jnp.asarray(exponent, jnp.float32),
+        )
+
+    def client_update(inputs, shared):
+        client, client_control = inputs
+        server_params, control, data, hyperparams, learning_rate = shared
+
+        shift = jax.tree.map(jnp.subtract, control, client_control)  # c - c_i, fixed per round
+
+        def corrected(grads, params):  # g - c_i + c
+            return jax.tree.map(jnp.add, grads, shift)
+
+        params, stats = local_train(loss_fn, client_optimizer, server_params, client, data,
+                                    hyperparams, grad_correction=corrected)
+        delta = jax.tree.map(jnp.subtract, server_params, params)
+        scale = 1.0 / (jnp.maximum(client.num_steps, 1).astype(jnp.float32) * learning_rate)
+        new_control = jax.tree.map(
+            lambda ci, c, d: ci - c + scale.astype(d.dtype) * d, client_control, control, delta
+        )
+        return delta, new_control, stats
+
+    def apply(state: ScaffoldState, cohort: Cohort, map_clients: ClientMap):
+        clients = cohort.clients
+        learning_rate = (state.client_hyperparams["learning_rate"]
+                         if client_learning_rate is None else state.client_learning_rate)
+        client_controls = gather_client_state(state.client_controls, clients.client_id)
+        deltas, new_controls, stats = map_clients(
+            client_update,
+            (clients, client_controls),
+            (state.params, state.control, cohort.data, state.client_hyperparams,
+             jnp.asarray(learning_rate, jnp.float32)),
+        )
+        weights = client_weights(clients, state.weight_exponent)
+        trained = weights > 0  # valid clients with at least one real step
+        updates, opt_state = server_optimizer.update(
+            weighted_mean(deltas, weights), state.opt_state, state.params
+        )
+        params = optax.apply_updates(state.params, updates)
+        # c <- c + 1/N sum_{i in S} (c_i+ - c_i), over the clients that trained.
+        summed = weighted_mean(
+            jax.tree.map(jnp.subtract, new_controls, client_controls),
+            trained.astype(jnp.float32),
+        )
+        fraction = jnp.sum(trained.astype(jnp.float32)) / num_clients
+        control = jax.tree.map(lambda c, s: c + fraction * s, state.control, summed)
+        new_state = state.replace(
+            params=params,
+            opt_state=opt_state,
+            control=control,
+            client_controls=scatter_client_state(
+                state.client_controls, clients.client_id, new_controls, trained),
+        )
+        return new_state, round_metrics(stats, weights)
+
+    return FederatedAlgorithm(init, apply)

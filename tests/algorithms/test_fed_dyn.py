@@ -1,0 +1,106 @@
+"""FedDyn against a sequential reference written here, over several rounds (the per-client
+gradient store and the server's h carry over)."""
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+from helpers import tiny_data, tiny_model
+
+from fedjax_sim.algorithms import create_algorithm
+from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.algorithms.fed_dyn import fed_dyn
+from fedjax_sim.config import load_config
+from fedjax_sim.data.batching import ClientSchedule
+from fedjax_sim.data.sampling import uniform_sampler
+from fedjax_sim.simulation.round_step import build_round_step, init_simulation_state
+
+SIZES = (5, 17, 40, 3, 11, 8)
+COHORT = ("client_id", "indices", "mask", "valid", "num_steps")
+
+
+def mean_loss(model, params, x, y):
+    logits = model.apply(params, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+# jitted once per model and batch shape: the references below take hundreds of steps
+loss_gradient = jax.jit(jax.grad(mean_loss, argnums=1), static_argnums=0)
+
+
+def spy(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
+    def apply(state, cohort, map_clients):
+        state, metrics = algorithm.apply(state, cohort, map_clients)
+        return state, {**metrics, **{k: getattr(cohort.clients, k) for k in COHORT}}
+
+    return FederatedAlgorithm(algorithm.init, apply)
+
+
+def tree(f, *trees):
+    return jax.tree.map(f, *trees)
+
+
+def reference(model, data, params, cohorts, lr, alpha):
+    """Algorithm 1 of the paper, one client and one step at a time (uniform mean of models)."""
+    x, y = data.arrays["x"], data.arrays["y"]
+    n = data.num_clients
+    theta = tree(np.float64, params)
+    h = tree(np.zeros_like, theta)
+    grads = {i: tree(np.zeros_like, theta) for i in range(n)}  # grad L_i(theta_i^{t-1})
+    for cohort in cohorts:
+        models = []
+        for c, i in enumerate(cohort["client_id"]):
+            w = theta
+            for s in range(cohort["indices"].shape[1]):
+                rows = cohort["indices"][c, s][cohort["mask"][c, s]]
+                if rows.size == 0:
+                    continue
+                # the gradient of L_i(w) - <h_i, w> + alpha/2 ||w - theta||^2
+                g = tree(lambda g, hi, v, t: np.float64(g) - hi + alpha * (v - t),
+                         loss_gradient(model, tree(np.float32, w), x[rows], y[rows]),
+                         grads[i], w, theta)
+                w = tree(lambda v, g: v - lr * g, w, g)
+            grads[i] = tree(lambda g, w, t: g - alpha * (w - t), grads[i], w, theta)
+            models.append(w)
+        h = tree(lambda h, t, *ws: h - alpha / n * sum(w - t for w in ws), h, theta, *models)
+        theta = tree(lambda h, *ws: sum(ws) / len(ws) - h / alpha, h, *models)
+    return theta, h, grads
+
+
+@pytest.mark.parametrize("execution", ["map", "vmap"])
+def test_fed_dyn_matches_sequential_reference_over_rounds(execution):
+    model, data = tiny_model(), tiny_data(SIZES)
+    lr, alpha = 0.1, 0.3
+    algorithm = fed_dyn(model, optax.sgd(lr), optax.sgd(1.0), alpha=alpha,
+                        client_weighting="uniform", num_clients=data.num_clients)
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=2)
+    step = build_round_step(spy(algorithm), data, schedule, uniform_sampler(len(SIZES), 3), 3,
+                            client_execution=execution)
+    params = model.init(jax.random.key(0))
+    state = init_simulation_state(algorithm.init(params), 2)
+    cohorts = []
+    for _ in range(5):
+        state, metrics = step(state)
+        cohorts.append(jax.device_get({k: metrics[k] for k in COHORT}))
+    theta, h, grads = reference(model, data, params, cohorts, lr, alpha)
+    s = state.algorithm
+    chex.assert_trees_all_close(s.params, tree(np.float32, theta), atol=2e-5, rtol=1e-5)
+    chex.assert_trees_all_close(s.h, tree(np.float32, h), atol=2e-5, rtol=1e-5)
+    for i in range(data.num_clients):
+        chex.assert_trees_all_close(tree(lambda x, i=i: x[i], s.client_gradients),
+                                    tree(np.float32, grads[i]), atol=2e-5, rtol=1e-5)
+    ids = [int(i) for cohort in cohorts for i in cohort["client_id"]]
+    assert max(ids.count(i) for i in set(ids)) >= 2  # some client's h_i was used again
+
+
+def test_config_and_bad_arguments():
+    config = load_config("configs/fashion_mnist_feddyn.yaml")
+    assert config.algorithm.name == "fed_dyn" and "alpha" in config.algorithm.options
+    model = tiny_model()
+    create_algorithm("fed_dyn", model, optax.sgd(0.1), optax.sgd(1.0), num_clients=5,
+                     **config.algorithm.options).init(model.init(jax.random.key(0)))
+    with pytest.raises(ValueError, match="needs num_clients"):
+        fed_dyn(model, optax.sgd(0.1), optax.sgd(1.0))
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        fed_dyn(model, optax.sgd(0.1), optax.sgd(1.0), alpha=0.0, num_clients=5)
