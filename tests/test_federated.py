@@ -32,7 +32,7 @@ from fedjax_sim.federated import (
     type_at_server,
 )
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "readme" / "federated.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "federated.md"
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(5, 3)).astype(np.float32)  # 5 clients, member float32[3]
 

@@ -243,7 +243,7 @@ def test_five_rounds_on_shakespeare_reduce_the_loss():
 def test_docs_process_example_runs(capsys):
     code = _doc_blocks()[2]
     assert "for round in range(5):" in code and 'print(metrics["train"]["loss"])' in code
-    exec(compile(code.replace("range(5)", "range(2)"), "docs/readme/federated.md", "exec"), {})
+    exec(compile(code.replace("range(5)", "range(2)"), "docs/federated.md", "exec"), {})
     losses = [float(x) for x in capsys.readouterr().out.split()]
     np.testing.assert_allclose(losses, [3.8727, 3.2110], atol=2e-3)  # as the docs print
     assert re.search(r"prints `3\.8727`, `3\.2110`", _doc_text())

@@ -22,3 +22,23 @@ def test_readme_names_the_two_commands_and_ci_runs_the_second():
     test_command = ".venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest -n 2 tests"
     assert test_command in text and test_command in ci
     assert ".venv/bin/pip install -e . && .venv/bin/fedjax-sim demo" in text
+
+
+def _block(marker: str) -> str:
+    text = README.read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(marker):], re.S).group(1)
+
+
+def test_readme_new_algorithm_example_runs_and_learns(capsys):
+    code = _block("<!-- readme-new-algorithm")
+    assert "range(20)" in code
+    namespace: dict = {}
+    exec(compile(code.replace("range(20)", "range(3)"), str(README), "exec"), namespace)
+    metrics = namespace["metrics"]
+    assert int(metrics["train/clients"]) == 10 and float(metrics["train/loss"]) < 4.5
+
+
+def test_readme_federated_example_prints_what_it_says(capsys):
+    exec(compile(_block("<!-- readme-federated"), str(README), "exec"), {})
+    assert capsys.readouterr().out.split("\n")[:2] == [
+        "({float32}@CLIENTS -> float32@SERVER)", "69.53334"]

@@ -37,13 +37,11 @@ from fedjax_sim.algorithms.local import (
     local_train,
     model_loss,
     optimizer_hyperparams,
+    weight_exponent,
 )
 from fedjax_sim.models.base import Model
 
 Params = Any
-
-WEIGHTINGS = {"num_examples": 1.0, "uniform": 0.0}
-
 
 @struct.dataclass
 class ServerState:
@@ -130,15 +128,7 @@ def fed_avg(
     Returns:
       A `FederatedAlgorithm` whose state is a `ServerState`.
     """
-    if isinstance(client_weighting, str):
-        if client_weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"client_weighting={client_weighting!r}: expected one of {sorted(WEIGHTINGS)} "
-                "or a number (the exponent of num_examples)"
-            )
-        exponent = WEIGHTINGS[client_weighting]
-    else:
-        exponent = float(client_weighting)
+    exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
 
     def init(params: Params) -> ServerState:

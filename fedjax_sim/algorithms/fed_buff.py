@@ -46,7 +46,6 @@ from flax import struct
 
 from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.algorithms.fed_avg import (
-    WEIGHTINGS,
     client_weights,
     round_metrics,
     scheduled_hyperparams,
@@ -56,6 +55,7 @@ from fedjax_sim.algorithms.local import (
     local_train,
     model_loss,
     optimizer_hyperparams,
+    weight_exponent,
 )
 from fedjax_sim.models.base import Model
 
@@ -136,15 +136,7 @@ def fed_buff(
         raise ValueError(f"concurrency={concurrency!r}: expected an integer >= 1")
     if not staleness_exponent >= 0:
         raise ValueError(f"staleness_exponent={staleness_exponent!r}: expected a number >= 0")
-    if isinstance(client_weighting, str):
-        if client_weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"client_weighting={client_weighting!r}: expected one of {sorted(WEIGHTINGS)} "
-                "or a number (the exponent of num_examples)"
-            )
-        exponent = WEIGHTINGS[client_weighting]
-    else:
-        exponent = float(client_weighting)
+    exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
     slots = concurrency
 
