@@ -178,7 +178,8 @@ def ditto(
         totals = {k: jnp.sum(personal_stats[k]) for k in STAT_KEYS}
         count = jnp.maximum(totals["count"], 1.0)
         metrics["ditto/personal_train_loss"] = totals["loss_sum"] / count
-        metrics["ditto/personal_train_accuracy"] = totals["correct"] / count
+        metrics["ditto/personal_train_accuracy"] = (
+            totals["correct"] / jnp.maximum(totals["accuracy_count"], 1.0))
         new_state = state.replace(params=params, opt_state=opt_state,
                                   personal_params=personal_params)
         return new_state, metrics

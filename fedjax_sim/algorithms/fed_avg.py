@@ -97,7 +97,7 @@ def round_metrics(stats: dict[str, jax.Array], weights: jax.Array) -> dict[str, 
     count = jnp.maximum(totals["count"], 1.0)
     return {
         "train/loss": totals["loss_sum"] / count,
-        "train/accuracy": totals["correct"] / count,
+        "train/accuracy": totals["correct"] / jnp.maximum(totals["accuracy_count"], 1.0),
         "train/examples": totals["count"],
         "train/clients": jnp.sum((weights > 0).astype(jnp.float32)),
     }

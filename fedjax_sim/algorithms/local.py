@@ -24,7 +24,7 @@ LossFn = Callable[[Params, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
 # (minibatch grads, current local params) -> the gradient the optimizer steps with
 GradCorrection = Callable[[Params, Params], Params]
 
-STAT_KEYS = ("loss_sum", "correct", "count")
+STAT_KEYS = ("loss_sum", "correct", "count", "accuracy_count")  # = models.base.STATISTICS
 
 
 def model_loss(model: Model) -> LossFn:

@@ -8,26 +8,54 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import numpy as np
 
-from fedjax_sim.models.base import Model, batch_statistics, mean_loss
+from fedjax_sim.models.base import (
+    RECALL_AT,
+    STATISTICS,
+    TASKS,
+    Model,
+    accuracy,
+    batch_statistics,
+    mean_loss,
+)
 from fedjax_sim.models.char_lstm import CharLSTM
 from fedjax_sim.models.classifiers import MLP, EmnistCNN, LogisticRegression
 from fedjax_sim.models.conv import canonical_conv
+from fedjax_sim.models.leaf_models import CelebaCNN, Sent140LSTM
+from fedjax_sim.models.resnet import GroupNormResNet
+from fedjax_sim.models.stackoverflow import (
+    StackOverflowLSTM,
+    TagLogisticRegression,
+    bag_of_words,
+    next_word_ignore_labels,
+)
 
 __all__ = [
     "MLP",
+    "CelebaCNN",
+    "Sent140LSTM",
     "CharLSTM",
     "EmnistCNN",
+    "GroupNormResNet",
     "LogisticRegression",
     "Model",
+    "RECALL_AT",
+    "STATISTICS",
+    "StackOverflowLSTM",
+    "TASKS",
+    "TagLogisticRegression",
+    "accuracy",
+    "bag_of_words",
     "batch_statistics",
     "canonical_conv",
     "create_model",
     "mean_loss",
+    "next_word_ignore_labels",
     "MODELS",
 ]
 
@@ -37,11 +65,27 @@ MODELS: dict[str, tuple[type[nn.Module], str]] = {
     "mlp": (MLP, "num_classes"),
     "emnist_cnn": (EmnistCNN, "num_classes"),
     "char_lstm": (CharLSTM, "vocab_size"),
+    "resnet18_gn": (GroupNormResNet, "num_classes"),
+    "stackoverflow_lstm": (StackOverflowLSTM, "vocab_size"),
+    "tag_logistic": (TagLogisticRegression, "num_classes"),
+    "sent140_lstm": (Sent140LSTM, "num_classes"),
+    "celeba_cnn": (CelebaCNN, "num_classes"),
 }
+
+# Models whose inputs are token ids.
+_TOKEN_MODELS = ("char_lstm", "stackoverflow_lstm", "tag_logistic", "sent140_lstm")
+# The task a model is built for when `create_model` is not told.
+_DEFAULT_TASKS = {"tag_logistic": "multilabel"}
 
 
 def _module_fields(cls: type[nn.Module]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+
+
+def _default_ignore_labels(name: str, num_classes: int) -> tuple[int, ...]:
+    if name == "stackoverflow_lstm":
+        return next_word_ignore_labels(num_classes)
+    return ()
 
 
 def create_model(
@@ -51,26 +95,37 @@ def create_model(
     input_shape: tuple[int, ...],
     input_dtype: str = "float32",
     pad_label: int | None = None,
+    task: str | None = None,
+    ignore_labels: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> Model:
     """A `Model` by registry name.
 
     Args:
-      name: one of ``"logistic"``, ``"mlp"``, ``"emnist_cnn"``, ``"char_lstm"``.
-      num_classes: size of the logits' last axis (the vocabulary size for ``"char_lstm"``).
+      name: one of ``"logistic"``, ``"mlp"``, ``"emnist_cnn"``, ``"char_lstm"``,
+        ``"resnet18_gn"`` (TFF's CIFAR-100 ResNet-18), ``"stackoverflow_lstm"`` (TFF's
+        next-word model), ``"tag_logistic"`` (TFF's tag-prediction logistic regression),
+        ``"sent140_lstm"``, ``"celeba_cnn"`` (LEAF's Sent140 and CelebA models).
+      num_classes: size of the logits' last axis (the vocabulary size for ``"char_lstm"`` and
+        ``"stackoverflow_lstm"``, the number of tags for ``"tag_logistic"``).
       input_shape: shape of one example, without the batch axis, e.g. ``(28, 28, 1)`` or
         ``(80,)`` for a sequence of 80 token ids.
-      input_dtype: dtype of the inputs; ``"char_lstm"`` needs an integer dtype (``"int32"``).
+      input_dtype: dtype of the inputs; the token models need an integer dtype (``"int32"``).
       pad_label: a label value that never counts in losses or metrics (sequence padding).
+      task: ``"classification"`` or ``"multilabel"``; None: the model's own
+        (``"multilabel"`` for ``"tag_logistic"``, ``"classification"`` otherwise).
+      ignore_labels: labels left out of the accuracy; None: the model's own (pad, oov, bos and
+        eos for ``"stackoverflow_lstm"``, as TFF reports it; none otherwise).
       **kwargs: passed to the flax module, e.g. ``hidden=(200, 200)`` for ``"mlp"``,
-        ``dropout=False`` for ``"emnist_cnn"``, ``hidden=128, num_layers=1`` for ``"char_lstm"``.
+        ``dropout=False`` for ``"emnist_cnn"``, ``hidden=128, num_layers=1`` for ``"char_lstm"``,
+        ``vocab_size=10004`` for ``"tag_logistic"``.
 
     Returns:
       A `Model` whose ``sample_input`` is ``zeros((1, *input_shape), input_dtype)``.
 
     Raises:
-      ValueError: an unknown name, an unknown keyword argument, or a float dtype for
-        ``"char_lstm"``.
+      ValueError: an unknown name, task or keyword argument, or a float dtype for a model of
+        token ids.
 
     Example:
       >>> model = create_model("mlp", num_classes=10, input_shape=(28, 28), hidden=(200, 200))
@@ -96,10 +151,20 @@ def create_model(
                 f"{cls.__name__} accepts {accepted}."
             )
     dtype = np.dtype(input_dtype)
-    if name == "char_lstm" and not np.issubdtype(dtype, np.integer):
+    if name in _TOKEN_MODELS and not np.issubdtype(dtype, np.integer):
         raise ValueError(
-            f"create_model('char_lstm'): input_dtype={input_dtype!r}, but the model embeds "
+            f"create_model({name!r}): input_dtype={input_dtype!r}, but the model reads "
             "integer token ids; pass input_dtype='int32'."
+        )
+    if task is None:
+        task = _DEFAULT_TASKS.get(name, "classification")
+    if task not in TASKS:
+        raise ValueError(
+            f"create_model({name!r}): unknown task {task!r}; valid tasks are {list(TASKS)}."
+        )
+    if ignore_labels is None:
+        ignore_labels = (
+            _default_ignore_labels(name, num_classes) if task == "classification" else ()
         )
     module = cls(**{classes_field: num_classes}, **kwargs)
     return Model(
@@ -108,4 +173,6 @@ def create_model(
         num_classes=num_classes,
         pad_label=pad_label,
         name=name,
+        task=task,
+        ignore_labels=tuple(ignore_labels),
     )

@@ -2,6 +2,14 @@
 
 A model is ``init(rng) -> params`` and ``apply(params, x, train, rng) -> logits``; the loss and
 metrics are masked sums (`batch_statistics`) so padded examples and padding tokens never count.
+
+Two tasks:
+
+* ``"classification"``: one integer label per example (``y: [B]``) or per token (``y: [B, T]``);
+  softmax cross-entropy and top-1 accuracy.
+* ``"multilabel"``: a set of up to L class ids per example (``y: [B, L]``, ``-1`` pads the set),
+  e.g. the tags of a StackOverflow question; sigmoid binary cross-entropy against the multi-hot
+  target, and recall at 5 (TensorFlow Federated's metric for StackOverflow tag prediction).
 """
 
 from __future__ import annotations
@@ -17,10 +25,19 @@ import optax
 
 Params = Any
 
+TASKS = ("classification", "multilabel")
+
+# The sums `batch_statistics` returns. ``count`` is the loss's denominator (labels or examples
+# that carry a loss term), ``accuracy_count`` the accuracy's (the labels `correct` is out of).
+STATISTICS = ("loss_sum", "correct", "count", "accuracy_count")
+
+# Recall at k of a multi-label model: TFF's `tf.keras.metrics.Recall(top_k=5)`.
+RECALL_AT = 5
+
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class Model:
-    """A classifier (or sequence tagger) built from a flax module.
+    """A classifier, sequence tagger or multi-label classifier built from a flax module.
 
     Attributes:
       module: a flax linen module called as ``module(x, train=bool)`` returning logits
@@ -30,6 +47,10 @@ class Model:
       pad_label: a label value that marks padding (e.g. the padding character of a sequence
         task); such labels never count in losses or metrics. None when every label counts.
       name: a short name for logs.
+      task: ``"classification"`` (default) or ``"multilabel"`` (see `batch_statistics`).
+      ignore_labels: label values never counted in accuracy (they still count in the loss
+        unless they equal ``pad_label``): TFF's StackOverflow next-word accuracy leaves out
+        padding, out-of-vocabulary and end-of-sentence tokens. Classification only.
     """
 
     module: nn.Module
@@ -37,6 +58,19 @@ class Model:
     num_classes: int
     pad_label: int | None = None
     name: str = "model"
+    task: str = "classification"
+    ignore_labels: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"Model.task is {self.task!r}; expected one of {list(TASKS)}")
+        ignore = tuple(int(label) for label in self.ignore_labels)
+        if ignore and self.task != "classification":
+            raise ValueError(
+                f"Model.ignore_labels={ignore} is only supported for task='classification', "
+                f"not {self.task!r}"
+            )
+        object.__setattr__(self, "ignore_labels", ignore)
 
     def init(self, rng: jax.Array) -> Params:
         """Fresh parameters from a PRNG key."""
@@ -60,18 +94,37 @@ def batch_statistics(
     train: bool = False,
     rng: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """Masked sums of the cross-entropy loss and of correct predictions.
+    """Masked sums of the loss and of correct predictions.
+
+    Classification (``model.task == "classification"``): softmax cross-entropy and top-1
+    accuracy over the valid labels; a label is valid when its example is unmasked and it is not
+    ``model.pad_label``. Labels in ``model.ignore_labels`` count in the loss but not in
+    ``correct``/``accuracy_count``.
+
+    Multi-label (``"multilabel"``): ``y`` holds up to L class ids per example, padded with
+    ``-1`` (any id outside ``[0, num_classes)`` or equal to ``pad_label`` is padding). The
+    target is the multi-hot vector of the ids. Per example the loss is the *mean* over the
+    ``num_classes`` outputs of the sigmoid binary cross-entropy (Keras's `BinaryCrossentropy`,
+    which TFF uses, averages over the last axis; TFF then *sums* over the batch, we average
+    over examples like every other task here: the same gradient up to a factor of the batch
+    size). ``correct`` counts the true ids among the 5 highest logits and ``accuracy_count``
+    the true ids, so ``correct / accuracy_count`` is recall at 5 pooled over examples, as
+    ``tf.keras.metrics.Recall(top_k=5)`` computes it; ``count`` is the number of examples.
 
     Args:
-      batch: ``{"x": [B, ...], "y": [B] or [B, T]}`` integer labels.
+      batch: ``{"x": [B, ...], "y": [B] or [B, T]}`` integer labels (``[B, L]`` class ids for
+        a multi-label model).
       mask: ``[B]`` bool, False for padded examples.
 
     Returns:
-      ``{"loss_sum": [], "correct": [], "count": []}`` float32 sums over the valid labels
-      (a label is valid when its example is unmasked and it is not ``model.pad_label``).
+      ``{"loss_sum", "correct", "count", "accuracy_count"}``: float32 scalar sums. The mean
+      loss is ``loss_sum / count`` (`mean_loss`), the accuracy (recall at 5 for multi-label)
+      ``correct / accuracy_count`` (`accuracy`).
     """
     logits = model.apply(params, batch["x"], train=train, rng=rng)
     labels = batch["y"]
+    if model.task == "multilabel":
+        return _multilabel_statistics(model, logits, labels, mask)
     valid = jnp.reshape(mask, mask.shape + (1,) * (labels.ndim - 1))
     valid = jnp.broadcast_to(valid, labels.shape)
     if model.pad_label is not None:
@@ -79,13 +132,56 @@ def batch_statistics(
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     correct = jnp.argmax(logits, axis=-1) == labels
     # `where`, not a product: a padded example may hold garbage (even NaN) and must not leak.
-    return {
+    stats = {
         "loss_sum": jnp.sum(jnp.where(valid, losses, 0.0)),
         "correct": jnp.sum(jnp.where(valid, correct, False).astype(jnp.float32)),
         "count": jnp.sum(valid.astype(jnp.float32)),
+    }
+    if model.ignore_labels:
+        scored = valid & ~jnp.isin(labels, jnp.asarray(model.ignore_labels, labels.dtype))
+        stats["correct"] = jnp.sum(jnp.where(scored, correct, False).astype(jnp.float32))
+        stats["accuracy_count"] = jnp.sum(scored.astype(jnp.float32))
+    else:
+        stats["accuracy_count"] = stats["count"]
+    return stats
+
+
+def _multilabel_statistics(
+    model: Model, logits: jax.Array, labels: jax.Array, mask: jax.Array
+) -> dict[str, jax.Array]:
+    """`batch_statistics` for ``logits [B, K]`` and class-id sets ``labels [B, L]``."""
+    num_classes = logits.shape[-1]
+    if labels.ndim != 2 or logits.ndim != 2:
+        raise ValueError(
+            f"a multilabel model needs logits [B, K] and labels [B, L] (class ids, -1 padding); "
+            f"got logits {logits.shape} and labels {labels.shape}"
+        )
+    logits = logits.astype(jnp.float32)
+    tag = mask[:, None] & (labels >= 0) & (labels < num_classes)
+    if model.pad_label is not None:
+        tag = tag & (labels != model.pad_label)
+    # multi-hot [B, K]; one_hot of an out-of-range id is all zeros, a repeated id counts once
+    targets = jnp.max(jax.nn.one_hot(labels, num_classes) * tag[..., None], axis=1)
+    losses = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets), axis=-1)
+    _, top = jax.lax.top_k(logits, min(RECALL_AT, num_classes))
+    hits = jnp.sum(jnp.take_along_axis(targets, top, axis=-1), axis=-1)
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "correct": jnp.sum(jnp.where(mask, hits, 0.0)),
+        "count": jnp.sum(mask.astype(jnp.float32)),
+        "accuracy_count": jnp.sum(targets),
     }
 
 
 def mean_loss(stats: dict[str, jax.Array]) -> jax.Array:
     """``loss_sum / count`` with a safe divide (0 when nothing is valid)."""
     return stats["loss_sum"] / jnp.maximum(stats["count"], 1.0)
+
+
+def accuracy(stats: dict[str, jax.Array]) -> jax.Array:
+    """``correct / accuracy_count`` (``count`` when absent) with a safe divide.
+
+    Top-1 accuracy for classification (without ``ignore_labels``), recall at 5 for multi-label.
+    """
+    denominator = stats.get("accuracy_count", stats["count"])
+    return stats["correct"] / jnp.maximum(denominator, 1.0)

@@ -72,7 +72,8 @@ def _evaluate(model: Model, params, batches, mask):
     stats = jax.lax.map(one, (batches, mask))
     totals = jax.tree.map(jnp.sum, stats)
     count = jnp.maximum(totals["count"], 1.0)
-    return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
+    scored = jnp.maximum(totals["accuracy_count"], 1.0)
+    return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / scored,
             "examples": totals["count"]}
 
 
@@ -110,7 +111,8 @@ def client_distribution(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     count = stats["count"]
     has_data = count > 0
     num = jnp.sum(has_data)
-    accuracy = jnp.where(has_data, stats["correct"] / jnp.maximum(count, 1.0), jnp.nan)
+    scored = stats.get("accuracy_count", count)
+    accuracy = jnp.where(has_data, stats["correct"] / jnp.maximum(scored, 1.0), jnp.nan)
     loss = jnp.where(has_data, stats["loss_sum"] / jnp.maximum(count, 1.0), jnp.nan)
     percentiles = jnp.nanpercentile(accuracy, jnp.asarray(PERCENTILES, jnp.float32))
     worst_count = jnp.maximum(jnp.ceil(WORST_FRACTION * num), 1.0)
@@ -124,7 +126,7 @@ def client_distribution(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         "accuracy_min": jnp.nanmin(accuracy),
         "accuracy_var": jnp.nanvar(accuracy),
         "loss_mean": jnp.nanmean(loss),
-        "accuracy": jnp.sum(stats["correct"]) / jnp.maximum(jnp.sum(count), 1.0),
+        "accuracy": jnp.sum(stats["correct"]) / jnp.maximum(jnp.sum(scored), 1.0),
     }
     # No client with held-out labels: zeros rather than NaN (the loop treats NaN as divergence).
     metrics = {k: jnp.where(num > 0, v, 0.0) for k, v in metrics.items()}

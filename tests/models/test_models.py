@@ -11,10 +11,12 @@ import pytest
 
 from fedjax_sim.models import (
     MLP,
+    STATISTICS,
     CharLSTM,
     EmnistCNN,
     LogisticRegression,
     Model,
+    accuracy,
     batch_statistics,
     create_model,
     mean_loss,
@@ -179,6 +181,38 @@ def test_logistic_regression_loss_is_softmax_cross_entropy():
 def test_mean_loss_is_zero_when_nothing_is_valid():
     stats = {"loss_sum": jnp.float32(0.0), "correct": jnp.float32(0.0), "count": jnp.float32(0.0)}
     assert float(mean_loss(stats)) == 0.0
+    assert float(accuracy(stats)) == 0.0
+
+
+def test_classification_accuracy_is_out_of_every_valid_label():
+    """Without ignore_labels the accuracy's denominator is the loss's: ``accuracy_count``
+    equals ``count``, and `accuracy` reads ``count`` when a dict lacks ``accuracy_count``."""
+    model = create_model("mlp", num_classes=4, input_shape=(5,), hidden=(8,))
+    params = _init(model)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, size=6), jnp.int32)
+    mask = jnp.array([True, True, False, True, True, True])
+    stats = _stats(model, params, {"x": x, "y": y}, mask)
+    assert tuple(sorted(stats)) == tuple(sorted(STATISTICS))
+    assert float(stats["accuracy_count"]) == float(stats["count"]) == 5
+    predictions = np.argmax(np.asarray(_apply(model, params, x)), axis=-1)
+    expected = np.mean((predictions == np.asarray(y))[np.asarray(mask)])
+    np.testing.assert_allclose(accuracy(stats), expected, rtol=1e-6)
+    legacy = {k: stats[k] for k in ("loss_sum", "correct", "count")}
+    assert float(accuracy(legacy)) == float(accuracy(stats))
+
+
+def test_model_checks_its_task_and_ignore_labels():
+    module, sample = MLP(3, hidden=(4,)), np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match=r"Model.task is 'regression'"):
+        Model(module=module, sample_input=sample, num_classes=3, task="regression")
+    with pytest.raises(ValueError, match="only supported for task='classification'"):
+        Model(
+            module=module, sample_input=sample, num_classes=3, task="multilabel", ignore_labels=(1,)
+        )
+    model = Model(module=module, sample_input=sample, num_classes=3, ignore_labels=[np.int64(2)])
+    assert model.ignore_labels == (2,) and isinstance(model.ignore_labels[0], int)
 
 
 def test_dropout_only_in_training_with_an_rng():
