@@ -9,6 +9,8 @@ from fedjax_sim import _xla_flags
 
 _xla_flags.configure()  # before anything imports jax
 
+from fedjax_sim import federated, learning  # noqa: E402
+from fedjax_sim.algorithms import ALGORITHMS, create_algorithm  # noqa: E402
 from fedjax_sim.algorithms.base import (  # noqa: E402
     ClientInput,
     Cohort,
@@ -24,7 +26,11 @@ from fedjax_sim.data.federated_data import (  # noqa: E402
     FederatedDataset,
     train_test_split_per_client,
 )
-from fedjax_sim.data.sampling import full_participation, uniform_sampler  # noqa: E402
+from fedjax_sim.data.sampling import (  # noqa: E402
+    full_participation,
+    uniform_sampler,
+    weighted_sampler,
+)
 from fedjax_sim.datasets import load_dataset  # noqa: E402
 from fedjax_sim.simulation.client_map import local_client_map, sharded_client_map  # noqa: E402
 from fedjax_sim.simulation.evaluation import make_evaluator  # noqa: E402
@@ -38,6 +44,7 @@ from fedjax_sim.simulation.round_step import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALGORITHMS", "create_algorithm", "federated", "learning", "weighted_sampler",
     "ClientInput", "ClientSchedule", "Cohort", "Config", "ConfigError", "DataError",
     "FederatedAlgorithm", "FederatedData", "FederatedDataset", "RoundStep", "ServerState",
     "SimulationState", "build_round_step", "cohort_indices", "fed_avg", "full_participation",

@@ -39,7 +39,7 @@ from fedjax_sim.algorithms.client_state import (
     init_client_state,
     scatter_client_state,
 )
-from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics
+from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics, scheduled_hyperparams
 from fedjax_sim.algorithms.local import (
     LossFn,
     local_train,
@@ -82,6 +82,7 @@ def fed_dyn(
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
+    client_schedules: dict | None = None,
 ) -> FederatedAlgorithm:
     """FedDyn with optax client and server optimizers.
 
@@ -135,12 +136,15 @@ def fed_dyn(
         return drift, new_gradient, stats
 
     def apply(state: FedDynState, cohort: Cohort, map_clients: ClientMap):
+        # client learning-rate schedules follow the round (client state is fresh each round)
+        hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
+                                            cohort.round)
         clients = cohort.clients
         client_gradients = gather_client_state(state.client_gradients, clients.client_id)
         drifts, new_gradients, stats = map_clients(
             client_update,
             (clients, client_gradients),
-            (state.params, cohort.data, state.client_hyperparams),
+            (state.params, cohort.data, hyperparams),
         )
         weights = client_weights(clients, state.weight_exponent)
         trained = weights > 0

@@ -31,7 +31,12 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
-from fedjax_sim.algorithms.fed_avg import ServerState, client_weights, round_metrics
+from fedjax_sim.algorithms.fed_avg import (
+    ServerState,
+    client_weights,
+    round_metrics,
+    scheduled_hyperparams,
+)
 from fedjax_sim.algorithms.local import (
     LossFn,
     local_train,
@@ -62,6 +67,7 @@ def fed_nova(
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
+    client_schedules: dict | None = None,
 ) -> FederatedAlgorithm:
     """FedNova with an optax client optimizer (SGD, optionally with momentum).
 
@@ -102,14 +108,17 @@ def fed_nova(
         return jax.tree.map(jnp.subtract, server_params, params), stats
 
     def apply(state: ServerState, cohort: Cohort, map_clients: ClientMap):
+        # client learning-rate schedules follow the round (client state is fresh each round)
+        hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
+                                            cohort.round)
         clients = cohort.clients
         deltas, stats = map_clients(
-            client_update, clients, (state.params, cohort.data, state.client_hyperparams)
+            client_update, clients, (state.params, cohort.data, hyperparams)
         )
         weights = client_weights(clients, state.weight_exponent)
         rho = momentum
         if rho is None:
-            rho = state.client_hyperparams.get("momentum", 0.0)
+            rho = hyperparams.get("momentum", 0.0)
             rho = 0.0 if rho is None else rho
         a = normalizing_weight(clients.num_steps, rho)
         p = weights / jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)

@@ -23,7 +23,12 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
-from fedjax_sim.algorithms.fed_avg import ServerState, client_weights, round_metrics
+from fedjax_sim.algorithms.fed_avg import (
+    ServerState,
+    client_weights,
+    round_metrics,
+    scheduled_hyperparams,
+)
 from fedjax_sim.algorithms.local import (
     LossFn,
     local_train,
@@ -45,6 +50,7 @@ def fed_prox(
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
+    client_schedules: dict | None = None,
 ) -> FederatedAlgorithm:
     """FedProx with any optax client and server optimizers.
 
@@ -87,8 +93,11 @@ def fed_prox(
         return jax.tree.map(jnp.subtract, server_params, params), stats
 
     def apply(state: ServerState, cohort: Cohort, map_clients: ClientMap):
+        # client learning-rate schedules follow the round (client state is fresh each round)
+        hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
+                                            cohort.round)
         deltas, stats = map_clients(
-            client_update, cohort.clients, (state.params, cohort.data, state.client_hyperparams)
+            client_update, cohort.clients, (state.params, cohort.data, hyperparams)
         )
         weights = client_weights(cohort.clients, state.weight_exponent)
         updates, opt_state = server_optimizer.update(

@@ -36,7 +36,7 @@ from fedjax_sim.algorithms.client_state import (
     init_client_state,
     scatter_client_state,
 )
-from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics
+from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics, scheduled_hyperparams
 from fedjax_sim.algorithms.local import (
     LossFn,
     local_train,
@@ -81,6 +81,7 @@ def scaffold(
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
+    client_schedules: dict | None = None,
 ) -> FederatedAlgorithm:
     """SCAFFOLD (option II control variates) with optax client and server optimizers.
 
@@ -147,14 +148,17 @@ def scaffold(
         return delta, new_control, stats
 
     def apply(state: ScaffoldState, cohort: Cohort, map_clients: ClientMap):
+        # client learning-rate schedules follow the round (client state is fresh each round)
+        hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
+                                            cohort.round)
         clients = cohort.clients
-        learning_rate = (state.client_hyperparams["learning_rate"]
+        learning_rate = (hyperparams["learning_rate"]
                          if client_learning_rate is None else state.client_learning_rate)
         client_controls = gather_client_state(state.client_controls, clients.client_id)
         deltas, new_controls, stats = map_clients(
             client_update,
             (clients, client_controls),
-            (state.params, state.control, cohort.data, state.client_hyperparams,
+            (state.params, state.control, cohort.data, hyperparams,
              jnp.asarray(learning_rate, jnp.float32)),
         )
         weights = client_weights(clients, state.weight_exponent)
