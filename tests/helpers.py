@@ -30,3 +30,34 @@ def tiny_data(sizes=(5, 17, 40, 3, 11), features=4, num_classes=3, seed=0) -> Fe
         for i, n in enumerate(sizes)
     }
     return FederatedData.from_client_lists(clients)
+
+
+def spy(algorithm):
+    """Wraps an algorithm so each round's metrics also hold the cohort it trained on."""
+    from fedjax_sim.algorithms.base import FederatedAlgorithm
+
+    def apply(state, cohort, map_clients):
+        state, metrics = algorithm.apply(state, cohort, map_clients)
+        c = cohort.clients
+        return state, {**metrics, "ids": c.client_id, "indices": c.indices, "mask": c.mask,
+                       "valid": c.valid, "num_examples": c.num_examples}
+
+    return FederatedAlgorithm(algorithm.init, apply)
+
+
+def mean_loss(model, params, x, y):
+    """Plain mean cross-entropy of a batch (for sequential references)."""
+    import optax
+
+    logits = model.apply(params, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _loss_gradient():
+    import jax
+
+    return jax.jit(jax.grad(mean_loss, argnums=1), static_argnums=0)
+
+
+# One jitted gradient of one batch (the loops around it in the references stay plain Python).
+loss_gradient = _loss_gradient()

@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tiny_data, tiny_model
+from helpers import loss_gradient, mean_loss, spy, tiny_data, tiny_model
 
 from fedjax_sim.algorithms import create_algorithm
 from fedjax_sim.algorithms.afl import afl, project_to_simplex
-from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.fed_avg import fed_avg
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.sampling import uniform_sampler
@@ -59,14 +58,6 @@ def test_projection_keeps_simplex_points_and_handles_ties():
     np.testing.assert_allclose(project_to_simplex(jnp.asarray([5.0, -5.0])), [1.0, 0.0])
 
 
-def spy(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
-    def apply(state, cohort, map_clients):
-        state, metrics = algorithm.apply(state, cohort, map_clients)
-        c = cohort.clients
-        return state, {**metrics, "ids": c.client_id, "indices": c.indices, "mask": c.mask,
-                       "valid": c.valid}
-
-    return FederatedAlgorithm(algorithm.init, apply)
 
 
 def make_round(data, algorithm, cohort_size=3, **kwargs):
@@ -75,12 +66,8 @@ def make_round(data, algorithm, cohort_size=3, **kwargs):
     return build_round_step(algorithm, data, schedule, sampler, cohort_size, **kwargs)
 
 
-def mean_loss(model, params, x, y):
-    logits = model.apply(params, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-loss_gradient = jax.jit(jax.grad(mean_loss, argnums=1), static_argnums=0)
 
 
 def reference_round(model, params, mixture, data, cohort, lr, lambda_lr):

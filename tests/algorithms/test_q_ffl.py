@@ -5,10 +5,9 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import tiny_data, tiny_model
+from helpers import loss_gradient, mean_loss, spy, tiny_data, tiny_model
 
 from fedjax_sim.algorithms import create_algorithm
-from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.fed_avg import fed_avg
 from fedjax_sim.algorithms.q_ffl import q_ffl
 from fedjax_sim.data.batching import ClientSchedule
@@ -20,16 +19,6 @@ SIZES = (5, 17, 40, 3, 11)
 COHORT_KEYS = ("ids", "indices", "mask", "valid", "num_examples")
 
 
-def spy(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
-    """The algorithm, with the round's cohort added to its metrics."""
-
-    def apply(state, cohort, map_clients):
-        state, metrics = algorithm.apply(state, cohort, map_clients)
-        c = cohort.clients
-        return state, {**metrics, "ids": c.client_id, "indices": c.indices, "mask": c.mask,
-                       "valid": c.valid, "num_examples": c.num_examples}
-
-    return FederatedAlgorithm(algorithm.init, apply)
 
 
 def make_round(data, algorithm, cohort_size=3, **kwargs):
@@ -38,13 +27,8 @@ def make_round(data, algorithm, cohort_size=3, **kwargs):
     return build_round_step(algorithm, data, schedule, sampler, cohort_size, **kwargs)
 
 
-def mean_loss(model, params, x, y):
-    logits = model.apply(params, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-# One jitted gradient of one batch (the loop around it stays plain Python).
-loss_gradient = jax.jit(jax.grad(mean_loss, argnums=1), static_argnums=0)
 
 
 def reference_round(model, params, data, cohort, lr, q, exponent):
