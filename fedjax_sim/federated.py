@@ -17,22 +17,26 @@ Representation (everything is a JAX pytree, so a whole computation is one ``jax.
   (False for padding clients, which no aggregation counts);
 * an *all-equal* CLIENTS value (what `federated_broadcast` and `federated_value` make) and a
   SERVER value hold the member itself, with no client axis;
-* `federated_map` over CLIENTS values is a ``jax.vmap`` over the client axis, with all-equal
-  (broadcast) arguments passed unbatched (``in_axes=None``); a SERVER map runs once.
+* `federated_map` over CLIENTS values runs on the engine's client map
+  (`fedjax_sim.simulation.client_map`): a sequential ``lax.map`` on CPU, a ``vmap`` on GPU/TPU,
+  chunks, or shards over a device mesh, as `execution_context` selects; all-equal (broadcast)
+  arguments are shared, not copied. A SERVER map runs once.
 
 Types are TFF's: ``FederatedType(member, placement, all_equal)`` whose member is a pytree of
-``jax.ShapeDtypeStruct`` (or `TensorType`, which allows unknown dimensions); ``str`` prints
-TFF's notation: ``{float32}@CLIENTS``, ``float32@SERVER``, ``<x=float32[?,2],y=int32[?]>``.
+``jax.ShapeDtypeStruct`` (or `TensorType`, which allows unknown dimensions; ``...`` accepts any
+member); ``str`` prints TFF's notation: ``{float32}@CLIENTS``, ``float32@SERVER``,
+``<x=float32[?,2],y=int32[?]>``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,7 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_sim.algorithms.base import weighted_mean
+from fedjax_sim.aggregators import weighted_mean
+from fedjax_sim.core import ClientMap
+from fedjax_sim.simulation.client_map import (
+    local_client_map,
+    resolve_strategy,
+    sharded_client_map,
+)
 
 PyTree = Any
 
@@ -54,6 +64,9 @@ __all__ = [
     "TensorType",
     "at_clients",
     "at_server",
+    "Execution",
+    "current_execution",
+    "execution_context",
     "federated_aggregate",
     "federated_broadcast",
     "federated_computation",
@@ -113,11 +126,13 @@ class TensorType:
 
 
 def _is_member_leaf(x: Any) -> bool:
-    return isinstance(x, (jax.ShapeDtypeStruct, TensorType))
+    return x is Ellipsis or isinstance(x, (jax.ShapeDtypeStruct, TensorType))
 
 
 def _normalize_leaf(leaf: Any) -> jax.ShapeDtypeStruct | TensorType:
     """A dtype-like (``jnp.float32``, ``"int32"``), TensorType or ShapeDtypeStruct leaf."""
+    if leaf is Ellipsis:  # any member
+        return leaf
     if isinstance(leaf, TensorType):
         if any(d is None for d in leaf.shape):
             return leaf
@@ -146,6 +161,8 @@ def _tensor_str(dtype: Any, shape: Sequence[int | None]) -> str:
 
 def _member_str(member: PyTree) -> str:
     """TFF's notation: ``float32[2]``, ``<a=float32,b=int32>``, ``<float32,int32>``."""
+    if member is Ellipsis:
+        return "?"
     if _is_member_leaf(member):
         return _tensor_str(member.dtype, member.shape)
     if isinstance(member, Mapping):
@@ -174,11 +191,14 @@ def _leaf_matches(expected, given) -> bool:
 
 
 def _member_matches(expected: PyTree, given: PyTree) -> bool:
-    e_leaves, e_def = jax.tree.flatten(expected, is_leaf=_is_member_leaf)
-    g_leaves, g_def = jax.tree.flatten(given, is_leaf=_is_member_leaf)
-    if e_def != g_def:
+    """Same leaf paths and matching leaves (static fields of a flax struct are not compared)."""
+    if expected is Ellipsis:
+        return True
+    e_leaves = jax.tree_util.tree_flatten_with_path(expected, is_leaf=_is_member_leaf)[0]
+    g_leaves = jax.tree_util.tree_flatten_with_path(given, is_leaf=_is_member_leaf)[0]
+    if [path for path, _ in e_leaves] != [path for path, _ in g_leaves]:
         return False
-    return all(_leaf_matches(e, g) for e, g in zip(e_leaves, g_leaves, strict=True))
+    return all(_leaf_matches(e, g) for (_, e), (_, g) in zip(e_leaves, g_leaves, strict=True))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -220,7 +240,8 @@ class FederatedType:
 
     def _key(self):
         leaves, treedef = jax.tree.flatten(self.member, is_leaf=_is_member_leaf)
-        return (treedef, tuple((np.dtype(x.dtype), tuple(x.shape)) for x in leaves),
+        return (treedef, tuple(x if x is Ellipsis else (np.dtype(x.dtype), tuple(x.shape))
+                               for x in leaves),
                 self.placement, self.all_equal)
 
     def __eq__(self, other) -> bool:
@@ -402,6 +423,85 @@ def _current_clients() -> _Clients | None:
     return stack[-1] if stack else None
 
 
+# ---------------------------------------------------------------------------------------------
+# The execution context: how `federated_map` runs the clients (the engine's client map)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How `federated_map` runs the clients: a client map, and whether it runs them one at a
+    time (``sequential``; None when unknown), as `execution_context` selected.
+
+    Hashable (a static argument of a computation's jit): the same map compiles once.
+    """
+
+    map_clients: ClientMap
+    sequential: bool | None
+
+
+@functools.cache
+def _engine_execution(strategy: str, batch_size: int | None, mesh: Any) -> Execution:
+    if mesh is None:
+        map_clients = local_client_map(strategy, batch_size)
+    else:
+        map_clients = sharded_client_map(mesh, strategy, batch_size)
+    return Execution(map_clients, strategy == "map" and (batch_size or 1) == 1)
+
+
+def current_execution() -> Execution:
+    """The `Execution` of the innermost `execution_context` (default: the engine's for the
+    backend: sequential on CPU, ``vmap`` on GPU/TPU)."""
+    stack = getattr(_context, "executions", None)
+    if stack:
+        return stack[-1]
+    return _engine_execution(resolve_strategy("auto"), None, None)
+
+
+@contextlib.contextmanager
+def execution_context(
+    client_execution: str | ClientMap = "auto",
+    *,
+    client_batch_size: int | None = None,
+    mesh: Any = None,
+) -> Iterator[None]:
+    """Selects how `federated_map` runs the clients of the computations called inside.
+
+    The options are the round step's (`fedjax_sim.simulation.round_step.build_round_step`):
+
+    Args:
+      client_execution: ``"auto"`` (the backend's default: sequential on CPU, ``vmap`` on
+        GPU/TPU), ``"vmap"``, ``"map"`` (a ``lax.map`` in chunks of ``client_batch_size``,
+        sequential when 1), or a `fedjax_sim.core.ClientMap` (e.g. the engine's own, when a
+        computation runs as an algorithm).
+      client_batch_size: clients per chunk under ``"map"``.
+      mesh: a ``jax.sharding.Mesh`` with a ``clients`` axis: each device maps its share of the
+        clients (C must be a multiple of the axis size).
+
+    Example::
+
+      with execution_context("vmap"):
+          get_average_temperature([68.5, 70.3, 69.8])
+    """
+    if callable(client_execution):
+        execution = Execution(client_execution, None)
+    else:
+        execution = _engine_execution(resolve_strategy(client_execution), client_batch_size,
+                                      mesh)
+    with _executing(execution):
+        yield
+
+
+@contextlib.contextmanager
+def _executing(execution: Execution) -> Iterator[None]:
+    stack = _context.__dict__.setdefault("executions", [])
+    stack.append(execution)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def _expand(value: FederatedValue, intrinsic: str) -> FederatedValue:
     """A per-client ``[C, ...]`` version of an all-equal CLIENTS value."""
     if not value.all_equal:
@@ -458,7 +558,7 @@ def federated_value(value: PyTree, placement: Placement) -> FederatedValue:
 def federated_broadcast(value: FederatedValue) -> FederatedValue:
     """SERVER -> all-equal CLIENTS: every client receives the server's value.
 
-    No copy is made: the member is handed unbatched to the clients' ``vmap``.
+    No copy is made: the member is the client map's shared (unbatched) argument.
     """
     _require(value, SERVER, "federated_broadcast")
     return FederatedValue(value.value, CLIENTS, True)
@@ -517,8 +617,9 @@ def federated_map(fn: Callable[..., PyTree], value: Any) -> FederatedValue:
       value: a federated value, or a list/tuple of federated values at the same placement.
 
     Returns:
-      At CLIENTS: ``jax.vmap(fn)`` over the client axis, all-equal arguments unbatched
-      (``in_axes=None``); the result keeps the arguments' ``weights`` and ``mask``. If every
+      At CLIENTS: ``fn`` over the client axis by the current client map (`execution_context`:
+      sequential, ``vmap``, chunks or device shards, all giving the same result), all-equal
+      arguments shared; the result keeps the arguments' ``weights`` and ``mask``. If every
       argument is all-equal (or at the SERVER), ``fn`` runs once and the result is all-equal.
     """
     if not callable(fn):
@@ -530,8 +631,14 @@ def federated_map(fn: Callable[..., PyTree], value: Any) -> FederatedValue:
     if placement is SERVER or all(v.all_equal for v in values):
         return FederatedValue(call(*members), placement, True)
     _num_clients(values, "federated_map")
-    in_axes = tuple(None if v.all_equal else 0 for v in values)
-    result = jax.vmap(call, in_axes=in_axes)(*members)
+
+    def one_client(client, shared):  # the engine's ClientMap signature
+        client, shared = iter(client), iter(shared)
+        return call(*[next(shared) if v.all_equal else next(client) for v in values])
+
+    result = current_execution().map_clients(
+        one_client, tuple(v.value for v in values if not v.all_equal),
+        tuple(v.value for v in values if v.all_equal))
     return FederatedValue(result, CLIENTS, False, _first(values, "weights"),
                           _first(values, "mask"))
 
@@ -806,6 +913,10 @@ def _convert_argument(x: Any, declared: FederatedType, where: str) -> FederatedV
     if isinstance(x, FederatedValue):
         return x
     per_client = declared.placement is CLIENTS and not declared.all_equal
+    if declared.member is Ellipsis:  # any member: arrays as given
+        if per_client:
+            return at_clients(x)
+        return FederatedValue(jax.tree.map(jnp.asarray, x), declared.placement, True)
     expected_leaves, expected_def = jax.tree.flatten(declared.member, is_leaf=_is_member_leaf)
 
     def leaves_of(tree):
@@ -843,15 +954,16 @@ class FederatedComputation:
     Made by `federated_computation`. Calling it converts the arguments (see the conversion rules
     in `federated_computation`), checks each against its declared `FederatedType` (a mismatch
     raises TypeError naming the argument, the expected and the given type), then runs the
-    whole body as one jitted function; the jit cache is keyed on shapes and dtypes, so a call
-    with the same shapes does not retrace. Top-level results are unwrapped: a SERVER value
-    becomes its member, a CLIENTS value its ``[C, ...]`` pytree; inside another federated
-    computation results stay federated values.
+    whole body as one jitted function; the jit cache is keyed on shapes, dtypes and the client
+    map (`execution_context`), so a call with the same shapes and map does not retrace.
+    Top-level results are unwrapped: a SERVER value becomes its member, a CLIENTS value its
+    ``[C, ...]`` pytree; inside another federated computation results stay federated values.
 
     Attributes:
       fn: the Python function.
       parameter_types: the declared argument types.
-      jitted: the jitted body ``(*FederatedValue) -> FederatedValue pytree``.
+      jitted: the jitted body ``(execution, *FederatedValue) -> FederatedValue pytree``
+        (``execution`` static: the client map).
       num_traces: how many times the body has been traced (each trace is a compilation).
     """
 
@@ -875,11 +987,11 @@ class FederatedComputation:
                     f"federated_computation: the type of argument {name!r} must be a "
                     f"FederatedType (e.g. FederatedType(jnp.float32, SERVER)), got {declared!r}"
                 )
-        self.jitted = jax.jit(self._traced)
+        self.jitted = jax.jit(self._traced, static_argnums=0)
         self.num_traces = 0  # how often the body was traced (a retrace = a recompile)
         self._result_type: PyTree = None
 
-    def _traced(self, *values: FederatedValue):
+    def _traced(self, execution: Execution, *values: FederatedValue):
         self.num_traces += 1
         per_client = [v for v in values if v.placement is CLIENTS and not v.all_equal]
         clients = None
@@ -888,7 +1000,8 @@ class FederatedComputation:
         stack = _context_stack()
         stack.append(clients)
         try:
-            result = self.fn(*values)
+            with _executing(execution):
+                result = self.fn(*values)
         finally:
             stack.pop()
         leaves = jax.tree.leaves(result, is_leaf=lambda x: isinstance(x, FederatedValue))
@@ -929,7 +1042,7 @@ class FederatedComputation:
 
     def __call__(self, *args):
         values = self._check(args)
-        result = self.jitted(*values)
+        result = self.jitted(current_execution(), *values)
         if _context_stack():
             return result  # called inside another computation: results stay federated
 
@@ -959,7 +1072,7 @@ class FederatedComputation:
     def _infer_result_type(self) -> None:
         def example(t: FederatedType):
             leaves = jax.tree.leaves(t.member, is_leaf=_is_member_leaf)
-            if any(isinstance(x, TensorType) for x in leaves):
+            if any(x is Ellipsis or isinstance(x, TensorType) for x in leaves):
                 raise LookupError
             lead = (2,) if t.placement is CLIENTS and not t.all_equal else ()
             member = jax.tree.map(lambda s: jax.ShapeDtypeStruct(lead + s.shape, s.dtype),
@@ -970,7 +1083,7 @@ class FederatedComputation:
             args = [example(t) for t in self.parameter_types]
         except LookupError:
             return
-        jax.eval_shape(self._traced, *args)
+        jax.eval_shape(functools.partial(self._traced, current_execution()), *args)
 
     def __repr__(self) -> str:
         return f"<federated_computation {self.__name__}: {self.type_signature}>"
@@ -994,7 +1107,8 @@ def federated_computation(*parameter_types: FederatedType | Callable
     parameter of the decorated function; ``@federated_computation`` (or ``()``) declares none.
 
     Calling the computation converts each argument, checks it against its type, and runs the
-    body as one jitted function in which `federated_map` is a ``vmap`` over the clients.
+    body as one jitted function in which `federated_map` runs the clients by the client map of
+    the current `execution_context` (by default the engine's for the backend).
 
     Conversion rules for an argument declared with type ``T``:
 

@@ -17,6 +17,8 @@ from fedjax_sim.federated import (
     TensorType,
     at_clients,
     at_server,
+    current_execution,
+    execution_context,
     federated_aggregate,
     federated_broadcast,
     federated_computation,
@@ -31,6 +33,8 @@ from fedjax_sim.federated import (
     type_at_clients,
     type_at_server,
 )
+from fedjax_sim.sharding import client_mesh
+from fedjax_sim.simulation.client_map import local_client_map
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "federated.md"
 RNG = np.random.default_rng(0)
@@ -123,7 +127,7 @@ def test_mean_of_ints_is_refused():
         federated_mean(at_clients(np.arange(3)))
 
 
-def test_map_is_a_vmap_with_broadcast_arguments_unbatched():
+def test_map_traces_once_with_broadcast_arguments_shared():
     calls = []
 
     def fn(x, w, b):
@@ -378,6 +382,84 @@ def test_zero_argument_computation_and_all_equal_expansion():
     assert float(count(at_clients(np.ones(4, np.float32), mask=[1, 1, 0, 1]))[0]) == 3.0
 
 
+@federated_computation(type_at_clients(TensorType(jnp.float32, (None,))),
+                       type_at_server(jnp.float32))
+def running_sums(values, decay):
+    """Each client folds its values in order (a scan), then the mean and the per-client sums."""
+
+    def fold(v, d):
+        return jax.lax.scan(lambda total, x: (total * d + x, None), jnp.float32(0), v)[0]
+
+    sums = federated_map(fold, [values, federated_broadcast(decay)])
+    return federated_mean(sums), sums
+
+
+@pytest.mark.parametrize("execution", [
+    {"client_execution": "map"}, {"client_execution": "vmap"},
+    {"client_execution": "map", "client_batch_size": 3}, {"mesh": "4 devices"},
+])
+def test_computations_run_on_the_engines_client_maps(execution):
+    values = RNG.normal(size=(8, 6)).astype(np.float32)  # 8 clients, 6 values each
+    expected = []
+    for row in values.astype(np.float64):  # sequential reference: a loop over clients
+        total = 0.0
+        for x in row:
+            total = total * 0.5 + x
+        expected.append(total)
+    if "mesh" in execution:
+        execution = {"mesh": client_mesh(4)}
+    traces = running_sums.num_traces
+    with execution_context(**execution):
+        mean, sums = running_sums(values, 0.5)
+        np.testing.assert_allclose(get_average_temperature(values[:, 0]), values[:, 0].mean(),
+                                   rtol=1e-6)
+        if "mesh" in execution:  # each device computed its share of the clients
+            assert len(sums.sharding.device_set) == 4
+        sequential = execution.get("client_execution", "auto") in ("map", "auto") and \
+            "client_batch_size" not in execution  # "auto" is "map" on CPU
+        assert current_execution().sequential == sequential
+    np.testing.assert_allclose(sums, expected, rtol=1e-5)
+    np.testing.assert_allclose(mean, np.mean(expected), rtol=1e-5)
+    assert running_sums.num_traces <= traces + 1  # one compilation per client map
+
+
+def test_a_custom_client_map_is_used_and_compiled_once():
+    calls = []
+    vmap = local_client_map("vmap")
+
+    def spy(fn, clients, shared):
+        calls.append(jax.tree.map(jnp.shape, (clients, shared)))
+        return vmap(fn, clients, shared)
+
+    values = RNG.normal(size=(5, 4)).astype(np.float32)
+    with execution_context(spy):
+        first = running_sums(values, 0.5)
+        traces = running_sums.num_traces
+        second = running_sums(values + 1, 0.5)
+    assert calls == [(((5, 4),), ((),))]  # per-client values mapped, the broadcast shared
+    assert running_sums.num_traces == traces  # the same map: no recompilation
+    with execution_context("map"):
+        chex.assert_trees_all_close(running_sums(values, 0.5), first, rtol=1e-6)
+    assert not np.allclose(first[0], second[0])
+    with pytest.raises(ValueError, match="client execution 'gpu'"):
+        with execution_context("gpu"):
+            pass
+
+
+def test_any_member_type():
+    declared = type_at_clients(..., all_equal=True)
+    assert str(declared) == "?@CLIENTS"
+    assert declared.is_assignable_from(type_at_clients({"x": jnp.float32}, all_equal=True))
+    assert not declared.is_assignable_from(type_at_server(jnp.float32))
+
+    @federated_computation(type_at_server(...))
+    def identity(x):
+        return x
+
+    np.testing.assert_array_equal(identity({"a": np.arange(3)})["a"], np.arange(3))
+    assert identity.type_signature == "(?@SERVER -> <a=int32[3]>@SERVER)"
+
+
 def _numpy_federated_train(client_data, model, learning_rate, classes):
     """The seed's federated_train: SGD per batch on every client, then the mean (float64)."""
     finals = []
@@ -396,7 +478,7 @@ def _numpy_federated_train(client_data, model, learning_rate, classes):
 def _doc_blocks() -> list[str]:
     text = DOCS.read_text()
     blocks = re.findall(r"<!-- federated-doc-example -->\n```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 5
     return blocks
 
 
