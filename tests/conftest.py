@@ -1,4 +1,4 @@
-"""Test-wide set-up: 4 fake CPU devices (sharding tests) before JAX starts, and small helpers."""
+"""Test-wide set-up: 4 fake CPU devices (sharding tests) before JAX starts; the real-data gate."""
 
 import os
 
@@ -6,4 +6,33 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 
-import fedjax_sim  # noqa: E402,F401  (adds the XLA:CPU conv flag before jax initializes)
+import pytest  # noqa: E402
+
+# helpers imports fedjax_sim, which adds the XLA:CPU conv flag before jax initializes
+from helpers import MISSING_DATA, SHARED_DATA, require_shared_data  # noqa: E402
+
+import fedjax_sim  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "shared_data(*paths): needs these files under the real-data folder "
+        "(helpers.needs_shared_data); skips without them, fails under CI=true")
+
+
+@pytest.hookimpl(tryfirst=True)  # before fixtures are set up
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("shared_data"):
+        require_shared_data(*mark.args)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Says loudly, at the end, how many tests did not run for want of real data."""
+    skipped = [report for report in terminalreporter.stats.get("skipped", [])
+               if MISSING_DATA in str(report.longrepr)]
+    if skipped:
+        terminalreporter.section("real data missing", sep="!", red=True, bold=True)
+        terminalreporter.line(
+            f"{len(skipped)} tests did not run: their data is not in {SHARED_DATA}. Set "
+            f"FEDJAX_SIM_DATA to the data folder (or put it at ../shared/data beside the "
+            f"repository); under CI=true these tests fail instead.", red=True)

@@ -10,18 +10,20 @@ Data cases damage copies of the real Fashion-MNIST files laid out exactly as the
 (``<data>/fashion-mnist/<name>.gz``), and write small ``.npz`` files for the arrays dataset.
 """
 
+import dataclasses
 import gzip
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
 
 from fedjax_sim.cli import main
+from fedjax_sim.config import Config
 from fedjax_sim.data.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FASHION_MNIST = SHARED_DATA / "fashion-mnist"
 FASHION_CONFIG = str(REPO / "configs" / "fashion_mnist_fedavg.yaml")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -32,10 +34,7 @@ QUICK = ["rounds=1", "log.progress=false"]  # nothing trains long should a case 
 ARRAYS = ["demo", "dataset.name=arrays", "dataset.path=data.npz", "model.name=logistic",
           "cohort.size=2", *QUICK]
 
-needs_fashion_mnist = pytest.mark.skipif(
-    not all((FASHION_MNIST / f"{name}.gz").is_file() for name in FASHION_FILES),
-    reason=f"offline Fashion-MNIST copy not found at {FASHION_MNIST}",
-)
+needs_fashion_mnist = needs_shared_data(*FASHION_MNIST_FILES)
 
 
 # ----------------------------------------------------------------------------- input makers
@@ -155,6 +154,22 @@ CASES = [
      ["unknown config key 'dataset.sequence_lenght'", "did you mean 'dataset.sequence_length'"]),
     ("bad-dataset-option-value", ["demo", "dataset.test_fraction=1.5", *QUICK], None,
      ["config key 'dataset'", "test_fraction must be in [0, 1)", "1.5"]),
+    ("unknown-algorithm", ["demo", "algorithm=fed_avgg"], None,
+     ["config key 'algorithm.name'", "unknown algorithm 'fed_avgg'", "did you mean 'fed_avg'"]),
+    ("unknown-algorithm-option", ["demo", "algorithm.mu=0.1", *QUICK], None,
+     ["unknown config key 'algorithm.mu'", "for algorithm 'fed_avg'", "valid: ['aggregator']"]),
+    ("system-dropout-out-of-range", ["demo", "system.dropout=1.5"], None,
+     ["config key 'system.dropout'", "expected a number in [0, 1)", "got 1.5"]),
+    ("unknown-client-execution", ["demo", "execution.client_execution=gpu"], None,
+     ["config key 'execution.client_execution'", "'gpu' is not one of", "'vmap', 'map'"]),
+    ("eval-every-zero", ["demo", "eval.every=0"], None,
+     ["config key 'eval.every'", "expected an integer >= 1", "got 0"]),
+    ("log-every-zero", ["demo", "log.every=0"], None,
+     ["config key 'log.every'", "expected an integer >= 1", "got 0"]),
+    ("checkpoint-keep-zero", ["demo", "checkpoint.keep=0"], None,
+     ["config key 'checkpoint.keep'", "expected an integer >= 1", "got 0"]),
+    ("seed-negative", ["demo", "seed=-1", *QUICK], None,
+     ["config key 'seed'", "expected an integer >= 0", "got -1"]),
     # Fashion-MNIST files
     ("fashion-mnist-missing-file", ["run", FASHION_CONFIG, *QUICK],
      fashion_mnist_copy(lambda raw: None, how="env"),
@@ -205,22 +220,44 @@ CASES = [
      ["unrecognized arguments: --bogus"]),
 ]
 
+# Known gaps, each a strict xfail: it fails once the library is fixed, to be moved back in.
+KNOWN_GAPS = {
+    "seed-negative": "config does not validate seed: numpy's 'expected non-negative integer' "
+                     "ValueError escapes main() as a traceback",
+}
+
+
 def _params():
     for case_id, args, make, fragments in CASES:
         marks = []
         if case_id.startswith("fashion-mnist"):
             marks.append(needs_fashion_mnist)
-        yield pytest.param(args, make, fragments, id=case_id, marks=marks)
+        if case_id in KNOWN_GAPS:
+            marks.append(pytest.mark.xfail(reason=KNOWN_GAPS[case_id], raises=ValueError,
+                                           strict=True))
+        yield pytest.param(case_id, args, make, fragments, id=case_id, marks=marks)
 
 
-def test_catalogue_is_complete():
-    assert len(CASES) >= 25
-    assert len({case[0] for case in CASES}) == len(CASES)
+def _overridden_keys(args: list[str]) -> set[str]:
+    return {arg.split("=", 1)[0] for arg in args if "=" in arg and not arg.startswith("-")}
 
 
-@pytest.mark.parametrize("args, make, fragments", list(_params()))
+def test_every_config_section_has_a_bad_value_case():
+    """A section added to `Config` without a case here fails this (so do duplicate case ids)."""
+    ids = [case[0] for case in CASES]
+    assert sorted({i for i in ids if ids.count(i) > 1}) == []
+    overridden = set().union(*(_overridden_keys(case[1]) for case in CASES))
+    for field in dataclasses.fields(Config):
+        if field.name in ("name", "workdir"):  # free-form strings: no value is bad
+            continue
+        covered = [key for key in overridden
+                   if key == field.name or key.startswith(f"{field.name}.")]
+        assert covered, f"no case sets a bad value of config section {field.name!r}"
+
+
+@pytest.mark.parametrize("case_id, args, make, fragments", list(_params()))
 def test_bad_input_exits_2_with_one_line_and_no_output(
-    args, make, fragments, tmp_path, monkeypatch, capsys
+    case_id, args, make, fragments, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
     extra = make(tmp_path, monkeypatch) if make is not None else []
@@ -232,6 +269,11 @@ def test_bad_input_exits_2_with_one_line_and_no_output(
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
+    # The message is this case's own: no other case's fragments all match it (a case that
+    # reaches a neighbour's check, or fragments too generic to tell cases apart, fail here).
+    also = [other for other, _, _, theirs in CASES
+            if other != case_id and all(fragment in err for fragment in theirs)]
+    assert also == [], f"{err!r} also matches the cases {also}"
     assert not (tmp_path / "w").exists()
     assert not (tmp_path / "runs").exists()
 

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
 
 from fedjax_sim.cli import main
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = ["rounds=4", "cohort.size=3", "client.local_steps=2", "model.hidden=16",
         "eval.every=2", "eval.max_examples=300", "log.every=2", "log.progress=false"]
 
@@ -29,7 +29,7 @@ def test_tiny_shakespeare_run_through_the_cli(tmp_path, capsys):
     assert "workdir" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "fashion-mnist").is_dir(), reason="needs ../shared/data")
+@needs_shared_data(*FASHION_MNIST_FILES)
 def test_fashion_mnist_config_finds_data_through_the_env_var(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDJAX_SIM_DATA", str(SHARED_DATA))
     config = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_fedavg.yaml"

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
 
 from fedjax_sim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def test_demo_reaches_40_percent_on_held_out_lines(tmp_path):
     assert summary["final"]["test/accuracy"] >= 0.40
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "fashion-mnist").is_dir(), reason="needs ../shared/data")
+@needs_shared_data(*FASHION_MNIST_FILES)
 def test_fashion_mnist_fedavg_reaches_88_percent(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDJAX_SIM_DATA", str(SHARED_DATA))
     config = ROOT / "configs" / "fashion_mnist_fedavg.yaml"

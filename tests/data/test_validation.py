@@ -7,16 +7,15 @@ Fashion-MNIST datasets must pass (and Fashion-MNIST quickly).
 
 import dataclasses
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedData, FederatedDataset
 from fedjax_sim.data.validation import validate_dataset
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FEATURES, CLASSES = 4, 3
 
 
@@ -185,7 +184,7 @@ def test_real_shakespeare_passes():
     validate_dataset(load_dataset("shakespeare"))
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "fashion-mnist").is_dir(), reason="needs shared/data")
+@needs_shared_data(*FASHION_MNIST_FILES)
 def test_real_fashion_mnist_passes_in_under_a_fifth_of_a_second():
     from fedjax_sim.datasets import load_dataset
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import platformdirs
 import pytest
+from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data, require_shared_data
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.datasets import download as download_lib
 from fedjax_sim.datasets import fashion_mnist as fm
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 NAMES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -40,10 +40,7 @@ IDX_TYPE = {
     np.float64: 0x0E,
 }  # fmt: skip
 
-needs_shared = pytest.mark.skipif(
-    not (SHARED_DATA / "fashion-mnist" / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"offline Fashion-MNIST copy not found at {SHARED_DATA / 'fashion-mnist'}",
-)
+needs_shared = needs_shared_data(*FASHION_MNIST_FILES)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -84,8 +81,7 @@ def fingerprints(images: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def real_arrays(tmp_path_factory):
     """Loads the shared copy the way a user would: ``FEDJAX_SIM_DATA`` relative to the cwd."""
-    if not (SHARED_DATA / "fashion-mnist" / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"offline Fashion-MNIST copy not found at {SHARED_DATA / 'fashion-mnist'}")
+    require_shared_data(*FASHION_MNIST_FILES)
     cwd = tmp_path_factory.mktemp("cwd")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)

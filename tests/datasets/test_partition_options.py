@@ -5,8 +5,8 @@ References are independent of the partitioners: every example is counted back (a
 key multiset), and each partition's defining property is checked on the loaded clients (sizes
 within one for iid, at most k labels for k shards of single-label runs, exactly k labels for k
 classes, spread of client sizes for quantity skew, labels per client for Dirichlet's alpha).
-Real Fashion-MNIST from ``/work/shared/data`` (``FEDJAX_SIM_DATA``); MNIST, EMNIST, CIFAR,
-``.npz`` and TFDS from small files written here in their real formats.
+Real Fashion-MNIST from ``$FEDJAX_SIM_DATA`` or ``../shared/data`` (see tests/helpers.py); MNIST,
+EMNIST, CIFAR, ``.npz`` and TFDS from small files written here in their real formats.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import dataclasses
 import functools
 import gzip
 import hashlib
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
 
 from fedjax_sim.cli import main
 from fedjax_sim.config import ConfigError, load_config
@@ -31,11 +31,7 @@ from fedjax_sim.datasets._partition_options import CENTRALIZED_PARTITIONS
 from fedjax_sim.simulation.loop import build_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = Path(os.environ.get("FEDJAX_SIM_SHARED_DATA", "/work/shared/data"))
-HAS_FASHION_MNIST = (SHARED_DATA / "fashion-mnist" / "train-labels-idx1-ubyte.gz").is_file()
-needs_fashion_mnist = pytest.mark.skipif(
-    not HAS_FASHION_MNIST, reason=f"Fashion-MNIST not in {SHARED_DATA}/fashion-mnist"
-)
+needs_fashion_mnist = needs_shared_data(*FASHION_MNIST_FILES)
 
 # 60 training examples, 6 of each of 10 labels: 5 clients x 2 shards are 10 single-label shards
 # of 6, and 5 clients x 2 classes deal every label to exactly one client.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.partition import split_into_clients
@@ -18,7 +19,7 @@ from fedjax_sim.datasets.tfds import build_fashion_mnist_tfds, build_tfds_from_a
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-SHARED_FASHION_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "fashion-mnist"
+SHARED_FASHION_MNIST = SHARED_DATA / "fashion-mnist"
 WRITERS = np.array(["ann", "bob", "cy", "dee", "eve"])
 CLASS_NAMES = ["cat", "dog", "eel", "fox"]
 
@@ -307,10 +308,7 @@ def test_fashion_mnist_builder_checks_the_idx_files(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (SHARED_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"offline Fashion-MNIST copy not found at {SHARED_FASHION_MNIST}",
-)
+@needs_shared_data(*FASHION_MNIST_FILES)
 def test_fashion_mnist_through_tfds_equals_the_idx_loader(tmp_path):
     from fedjax_sim.datasets.fashion_mnist import load_fashion_mnist_arrays
 
