@@ -1,5 +1,6 @@
 """FedDyn against a sequential reference written here, over several rounds (the per-client
-gradient store and the server's h carry over)."""
+gradient store and the server's h carry over), with uniform weights (the paper) and with the
+default weights by number of examples."""
 
 import chex
 import jax
@@ -41,15 +42,20 @@ def tree(f, *trees):
     return jax.tree.map(f, *trees)
 
 
-def reference(model, data, params, cohorts, lr, alpha):
-    """Algorithm 1 of the paper, one client and one step at a time (uniform mean of models)."""
+def reference(model, data, params, cohorts, lr, alpha, weighting="uniform"):
+    """Algorithm 1 of the paper, one client and one step at a time.
+
+    The server's mean of the client models is uniform (the paper) or, for ``weighting=
+    "num_examples"``, weighted by each client's training-set size; h's update is the paper's
+    uniform 1/N sum either way.
+    """
     x, y = data.arrays["x"], data.arrays["y"]
     n = data.num_clients
     theta = tree(np.float64, params)
     h = tree(np.zeros_like, theta)
     grads = {i: tree(np.zeros_like, theta) for i in range(n)}  # grad L_i(theta_i^{t-1})
     for cohort in cohorts:
-        models = []
+        models, weights = [], []
         for c, i in enumerate(cohort["client_id"]):
             w = theta
             for s in range(cohort["indices"].shape[1]):
@@ -63,9 +69,33 @@ def reference(model, data, params, cohorts, lr, alpha):
                 w = tree(lambda v, g: v - lr * g, w, g)
             grads[i] = tree(lambda g, w, t: g - alpha * (w - t), grads[i], w, theta)
             models.append(w)
+            weights.append(1.0 if weighting == "uniform" else float(data.client_sizes[i]))
+        p = np.array(weights) / np.sum(weights)
         h = tree(lambda h, t, *ws: h - alpha / n * sum(w - t for w in ws), h, theta, *models)
-        theta = tree(lambda h, *ws: sum(ws) / len(ws) - h / alpha, h, *models)
+        theta = tree(lambda h, *ws, p=p: sum(pi * w for pi, w in zip(p, ws, strict=True))
+                     - h / alpha, h, *models)
     return theta, h, grads
+
+
+def run(algorithm, model, data, execution="map", rounds=5):
+    """``rounds`` rounds of 3 of the 6 clients, 2 local epochs; the state and the cohorts."""
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=2)
+    step = build_round_step(spy(algorithm), data, schedule, uniform_sampler(len(SIZES), 3), 3,
+                            client_execution=execution)
+    state = init_simulation_state(algorithm.init(model.init(jax.random.key(0))), 2)
+    cohorts = []
+    for _ in range(rounds):
+        state, metrics = step(state)
+        cohorts.append(jax.device_get({k: metrics[k] for k in COHORT}))
+    return state, cohorts
+
+
+def assert_state_matches(state, theta, h, grads):
+    chex.assert_trees_all_close(state.params, tree(np.float32, theta), atol=2e-5, rtol=1e-5)
+    chex.assert_trees_all_close(state.h, tree(np.float32, h), atol=2e-5, rtol=1e-5)
+    for i, gradient in grads.items():
+        chex.assert_trees_all_close(tree(lambda x, i=i: x[i], state.client_gradients),
+                                    tree(np.float32, gradient), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("execution", ["map", "vmap"])
@@ -74,24 +104,28 @@ def test_fed_dyn_matches_sequential_reference_over_rounds(execution):
     lr, alpha = 0.1, 0.3
     algorithm = fed_dyn(model, optax.sgd(lr), optax.sgd(1.0), alpha=alpha,
                         client_weighting="uniform", num_clients=data.num_clients)
-    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=2)
-    step = build_round_step(spy(algorithm), data, schedule, uniform_sampler(len(SIZES), 3), 3,
-                            client_execution=execution)
+    state, cohorts = run(algorithm, model, data, execution)
     params = model.init(jax.random.key(0))
-    state = init_simulation_state(algorithm.init(params), 2)
-    cohorts = []
-    for _ in range(5):
-        state, metrics = step(state)
-        cohorts.append(jax.device_get({k: metrics[k] for k in COHORT}))
-    theta, h, grads = reference(model, data, params, cohorts, lr, alpha)
-    s = state.algorithm
-    chex.assert_trees_all_close(s.params, tree(np.float32, theta), atol=2e-5, rtol=1e-5)
-    chex.assert_trees_all_close(s.h, tree(np.float32, h), atol=2e-5, rtol=1e-5)
-    for i in range(data.num_clients):
-        chex.assert_trees_all_close(tree(lambda x, i=i: x[i], s.client_gradients),
-                                    tree(np.float32, grads[i]), atol=2e-5, rtol=1e-5)
+    assert_state_matches(state.algorithm, *reference(model, data, params, cohorts, lr, alpha))
     ids = [int(i) for cohort in cohorts for i in cohort["client_id"]]
     assert max(ids.count(i) for i in set(ids)) >= 2  # some client's h_i was used again
+
+
+def test_fed_dyn_default_weighting_by_examples_matches_the_reference():
+    model, data = tiny_model(), tiny_data(SIZES)
+    lr, alpha = 0.1, 0.3
+    # The default client_weighting: the mean of the client models is weighted by examples.
+    algorithm = fed_dyn(model, optax.sgd(lr), optax.sgd(1.0), alpha=alpha,
+                        num_clients=data.num_clients)
+    state, cohorts = run(algorithm, model, data)
+    params = model.init(jax.random.key(0))
+    by_examples = reference(model, data, params, cohorts, lr, alpha, weighting="num_examples")
+    assert_state_matches(state.algorithm, *by_examples)
+    # The weighting matters here: the uniform reference is far outside the tolerance above.
+    uniform, _, _ = reference(model, data, params, cohorts, lr, alpha, weighting="uniform")
+    gap = max(float(np.abs(a - b).max()) for a, b in
+              zip(jax.tree.leaves(by_examples[0]), jax.tree.leaves(uniform), strict=True))
+    assert gap > 1e-2, gap
 
 
 def test_config_and_bad_arguments():
