@@ -146,12 +146,12 @@ def _data_command(args, config) -> None:
     import numpy as np
 
     from fedjax_sim.data import stats
-    from fedjax_sim.datasets import cache
+    from fedjax_sim.datasets import cache, convert_dataset
 
     loader = _configured_loader(config)
     if args.data_command == "convert":
         start = time.perf_counter()
-        path = _call_loader(config, cache.convert_dataset, config.dataset.name,
+        path = _call_loader(config, convert_dataset, config.dataset.name,
                             config.dataset.options, args.out)
         summary = cache.open_cache(path).train.summary()
         print(f"fedjax-sim: {config.dataset.name}: {summary['clients']:,} clients, "

@@ -25,11 +25,15 @@ import numpy as np
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
 from fedjax_sim.data.partition import PARTITIONS
-from fedjax_sim.datasets._partition_options import (
+from fedjax_sim.datasets.partition_options import (
     LABEL_PARTITIONS,
-    partition_options,
-    split_centralized,
+    PartitionOptions,
+    centralized_dataset,
+    check_partition,
 )
+
+NATURAL_PARTITION = PartitionOptions("natural", num_clients=10)
+"""The default partition: one client per ``client_id`` (10 clients for the other partitions)."""
 
 KEYS = ("x", "y", "client_id", "x_test", "y_test")
 """Keys the file may hold (others are ignored)."""
@@ -45,17 +49,8 @@ _EXPECTED = {
 def load_arrays(
     *,
     path: str | os.PathLike,
-    partition: str = "natural",
-    num_clients: int = 10,
-    alpha: float = 0.5,
-    shards_per_client: int = 2,
-    classes_per_client: int = 2,
-    quantity_distribution: str = "lognormal",
-    sigma: float = 1.0,
-    exponent: float = 2.5,
-    seed: int = 0,
+    partition: PartitionOptions = NATURAL_PARTITION,
     num_classes: int | None = None,
-    test_fraction: float = 0.0,
 ) -> FederatedDataset:
     """A `FederatedDataset` from the arrays in an ``.npz`` file.
 
@@ -64,21 +59,10 @@ def load_arrays(
         and ``y`` ``[N]`` integer labels, optionally ``client_id`` ``[N]`` (needed for
         ``partition="natural"``), ``x_test`` and ``y_test`` (the central test set). Relative
         paths resolve against the current folder.
-      partition: ``"natural"`` (one client per distinct ``client_id``, `natural_partition`),
-        ``"iid"`` (`iid_partition`), ``"dirichlet"`` (label skew, `dirichlet_partition`),
-        ``"shards"`` (`shards_partition`), ``"quantity"`` (`quantity_skew_partition`) or
-        ``"classes"`` (`classes_partition`); see `fedjax_sim.datasets._partition_options`.
-      num_clients: number of clients (unused for ``"natural"``).
-      alpha: Dirichlet concentration for ``"dirichlet"``.
-      shards_per_client: shards per client for ``"shards"``.
-      classes_per_client: labels per client for ``"classes"``.
-      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
-      sigma: log-normal shape for ``"quantity"``.
-      exponent: power-law exponent for ``"quantity"``.
-      seed: seeds the partition and, independently, the per-client test split.
+      partition: how the examples are split into clients (`PartitionOptions`; default
+        ``"natural"``: one client per distinct ``client_id``; any other partition splits
+        ``num_clients`` clients, 10 by default).
       num_classes: the number of classes; default ``max(y, y_test) + 1``.
-      test_fraction: when > 0, each client's examples are split into train and test parts
-        (`train_test_split_per_client`, shuffled within the client).
 
     Returns:
       A `FederatedDataset` named ``"arrays"`` whose ``info`` has ``num_classes``,
@@ -96,41 +80,29 @@ def load_arrays(
     """
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"path must name an .npz file, got {path!r}")
-    options = partition_options(locals(), dataset="arrays", partitions=PARTITIONS)
+    partition = check_partition(partition, "arrays", PARTITIONS)
     if num_classes is not None and (
         isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
         or num_classes < 1
     ):
         raise ValueError(f"num_classes must be an int >= 1 or null, got {num_classes!r}")
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
-    arrays = _read_npz(path, need_client_id=partition == "natural")
+    arrays = _read_npz(path, need_client_id=partition.partition == "natural")
     x, y = arrays["x"], arrays["y"]
-    if partition in LABEL_PARTITIONS and y.ndim != 1:
+    if partition.partition in LABEL_PARTITIONS and y.ndim != 1:
         raise DataError(
-            f"{path}: key 'y' has shape {y.shape}; partition={partition!r} splits by label and "
-            "expects one label per example, shape [N]"
+            f"{path}: key 'y' has shape {y.shape}; partition={partition.partition!r} splits by "
+            "label and expects one label per example, shape [N]"
         )
     test = {"x": arrays["x_test"], "y": arrays["y_test"]} if "x_test" in arrays else None
     labels = [y] + ([test["y"]] if test is not None else [])
     if num_classes is None:
         # At least 1, so that all-negative labels get the label-range message, not this one.
         num_classes = max(1, max(int(part.max()) for part in labels if part.size) + 1)
-
-    clients, client_test = split_centralized(
-        {"x": x, "y": y}, group_ids=arrays.get("client_id"), **options
-    )
-    return FederatedDataset(
-        name="arrays",
-        train=clients,
-        test=client_test,
-        central_test=test,
-        info={
-            "num_classes": int(num_classes),
-            "pad_label": None,
-            "input_shape": tuple(x.shape[1:]),
-            "input_dtype": str(x.dtype),
-        },
-    )
+    info = {"num_classes": int(num_classes), "input_shape": tuple(x.shape[1:]),
+            "input_dtype": str(x.dtype)}
+    return centralized_dataset("arrays", {"x": x, "y": y}, test, partition, info,
+                               group_ids=arrays.get("client_id"))
 
 
 def _read_npz(path: Path, need_client_id: bool) -> dict[str, np.ndarray]:

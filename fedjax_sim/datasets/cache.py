@@ -22,6 +22,7 @@ them chunk by chunk: peak memory stays near one chunk instead of the whole datas
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,6 +55,8 @@ def allocate_in_memory(split: str, feature: str, shape: tuple, dtype: Any) -> np
 
 
 def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # PartitionOptions
+        return dataclasses.asdict(value)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -297,40 +300,3 @@ def cached_load(path: str | os.PathLike, source: Mapping[str, Any],
     writer.finish(dataset)
     del dataset
     return open_cache(path)
-
-
-def convert_dataset(name: str, options: Mapping[str, Any] | None = None,
-                    cache_dir: str | os.PathLike | None = None) -> Path:
-    """Loads dataset ``name`` with ``options`` and writes it as a cache; returns the folder.
-
-    Loaders with their own cache (the TFF h5 readers take ``cache_dir``) convert into
-    ``cache_dir`` themselves (default: beside their source files); any other dataset is loaded
-    and written to ``<cache_dir>/<name>-<options hash>`` (default ``cache_dir``:
-    ``<data folder>/cache``). This is what ``fedjax-sim data convert`` runs.
-
-    Args:
-      name: a registered dataset name (see `fedjax_sim.datasets.LOADERS`).
-      options: the loader's keyword arguments.
-      cache_dir: the folder that holds cache folders.
-
-    Returns:
-      The cache folder; `open_cache` opens it.
-    """
-    import inspect
-
-    from fedjax_sim.datasets import dataset_loader, load_dataset
-    from fedjax_sim.datasets.download import data_dir
-
-    options = dict(options or {})
-    parameters = inspect.signature(dataset_loader(name)).parameters
-    if "cache_dir" in parameters:
-        if cache_dir is not None:
-            options["cache_dir"] = os.fspath(cache_dir)
-        options["cache"] = True
-        dataset = load_dataset(name, **options)
-        return Path(dataset.info["cache"])
-    dataset = load_dataset(name, **options)
-    root = Path(cache_dir) if cache_dir is not None else \
-        data_dir(options.get("data_dir")) / "cache"
-    return write_cache(dataset, root / options_key(name, options),
-                       source={"loader": name, "options": options})

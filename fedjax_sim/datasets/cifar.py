@@ -30,10 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +37,13 @@ import numpy as np
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
 from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
-from fedjax_sim.datasets._partition_options import partition_options, split_centralized
+from fedjax_sim.datasets.partition_options import (
+    DEFAULT_PARTITION,
+    PartitionOptions,
+    centralized_dataset,
+    check_partition,
+    image_info,
+)
 
 IMAGE_SHAPE = (32, 32, 3)
 PIXELS = 32 * 32 * 3
@@ -155,38 +157,19 @@ def extract_archive(archive: str | os.PathLike, root: str | os.PathLike, folder:
       DataError (naming the archive): not a readable ``.tar.gz``, an unsafe member, or no
         ``folder/`` in it.
     """
-    archive, root = Path(archive), Path(root)
-    if not hasattr(tarfile, "data_filter"):
-        raise DataError(
-            f"{archive}: this Python ({sys.version.split()[0]}) has no safe tar extraction "
-            "(tarfile's data filter, Python >= 3.10.12 / 3.11.4); upgrade Python or unpack "
-            f"the archive yourself into {root}"
-        )
-    temp = Path(tempfile.mkdtemp(prefix=f".{folder}.", suffix=".part", dir=root))
-    try:
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                members = [
-                    m for m in tar.getmembers() if m.name.split("/", 1)[0] == folder
-                ]
-                if not members:
-                    raise DataError(
-                        f"{archive}: has no {folder}/ folder; expected the binary CIFAR "
-                        f"archive (the one with {folder}/ inside)"
-                    )
-                tar.extractall(temp, members=members, filter="data")
-        except (tarfile.TarError, EOFError, OSError) as e:
+    root = Path(root)
+    with download_lib.extracted_tar(
+        archive, root, lambda member: member.name.split("/", 1)[0] == folder
+    ) as (temp, members):
+        if not members:
             raise DataError(
-                f"{archive}: cannot unpack it ({type(e).__name__}: {e}); delete it and fetch "
-                "it again"
-            ) from e
+                f"{archive}: has no {folder}/ folder; expected the binary CIFAR archive (the "
+                f"one with {folder}/ inside)"
+            )
         target = root / folder
-        if target.exists():  # another process unpacked it meanwhile
-            return target
-        os.replace(temp / folder, target)
+        if not target.exists():  # else another process unpacked it meanwhile
+            os.replace(temp / folder, target)
         return target
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _ensure_folder(root: Path, version: CifarVersion, download: bool) -> Path:
@@ -195,14 +178,11 @@ def _ensure_folder(root: Path, version: CifarVersion, download: bool) -> Path:
     files = (*version.train_files, *version.test_files)
     if all((folder / name).is_file() for name in files):
         return folder
-    archive = root / version.archive
-    if not archive.is_file():
-        missing = next(folder / name for name in files if not (folder / name).is_file())
-        if not download:
-            raise download_lib.MissingFileError(_missing_message(root, version, missing))
-        download_lib.download_file(version.url, archive, version.sha256)
-    else:
-        download_lib.check_sha256(archive, download_lib.sha256_file(archive), version.sha256)
+    missing = next(folder / name for name in files if not (folder / name).is_file())
+    archive = download_lib.ensure_archive(
+        root / version.archive, url=version.url, sha256=version.sha256, download=download,
+        missing_message=_missing_message(root, version, missing),
+    )
     if folder.exists():
         missing = [name for name in files if not (folder / name).is_file()]
         raise DataError(
@@ -314,76 +294,31 @@ def load_cifar_arrays(
     return train, test
 
 
-def _load(
-    name: str,
-    version: CifarVersion,
-    class_names: tuple[str, ...],
-    options: dict,
-    *,
-    data_dir,
-    download: bool,
-    label_mode: str = "fine",
-) -> FederatedDataset:
-    train, central_test = load_cifar_arrays(version, data_dir, download, label_mode)
-    clients, test = split_centralized(train, **options)
-    return FederatedDataset(
-        name=name,
-        train=clients,
-        test=test,
-        central_test=central_test,
-        info={
-            "num_classes": len(class_names),
-            "pad_label": None,
-            "input_shape": IMAGE_SHAPE,
-            "input_dtype": "float32",
-            "class_names": list(class_names),
-        },
-    )
-
-
 def load_cifar10(
     *,
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
-    partition: str = "dirichlet",
-    num_clients: int = 100,
-    alpha: float = 0.5,
-    shards_per_client: int = 2,
-    classes_per_client: int = 2,
-    quantity_distribution: str = "lognormal",
-    sigma: float = 1.0,
-    exponent: float = 2.5,
-    seed: int = 0,
-    test_fraction: float = 0.0,
+    partition: PartitionOptions = DEFAULT_PARTITION,
 ) -> FederatedDataset:
-    """CIFAR-10's 50,000 training images split into ``num_clients`` clients.
+    """CIFAR-10's 50,000 training images split into clients.
 
     Args:
       data_dir: the root data folder (``<data_dir>/cifar-10-batches-bin/`` or the archive
         ``<data_dir>/cifar-10-binary.tar.gz``).
       download: fetch the archive (170 MB) when neither is there.
-      partition: a partitioner of `split_into_clients`: ``"dirichlet"`` (label skew with
-        ``alpha``; Hsu et al. 2019 use CIFAR-10 this way), ``"iid"``, ``"shards"``,
-        ``"quantity"`` or ``"classes"`` (see `fedjax_sim.datasets._partition_options`).
-      num_clients: number of clients.
-      alpha: Dirichlet concentration.
-      shards_per_client: shards per client for ``"shards"``.
-      classes_per_client: labels per client for ``"classes"``.
-      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
-      sigma: log-normal shape for ``"quantity"``.
-      exponent: power-law exponent for ``"quantity"``.
-      seed: seeds the partition and, independently, the per-client test split.
-      test_fraction: when > 0, each client's examples are split into train and test parts.
+      partition: how the training images are split into clients (`PartitionOptions`; default
+        Dirichlet(0.5) label skew over 100 clients, as Hsu et al. 2019 use CIFAR-10).
 
     Returns:
       A `FederatedDataset` named ``"cifar10"``, the 10,000 test images as ``central_test``.
 
     Example:
-      >>> dataset = load_cifar10(num_clients=100, alpha=0.1)  # doctest: +SKIP
+      >>> dataset = load_cifar10(partition=PartitionOptions(alpha=0.1))  # doctest: +SKIP
     """
-    options = partition_options(locals(), dataset="cifar10")
-    return _load("cifar10", CIFAR10, CIFAR10_CLASS_NAMES, options, data_dir=data_dir,
-                 download=download)
+    partition = check_partition(partition, "cifar10")  # before any file is read
+    train, central_test = load_cifar_arrays(CIFAR10, data_dir, download)
+    return centralized_dataset("cifar10", train, central_test, partition,
+                               image_info(CIFAR10_CLASS_NAMES, IMAGE_SHAPE))
 
 
 def load_cifar100(
@@ -391,18 +326,9 @@ def load_cifar100(
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
     label_mode: str = "fine",
-    partition: str = "dirichlet",
-    num_clients: int = 100,
-    alpha: float = 0.5,
-    shards_per_client: int = 2,
-    classes_per_client: int = 2,
-    quantity_distribution: str = "lognormal",
-    sigma: float = 1.0,
-    exponent: float = 2.5,
-    seed: int = 0,
-    test_fraction: float = 0.0,
+    partition: PartitionOptions = DEFAULT_PARTITION,
 ) -> FederatedDataset:
-    """CIFAR-100's 50,000 training images split into ``num_clients`` clients.
+    """CIFAR-100's 50,000 training images split into clients.
 
     (TFF's federated CIFAR-100, 500 clients by a two-level Pachinko allocation, is the
     ``tff_cifar100`` dataset.)
@@ -412,27 +338,17 @@ def load_cifar100(
         ``<data_dir>/cifar-100-binary.tar.gz``).
       download: fetch the archive (169 MB) when neither is there.
       label_mode: ``"fine"`` (100 classes) or ``"coarse"`` (20 superclasses).
-      partition: a partitioner of `split_into_clients`: ``"dirichlet"``, ``"iid"``,
-        ``"shards"``, ``"quantity"`` or ``"classes"`` (see
-        `fedjax_sim.datasets._partition_options`).
-      num_clients: number of clients.
-      alpha: Dirichlet concentration.
-      shards_per_client: shards per client for ``"shards"``.
-      classes_per_client: labels per client for ``"classes"``.
-      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
-      sigma: log-normal shape for ``"quantity"``.
-      exponent: power-law exponent for ``"quantity"``.
-      seed: seeds the partition and, independently, the per-client test split.
-      test_fraction: when > 0, each client's examples are split into train and test parts.
+      partition: how the training images are split into clients (`PartitionOptions`; default
+        Dirichlet(0.5) label skew over 100 clients).
 
     Returns:
       A `FederatedDataset` named ``"cifar100"``, the 10,000 test images as ``central_test``;
       ``info["label_mode"]`` says which labels ``y`` holds.
     """
-    options = partition_options(locals(), dataset="cifar100")
+    partition = check_partition(partition, "cifar100")  # before any file is read
     if label_mode not in ("fine", "coarse"):
         raise ValueError(f"label_mode must be 'fine' or 'coarse', got {label_mode!r}")
     names = CIFAR100_FINE_CLASS_NAMES if label_mode == "fine" else CIFAR100_COARSE_CLASS_NAMES
-    dataset = _load("cifar100", CIFAR100, names, options, data_dir=data_dir,
-                    download=download, label_mode=label_mode)
-    return dataclasses.replace(dataset, info={**dataset.info, "label_mode": label_mode})
+    train, central_test = load_cifar_arrays(CIFAR100, data_dir, download, label_mode)
+    info = {**image_info(names, IMAGE_SHAPE), "label_mode": label_mode}
+    return centralized_dataset("cifar100", train, central_test, partition, info)

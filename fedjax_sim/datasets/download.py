@@ -10,11 +10,16 @@ valid file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
+import sys
+import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import platformdirs
@@ -167,3 +172,68 @@ def ensure_file(path: str | os.PathLike, *, url: str, sha256: str, download: boo
     if not download:
         raise MissingFileError(missing_file_message(path, url))
     return download_file(url, path, sha256)
+
+
+def ensure_archive(
+    path: str | os.PathLike, *, url: str, sha256: str, download: bool, missing_message: str
+) -> Path:
+    """An archive whose sha256 is checked: ``path`` if it is there, else downloaded or refused.
+
+    Unlike `ensure_file`, an existing archive is hashed on every call: it is read only when its
+    contents are extracted, which costs more than the hash.
+
+    Raises:
+      MissingFileError: ``missing_message``, when the archive is absent and ``download`` is
+        False.
+      ChecksumError: the archive (present or downloaded) is not the expected one.
+    """
+    path = Path(path)
+    if path.is_file():
+        check_sha256(path, sha256_file(path), sha256)
+        return path
+    if not download:
+        raise MissingFileError(missing_message)
+    return download_file(url, path, sha256)
+
+
+@contextlib.contextmanager
+def extracted_tar(
+    archive: str | os.PathLike,
+    destination: str | os.PathLike,
+    select: Callable[[tarfile.TarInfo], bool],
+) -> Iterator[tuple[Path, list[tarfile.TarInfo]]]:
+    """Extracts the members ``select`` picks from a tar archive into a temporary folder, safely.
+
+    `tarfile`'s ``data`` filter refuses absolute paths, ``..``, links pointing outside and
+    devices (Python >= 3.10.12 / 3.11.4). The temporary folder is made inside ``destination``,
+    so the caller can ``os.replace`` what it wants into place atomically; it is removed when the
+    context ends, and a failed extraction leaves nothing behind.
+
+    Yields:
+      ``(temporary folder, the extracted members)``.
+
+    Raises:
+      DataError (naming the archive): not a readable archive, or an unsafe member.
+    """
+    archive, destination = Path(archive), Path(destination)
+    if not hasattr(tarfile, "data_filter"):
+        raise DataError(
+            f"{archive}: this Python ({sys.version.split()[0]}) has no safe tar extraction "
+            "(tarfile's data filter, Python >= 3.10.12 / 3.11.4); upgrade Python or unpack "
+            f"the archive yourself into {destination}"
+        )
+    destination.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{archive.name}.", suffix=".part", dir=destination))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                members = [member for member in tar.getmembers() if select(member)]
+                tar.extractall(temp, members=members, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise DataError(
+                f"{archive}: cannot unpack it ({type(error).__name__}: {error}); delete it and "
+                "fetch it again"
+            ) from error
+        yield temp, members
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -25,7 +25,13 @@ import numpy as np
 from fedjax_sim.data.federated_data import FederatedDataset
 from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
 from fedjax_sim.datasets import idx
-from fedjax_sim.datasets._partition_options import partition_options, split_centralized
+from fedjax_sim.datasets.partition_options import (
+    DEFAULT_PARTITION,
+    PartitionOptions,
+    centralized_dataset,
+    check_partition,
+    image_info,
+)
 
 URL_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 """Where Zalando's README (github.com/zalandoresearch/fashion-mnist) points for the files."""
@@ -82,11 +88,8 @@ _FILES = {
     ),
 }
 
-# The IDX parser lives in `fedjax_sim.datasets.idx` (shared with MNIST and EMNIST); these names
-# stay importable from here.
+# The IDX parser lives in `fedjax_sim.datasets.idx` (shared with MNIST and EMNIST).
 read_idx = idx.read_idx
-_read_bytes = idx.read_bytes
-_parse_idx = idx.parse_idx
 
 
 def _load_file(folder: Path, spec: _IdxFile, download: bool) -> np.ndarray:
@@ -98,12 +101,33 @@ def _load_file(folder: Path, spec: _IdxFile, download: bool) -> np.ndarray:
         path = download_lib.ensure_file(
             gz_path, url=spec.url, sha256=spec.gz_sha256, download=download
         )
-    data = _read_bytes(path)
-    array = _parse_idx(data, path)  # format errors first: they say more than a digest does
+    data = idx.read_bytes(path)
+    array = idx.parse_idx(data, path)  # format errors first: they say more than a digest does
     download_lib.check_sha256(
         path, hashlib.sha256(data).hexdigest(), spec.content_sha256, what="decompressed IDX content"
     )
     return array
+
+
+def read_fashion_mnist_files(
+    folder: str | os.PathLike, download: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The four files of ``folder`` as stored: ``{split: (images, labels)}``, digests checked.
+
+    Args:
+      folder: the folder with ``train-images-idx3-ubyte(.gz)`` and the three other files.
+      download: fetch missing files from `URL_BASE` (verified, atomic).
+
+    Returns:
+      ``{"train": ..., "test": ...}``, each ``(uint8 [N, 28, 28], uint8 [N])`` (read-only
+      big-endian views of the files; uint8 has no byte order).
+    """
+    folder = Path(folder)
+    return {
+        split: (_load_file(folder, _FILES[split, "images"], download),
+                _load_file(folder, _FILES[split, "labels"], download))
+        for split in ("train", "test")
+    }
 
 
 def load_fashion_mnist_arrays(
@@ -126,11 +150,10 @@ def load_fashion_mnist_arrays(
       ChecksumError: a file's decompressed content is not the expected one.
       ValueError: a file is not a valid (gzip'd) IDX file.
     """
-    folder = download_lib.data_dir(data_dir) / FOLDER
+    files = read_fashion_mnist_files(download_lib.data_dir(data_dir) / FOLDER, download)
     splits = []
     for split in ("train", "test"):
-        images = _load_file(folder, _FILES[split, "images"], download)
-        labels = _load_file(folder, _FILES[split, "labels"], download)
+        images, labels = files.pop(split)
         x = images.reshape(-1, *IMAGE_SHAPE, 1).astype(np.float32)
         x /= np.float32(255.0)  # in place: one float32 copy of the images, no more
         splits.append({"x": x, "y": labels.astype(np.int32)})
@@ -141,38 +164,16 @@ def load_fashion_mnist(
     *,
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
-    partition: str = "dirichlet",
-    num_clients: int = 100,
-    alpha: float = 0.5,
-    shards_per_client: int = 2,
-    classes_per_client: int = 2,
-    quantity_distribution: str = "lognormal",
-    sigma: float = 1.0,
-    exponent: float = 2.5,
-    seed: int = 0,
-    test_fraction: float = 0.0,
+    partition: PartitionOptions = DEFAULT_PARTITION,
 ) -> FederatedDataset:
-    """Fashion-MNIST split into ``num_clients`` clients.
+    """Fashion-MNIST's 60,000 training images split into clients.
 
     Args:
       data_dir: the root data folder (see `load_fashion_mnist_arrays`).
       download: fetch missing files.
-      partition: how the 60,000 training examples are split: ``"dirichlet"`` (label skew with
-        ``alpha``), ``"iid"``, ``"shards"`` (``shards_per_client`` label-sorted shards),
-        ``"quantity"`` (``quantity_distribution`` client sizes with ``sigma`` or
-        ``exponent``) or ``"classes"`` (``classes_per_client`` labels each); see
-        `fedjax_sim.datasets._partition_options`.
-      num_clients: number of clients.
-      alpha: Dirichlet concentration (small = each client sees few classes).
-      shards_per_client: shards per client for ``"shards"``.
-      classes_per_client: labels per client for ``"classes"``.
-      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
-      sigma: log-normal shape for ``"quantity"``.
-      exponent: power-law exponent for ``"quantity"``.
-      seed: seeds the partition and, independently, the per-client test split, so changing
-        ``test_fraction`` leaves the partition unchanged.
-      test_fraction: when > 0, each client's examples are split into train and test parts
-        (`train_test_split_per_client`, shuffled within the client).
+      partition: how the training images are split into clients (`PartitionOptions`;
+        default Dirichlet(0.5) label skew over 100 clients); ``partition.seed`` seeds the
+        partition and, independently, the per-client test split of ``test_fraction``.
 
     Returns:
       A `FederatedDataset` named ``"fashion_mnist"``: ``train`` (and ``test`` when
@@ -181,23 +182,12 @@ def load_fashion_mnist(
       ``class_names``.
 
     Example:
-      >>> dataset = load_fashion_mnist(num_clients=100, alpha=0.1)  # doctest: +SKIP
+      >>> dataset = load_fashion_mnist(  # doctest: +SKIP
+      ...     partition=PartitionOptions("dirichlet", num_clients=100, alpha=0.1))
       >>> dataset.train.num_examples  # doctest: +SKIP
       60000
     """
-    options = partition_options(locals(), dataset="fashion_mnist")  # checked before reading
+    partition = check_partition(partition, "fashion_mnist")  # before any file is read
     train, central_test = load_fashion_mnist_arrays(data_dir, download)
-    clients, test = split_centralized(train, **options)
-    return FederatedDataset(
-        name="fashion_mnist",
-        train=clients,
-        test=test,
-        central_test=central_test,
-        info={
-            "num_classes": len(CLASS_NAMES),
-            "pad_label": None,
-            "input_shape": (*IMAGE_SHAPE, 1),
-            "input_dtype": "float32",
-            "class_names": list(CLASS_NAMES),
-        },
-    )
+    return centralized_dataset("fashion_mnist", train, central_test, partition,
+                               image_info(CLASS_NAMES, (*IMAGE_SHAPE, 1)))

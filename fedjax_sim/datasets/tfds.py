@@ -39,7 +39,14 @@ from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
 from fedjax_sim.data.partition import PARTITIONS
 from fedjax_sim.datasets import download as download_lib
-from fedjax_sim.datasets._partition_options import partition_options, split_centralized
+from fedjax_sim.datasets.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASS_NAMES
+from fedjax_sim.datasets.fashion_mnist import read_fashion_mnist_files
+from fedjax_sim.datasets.partition_options import (
+    DEFAULT_PARTITION,
+    PartitionOptions,
+    centralized_dataset,
+    check_partition,
+)
 
 TFDS_FOLDER = "tfds"
 """Sub-folder of the root data folder used as the TFDS data dir when none is given."""
@@ -51,6 +58,8 @@ _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 def _tfds():
     """``tensorflow_datasets``, imported on first use (0.2 s; it never imports TensorFlow)."""
+    # Lazy so that importing this module (the registry does, for `tfds` configs only) and the
+    # functions that never touch TFDS stay cheap; not to dodge an import cycle.
     import tensorflow_datasets
 
     return tensorflow_datasets
@@ -285,16 +294,7 @@ def load_tfds(
     label_feature: str = "label",
     client_id_feature: str | None = None,
     image_dtype: str = "float32",
-    partition: str = "dirichlet",
-    num_clients: int = 100,
-    alpha: float = 0.5,
-    shards_per_client: int = 2,
-    classes_per_client: int = 2,
-    quantity_distribution: str = "lognormal",
-    sigma: float = 1.0,
-    exponent: float = 2.5,
-    seed: int = 0,
-    test_fraction: float = 0.0,
+    partition: PartitionOptions = DEFAULT_PARTITION,
     num_classes: int | None = None,
     batch_size: int = 10_000,
 ) -> FederatedDataset:
@@ -315,19 +315,9 @@ def load_tfds(
         used by ``partition="natural"`` (one client per distinct id).
       image_dtype: ``"float32"`` (8-bit images scaled to [0, 1], other numbers cast) or
         ``"uint8"`` (raw pixels).
-      partition: any `split_into_clients` name: ``"natural"`` (by ``client_id_feature``),
-        ``"iid"``, ``"dirichlet"`` (``alpha``), ``"shards"`` (``shards_per_client``),
-        ``"quantity"`` (``quantity_distribution``, ``sigma``, ``exponent``), ``"classes"``
-        (``classes_per_client``).
-      num_clients: clients for every partition but ``"natural"``.
-      alpha: Dirichlet concentration.
-      shards_per_client: shards per client (``"shards"``).
-      classes_per_client: labels per client (``"classes"``).
-      quantity_distribution: ``"lognormal"`` or ``"powerlaw"`` client sizes (``"quantity"``).
-      sigma: log-normal shape (``"quantity"``).
-      exponent: power-law exponent (``"quantity"``).
-      seed: seeds the partition and, independently, the per-client test split.
-      test_fraction: when > 0, each client's examples are split into train and test parts.
+      partition: how the examples are split into clients (`PartitionOptions`; default
+        Dirichlet(0.5) label skew over 100 clients); ``"natural"`` makes one client per
+        distinct ``client_id_feature``.
       num_classes: number of classes; default the label ClassLabel's ``num_classes``, else
         ``max label + 1``.
       batch_size: examples per batched read.
@@ -343,17 +333,18 @@ def load_tfds(
         or a feature has the wrong kind of values.
       ValueError: an option has a bad value.
     """
-    options = partition_options(locals(), dataset=f"tfds:{tfds_name}", partitions=PARTITIONS)
-    _check_options(partition, client_id_feature, image_dtype, batch_size, num_classes)
+    partition = check_partition(partition, f"tfds:{tfds_name}", PARTITIONS)
+    natural = partition.partition == "natural"
+    _check_options(partition.partition, client_id_feature, image_dtype, batch_size, num_classes)
     builder = open_tfds_builder(tfds_name, data_dir, download)
     wanted = [image_feature, label_feature]
-    if partition == "natural":
+    if natural:
         wanted.append(client_id_feature)
     train = read_tfds_split(builder, split, wanted, batch_size, what="split")
     x = _inputs(builder, train[image_feature], image_dtype, image_feature)
     y = _labels(builder, train[label_feature], label_feature)
     group_ids = None
-    if partition == "natural":
+    if natural:
         group_ids = _decode_text(train[client_id_feature])
         if group_ids.ndim != 1:
             raise DataError(
@@ -380,10 +371,8 @@ def load_tfds(
     names = getattr(label_info, "names", None)
     if names and not all(n == str(i) for i, n in enumerate(names)):
         class_names = list(names)
-    clients, client_test = split_centralized({"x": x, "y": y}, group_ids=group_ids, **options)
     info: dict[str, Any] = {
         "num_classes": int(num_classes),
-        "pad_label": None,
         "input_shape": tuple(x.shape[1:]),
         "input_dtype": str(x.dtype),
         "tfds_name": builder.name,
@@ -392,18 +381,13 @@ def load_tfds(
     }
     if class_names:
         info["class_names"] = class_names
-    return FederatedDataset(
-        name=f"tfds:{tfds_name}",
-        train=clients,
-        test=client_test,
-        central_test=central_test,
-        info=info,
-    )
+    return centralized_dataset(f"tfds:{tfds_name}", {"x": x, "y": y}, central_test, partition,
+                               info, group_ids=group_ids)
 
 
 def _check_options(partition, client_id_feature, image_dtype, batch_size, num_classes):
-    """ValueError naming the first option with a bad value (partition options: see
-    `partition_options`)."""
+    """ValueError naming the first option with a bad value (the partition's: see
+    `PartitionOptions`)."""
     if partition == "natural" and not client_id_feature:
         raise ValueError(
             "partition='natural' needs client_id_feature (the TFDS feature that holds each "
@@ -450,7 +434,7 @@ def _encoder(feature):
     numpy image with TensorFlow, a PIL image with Pillow), the value itself otherwise."""
     tfds = _tfds()
     if isinstance(feature, tfds.features.Image):
-        from PIL import Image
+        from PIL import Image  # lazy: only building a dataset with images needs Pillow
 
         def to_pil(array: np.ndarray):
             array = np.asarray(array)
@@ -617,22 +601,19 @@ def build_fashion_mnist_tfds(
     Returns:
       The dataset folder ``<data_dir>/fashion_mnist/3.0.1``.
     """
-    from fedjax_sim.datasets import fashion_mnist
-
     tfds = _tfds()
     idx_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(idx_dir))))
-    splits = {}
-    for split in ("train", "test"):
-        images = fashion_mnist._load_file(idx_dir, fashion_mnist._FILES[split, "images"], False)
-        labels = fashion_mnist._load_file(idx_dir, fashion_mnist._FILES[split, "labels"], False)
-        splits[split] = {"image": images[..., None], "label": labels.astype(np.int64)}
+    splits = {
+        split: {"image": images[..., None], "label": labels.astype(np.int64)}
+        for split, (images, labels) in read_fashion_mnist_files(idx_dir).items()
+    }
     return build_tfds_from_arrays(
         "fashion_mnist",
         splits,
         data_dir,
         {
             "image": tfds.features.Image(shape=(28, 28, 1)),
-            "label": tfds.features.ClassLabel(names=list(fashion_mnist.CLASS_NAMES)),
+            "label": tfds.features.ClassLabel(names=list(FASHION_MNIST_CLASS_NAMES)),
         },
         version="3.0.1",
         description="Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747), built "

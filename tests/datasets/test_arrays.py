@@ -11,10 +11,15 @@ import pytest
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.validation import validate_dataset
-from fedjax_sim.datasets import load_dataset
-from fedjax_sim.datasets.arrays import load_arrays
+from fedjax_sim.datasets import PartitionOptions, load_dataset
+from fedjax_sim.datasets import arrays as arrays_lib
 
 N, FEATURES, CLASSES = 120, 3, 4
+
+
+def load_arrays(**options):
+    """The ``arrays`` loader with flat options, as configs and `load_dataset` give them."""
+    return load_dataset("arrays", **options)
 
 
 def examples(n=N, seed=0):
@@ -69,7 +74,9 @@ def test_iid_and_dirichlet_cover_every_example_once(tmp_path, partition):
     dataset = load_arrays(path=path, partition=partition, num_clients=7, alpha=0.3, seed=3)
     assert dataset.train.num_clients == 7 and dataset.train.client_sizes.min() >= 1
     assert_each_example_once(dataset.train, x, y)
-    again = load_arrays(path=path, partition=partition, num_clients=7, alpha=0.3, seed=3)
+    # The loader itself, given the options object, splits exactly as the flat options do.
+    again = arrays_lib.load_arrays(
+        path=path, partition=PartitionOptions(partition, num_clients=7, alpha=0.3, seed=3))
     np.testing.assert_array_equal(again.train.arrays["x"], dataset.train.arrays["x"])
     if partition == "iid":
         assert sorted(dataset.train.client_sizes.tolist()) == [17] * 6 + [18]

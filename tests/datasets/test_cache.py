@@ -8,6 +8,7 @@ import pytest
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedData, FederatedDataset
 from fedjax_sim.datasets import cache as cache_lib
+from fedjax_sim.datasets import convert_dataset
 
 
 def small_dataset():
@@ -108,7 +109,7 @@ def test_convert_dataset_writes_a_cache_of_any_loader(tmp_path):
     x, y = rng.normal(size=(40, 3)).astype(np.float32), rng.integers(0, 4, 40)
     np.savez(tmp_path / "d.npz", x=x, y=y, client_id=np.repeat(np.arange(5), 8))
     options = {"path": str(tmp_path / "d.npz")}
-    path = cache_lib.convert_dataset("arrays", options, tmp_path / "caches")
+    path = convert_dataset("arrays", options, tmp_path / "caches")
     assert path.parent == tmp_path / "caches"
     opened = cache_lib.open_cache(path)
     assert opened.train.num_clients == 5

@@ -18,7 +18,7 @@ import pytest
 from fedjax_sim.cli import main
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.validation import validate_dataset
-from fedjax_sim.datasets import cifar, load_dataset
+from fedjax_sim.datasets import PartitionOptions, cifar, load_dataset
 from fedjax_sim.datasets import download as download_lib
 from fedjax_sim.models import MODELS
 
@@ -98,8 +98,8 @@ def test_cifar10_arrays_are_exactly_the_records(small_counts, tmp_path):
 @pytest.mark.parametrize("label_mode, column, classes", [("fine", 1, 100), ("coarse", 0, 20)])
 def test_cifar100_label_modes(label_mode, column, classes, small_counts, tmp_path):
     written = write_cifar100(tmp_path / "cifar-100-binary")
-    dataset = cifar.load_cifar100(data_dir=tmp_path, label_mode=label_mode, partition="iid",
-                                  num_clients=3)
+    dataset = cifar.load_cifar100(data_dir=tmp_path, label_mode=label_mode,
+                                  partition=PartitionOptions("iid", num_clients=3))
     validate_dataset(dataset)
     planes, labels = written["test.bin"]
     np.testing.assert_array_equal(dataset.central_test["y"], labels[:, column])
@@ -160,7 +160,8 @@ def test_archive_is_checked_and_unpacked_atomically(small_counts, tmp_path, monk
         cifar.load_cifar10(data_dir=tmp_path / "data")
     assert str(archive) in str(error.value) and cifar.CIFAR10.sha256 in str(error.value)
     _trust(monkeypatch, "CIFAR10", archive)
-    dataset = cifar.load_cifar10(data_dir=tmp_path / "data", partition="iid", num_clients=2)
+    dataset = cifar.load_cifar10(data_dir=tmp_path / "data",
+                                 partition=PartitionOptions("iid", num_clients=2))
     assert dataset.train.num_examples == 5 * PER_BATCH
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
         "cifar-10-batches-bin", "cifar-10-binary.tar.gz"]  # no temporary folder left
@@ -180,8 +181,8 @@ def test_download_then_unpack(small_counts, tmp_path, monkeypatch):
     monkeypatch.setattr(cifar, "URL_BASE", server.as_uri() + "/")
     with pytest.raises(FileNotFoundError):
         cifar.load_cifar100(data_dir=tmp_path / "data")  # download defaults to False
-    dataset = cifar.load_cifar100(data_dir=tmp_path / "data", download=True, partition="iid",
-                                  num_clients=3)
+    dataset = cifar.load_cifar100(data_dir=tmp_path / "data", download=True,
+                                  partition=PartitionOptions("iid", num_clients=3))
     assert dataset.central_test["x"].shape == (TEST, 32, 32, 3)
     assert (tmp_path / "data" / "cifar-100-binary.tar.gz").read_bytes() == archive.read_bytes()
 
@@ -277,7 +278,9 @@ def test_bad_options(tmp_path):
     with pytest.raises(ValueError, match=r"label_mode must be 'fine' or 'coarse', got 'both'"):
         cifar.load_cifar100(data_dir=tmp_path, label_mode="both")
     with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\)"):
-        cifar.load_cifar10(data_dir=tmp_path, test_fraction=1.0)
+        load_dataset("cifar10", data_dir=tmp_path, test_fraction=1.0)
+    with pytest.raises(TypeError, match=r"partition must be a PartitionOptions.*got 'iid'"):
+        cifar.load_cifar10(data_dir=tmp_path, partition="iid")
 
 
 def test_cifar10_config_runs_on_small_files(small_counts, tmp_path):

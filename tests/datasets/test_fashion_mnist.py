@@ -12,6 +12,7 @@ import pytest
 from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data, require_shared_data
 
 from fedjax_sim.data.errors import DataError
+from fedjax_sim.datasets import PartitionOptions, load_dataset
 from fedjax_sim.datasets import download as download_lib
 from fedjax_sim.datasets import fashion_mnist as fm
 
@@ -107,7 +108,8 @@ def test_real_arrays_shapes_dtypes_and_statistics(real_arrays):
 @needs_shared
 def test_real_dirichlet_federated_dataset_covers_the_train_set(real_arrays):
     train, test = real_arrays
-    dataset = fm.load_fashion_mnist(data_dir=SHARED_DATA, num_clients=100, alpha=0.5, seed=0)
+    dataset = fm.load_fashion_mnist(data_dir=SHARED_DATA, partition=PartitionOptions(
+        "dirichlet", num_clients=100, alpha=0.5, seed=0))
     assert dataset.name == "fashion_mnist"
     assert dataset.train.num_clients == 100 and dataset.train.num_examples == 60_000
     assert dataset.train.client_sizes.min() >= 1
@@ -129,8 +131,9 @@ def test_real_dirichlet_federated_dataset_covers_the_train_set(real_arrays):
 
 def test_per_client_test_split_keeps_the_partition(real_arrays, monkeypatch):
     monkeypatch.setattr(fm, "load_fashion_mnist_arrays", lambda *args, **kwargs: real_arrays)
-    whole = fm.load_fashion_mnist(partition="iid", num_clients=10, seed=3)
-    split = fm.load_fashion_mnist(partition="iid", num_clients=10, seed=3, test_fraction=0.25)
+    whole = fm.load_fashion_mnist(partition=PartitionOptions("iid", num_clients=10, seed=3))
+    split = fm.load_fashion_mnist(
+        partition=PartitionOptions("iid", num_clients=10, seed=3, test_fraction=0.25))
     np.testing.assert_array_equal(
         split.train.client_sizes + split.test.client_sizes, whole.train.client_sizes
     )
@@ -144,15 +147,17 @@ def test_per_client_test_split_keeps_the_partition(real_arrays, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"partition": "shard"}, r"partition must be one of \['iid', 'dirichlet', 'shards', "
-         r"'quantity', 'classes'\], got 'shard'"),
+        ({"partition": "shard"}, r"partition must be one of \['iid', 'dirichlet', 'natural', "
+         r"'shards', 'quantity', 'classes'\], got 'shard' \(did you mean 'shards'\?\)"),
+        ({"partition": "natural"}, r"partition must be one of \['iid', 'dirichlet', 'shards', "
+         r"'quantity', 'classes'\], got 'natural' \(fashion_mnist has no client id"),
         ({"test_fraction": 1.0}, r"test_fraction must be in \[0, 1\), got 1.0"),
         ({"test_fraction": -0.1}, r"test_fraction must be in \[0, 1\), got -0.1"),
     ],
 )
 def test_invalid_loader_arguments(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        fm.load_fashion_mnist(data_dir=tmp_path, **kwargs)
+        load_dataset("fashion_mnist", data_dir=tmp_path, **kwargs)
 
 
 # --- (b) IDX files written here ---------------------------------------------------------------

@@ -17,7 +17,7 @@ from fedjax_sim.cli import main
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.validation import validate_dataset
 from fedjax_sim.datasets import leaf, load_dataset
-from fedjax_sim.datasets import shakespeare as tff_shakespeare
+from fedjax_sim.datasets import vocab as char_vocab
 
 ROOT = Path(__file__).resolve().parents[2]
 USERS = ["f0001_41", "f0002_07", "f0003_19"]
@@ -215,8 +215,8 @@ def shakespeare_users():
 
 def reference_ids(text: str) -> list[int]:
     """TFF's ids by hand: vocabulary position + 1, anything else OOV."""
-    vocab = tff_shakespeare.CHAR_VOCAB
-    return [vocab.index(c) + 1 if c in vocab else tff_shakespeare.OOV_ID for c in text]
+    vocab = char_vocab.CHAR_VOCAB
+    return [vocab.index(c) + 1 if c in vocab else char_vocab.OOV_ID for c in text]
 
 
 @pytest.mark.parametrize("targets", ["all", "last"])
@@ -242,7 +242,7 @@ def test_shakespeare_sequences(targets, tmp_path):
     assert info["num_classes"] == 90 and info["pad_label"] == 0 and info["input_shape"] == (80,)
     assert info["input_dtype"] == "int32" and info["targets"] == targets
     # Non-ASCII characters are one OOV id each (the window keeps its 80 positions).
-    assert "é" in TEXT and reference_ids("é") == [tff_shakespeare.OOV_ID]
+    assert "é" in TEXT and reference_ids("é") == [char_vocab.OOV_ID]
 
 
 def test_shakespeare_bad_lengths(tmp_path):

@@ -19,8 +19,8 @@ import pytest
 from fedjax_sim.cli import main
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.validation import validate_dataset
+from fedjax_sim.datasets import PartitionOptions, idx, load_dataset
 from fedjax_sim.datasets import download as download_lib
-from fedjax_sim.datasets import idx, load_dataset
 from fedjax_sim.datasets import mnist as mn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +104,8 @@ def test_mnist_decompressed_files_load_the_same(small_specs, tmp_path):
 
 def test_mnist_federated_covers_every_example(small_specs):
     folder, written = small_specs
-    dataset = mn.load_mnist(data_dir=folder.parent, partition="iid", num_clients=4, seed=1)
+    dataset = mn.load_mnist(data_dir=folder.parent,
+                            partition=PartitionOptions("iid", num_clients=4, seed=1))
     validate_dataset(dataset)
     assert dataset.name == "mnist" and dataset.train.num_clients == 4
     assert dataset.train.num_examples == NUM_TRAIN
@@ -255,7 +256,8 @@ def test_emnist_extracted_files_work_without_the_zip(small_emnist, tmp_path):
     for (part, kind), array in arrays.items():
         (folder / mn.emnist_file_name("balanced", part, kind)).write_bytes(
             gzip.compress(idx_bytes(array)))
-    dataset = mn.load_emnist(split="balanced", data_dir=tmp_path, partition="iid", num_clients=5)
+    dataset = mn.load_emnist(split="balanced", data_dir=tmp_path,
+                             partition=PartitionOptions("iid", num_clients=5))
     validate_dataset(dataset)
     assert dataset.info["num_classes"] == 47 and dataset.info["split"] == "balanced"
     assert dataset.info["class_names"][36:] == list("abdefghnqrt")

@@ -27,7 +27,7 @@ from fedjax_sim.config import ConfigError, load_config
 from fedjax_sim.data.partition import PARTITIONS
 from fedjax_sim.datasets import cifar, fashion_mnist, load_dataset
 from fedjax_sim.datasets import mnist as mn
-from fedjax_sim.datasets._partition_options import CENTRALIZED_PARTITIONS
+from fedjax_sim.datasets.partition_options import CENTRALIZED_PARTITIONS
 from fedjax_sim.simulation.loop import build_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -294,8 +294,8 @@ def test_fashion_mnist_config_overrides_reach_every_partition(fashion):
     "override, message",
     [
         ("dataset.partition=shard",
-         r"partition must be one of \['iid', 'dirichlet', 'shards', 'quantity', 'classes'\], "
-         r"got 'shard'"),
+         r"partition must be one of \['iid', 'dirichlet', 'natural', 'shards', 'quantity', "
+         r"'classes'\], got 'shard' \(did you mean 'shards'\?\)"),
         ("dataset.partition=natural",
          r"partition must be one of .*, got 'natural' \(fashion_mnist has no client id"),
         ("dataset.shards_per_client=0", r"shards_per_client must be an int >= 1, got 0"),
@@ -342,3 +342,54 @@ def test_bad_values_are_named_by_every_loader(name, tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             load_dataset(name, **location, **options)
+
+
+# --- the options object and its flat form --------------------------------------------------------
+
+
+def test_flat_options_are_the_fields_with_the_loaders_defaults():
+    import inspect
+
+    from fedjax_sim.datasets import PartitionOptions, dataset_loader
+
+    fields = [f.name for f in dataclasses.fields(PartitionOptions)]
+    for name, default in (("mnist", PartitionOptions()),
+                          ("arrays", PartitionOptions("natural", num_clients=10))):
+        parameters = inspect.signature(dataset_loader(name)).parameters
+        assert {f: parameters[f].default for f in fields} == dataclasses.asdict(default)
+        assert "data_dir" in parameters or "path" in parameters
+    # Loaders without a partition keep their own signature.
+    assert "partition" not in inspect.signature(dataset_loader("shakespeare")).parameters
+
+
+def test_unknown_keys_get_a_did_you_mean_everywhere(tmp_path):
+    from fedjax_sim.datasets import PartitionOptions
+
+    with pytest.raises(ValueError, match=r"unknown partition option 'alpah' \(did you mean "
+                       r"'alpha'\?\)"):
+        PartitionOptions.from_mapping({"alpah": 0.1})
+    with pytest.raises(ValueError, match=r"dataset 'mnist' has no option 'alpah' \(did you mean "
+                       r"'alpha'\?\)"):
+        load_dataset("mnist", data_dir=str(tmp_path), alpah=0.1)
+    config = load_config(ROOT / "configs" / "fashion_mnist_fedavg.yaml",
+                         ["dataset.num_clinets=5", f"dataset.data_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'dataset.num_clinets'.*did you "
+                       r"mean 'dataset.num_clients'"):
+        build_experiment(config)
+
+
+def test_an_options_object_and_flat_fields_combine(tmp_path, monkeypatch):
+    from fedjax_sim.datasets import PartitionOptions
+
+    x, y = write_mnist(tmp_path, monkeypatch)
+    base = PartitionOptions("shards", num_clients=NUM_CLIENTS, shards_per_client=2, seed=4)
+    given = load_dataset("mnist", data_dir=str(tmp_path), partition=base, seed=5)
+    flat = load_dataset("mnist", data_dir=str(tmp_path), partition="shards",
+                        num_clients=NUM_CLIENTS, shards_per_client=2, seed=5)
+    direct = mn.load_mnist(data_dir=tmp_path, partition=dataclasses.replace(base, seed=5))
+    for dataset in (given, direct):
+        np.testing.assert_array_equal(dataset.train.offsets, flat.train.offsets)
+        np.testing.assert_array_equal(dataset.train.arrays["y"], flat.train.arrays["y"])
+    check_partition(flat, "shards", x, y, {**SMALL_OPTIONS, "shards_per_client": 2})
+    seed4 = load_dataset("mnist", data_dir=str(tmp_path), partition=base)
+    assert not np.array_equal(seed4.train.arrays["y"], flat.train.arrays["y"])  # seed reached

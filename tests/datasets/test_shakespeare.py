@@ -16,6 +16,13 @@ import pytest
 
 from fedjax_sim.datasets import shakespeare
 from fedjax_sim.datasets.shakespeare import (
+    lines_by_role,
+    load_shakespeare,
+    parse_play,
+    shakespeare_report,
+    snippets_to_sequences,
+)
+from fedjax_sim.datasets.vocab import (
     BOS_ID,
     CHAR_VOCAB,
     EOS_ID,
@@ -23,11 +30,6 @@ from fedjax_sim.datasets.shakespeare import (
     PAD_ID,
     VOCAB_SIZE,
     char_ids,
-    lines_by_role,
-    load_shakespeare,
-    parse_play,
-    shakespeare_report,
-    snippets_to_sequences,
 )
 
 # The literal from tensorflow_federated/python/simulation/baselines/shakespeare/

@@ -13,15 +13,21 @@ from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.partition import split_into_clients
-from fedjax_sim.datasets import load_dataset
+from fedjax_sim.datasets import PartitionOptions, load_dataset
+from fedjax_sim.datasets import tfds as tfds_lib
 from fedjax_sim.datasets.download import ChecksumError, MissingFileError
-from fedjax_sim.datasets.tfds import build_fashion_mnist_tfds, build_tfds_from_arrays, load_tfds
+from fedjax_sim.datasets.tfds import build_fashion_mnist_tfds, build_tfds_from_arrays
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
 SHARED_FASHION_MNIST = SHARED_DATA / "fashion-mnist"
 WRITERS = np.array(["ann", "bob", "cy", "dee", "eve"])
 CLASS_NAMES = ["cat", "dog", "eel", "fox"]
+
+
+def load_tfds(**options):
+    """The ``tfds`` loader with flat options, as configs and `load_dataset` give them."""
+    return load_dataset("tfds", **options)
 
 
 def make_split(num_examples: int, seed: int) -> dict[str, np.ndarray]:
@@ -137,9 +143,10 @@ def test_float32_images_and_tensor_inputs(toy):
 )
 def test_partitioners_split_the_training_arrays(toy, partition, options):
     data_dir, splits, _ = toy
-    dataset = load_tfds(
-        tfds_name="toy_writers", data_dir=data_dir, partition=partition, num_clients=4, seed=3,
-        test_fraction=0.25, image_dtype="uint8", **options,
+    dataset = tfds_lib.load_tfds(
+        tfds_name="toy_writers", data_dir=data_dir, image_dtype="uint8",
+        partition=PartitionOptions(partition, num_clients=4, seed=3, test_fraction=0.25,
+                                   **options),
     )
     train = splits["train"]
     expected_train, expected_test = split_into_clients(
