@@ -1,5 +1,7 @@
-"""SCAFFOLD against a sequential reference written here (with its per-client store), and its
-first round with zero control variates against FedAvg."""
+"""SCAFFOLD against a sequential reference written here (with its per-client store); its first
+round (zero control variates) against FedAvg and a closed form; and, with equal local step counts
+and uniform weights, the cancellation of the corrections in the server average (the paper's
+setting) checked round by round."""
 
 import chex
 import jax
@@ -47,8 +49,8 @@ def drop_second_client(key, clients):
                            num_steps=np.where(keep, 1, 0) * clients.num_steps)
 
 
-def rounds(algorithm, data, n, cohort_size=3, **kwargs):
-    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=2)
+def rounds(algorithm, data, n, cohort_size=3, schedule=None, **kwargs):
+    schedule = schedule or ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=2)
     sampler = uniform_sampler(data.num_clients, cohort_size)
     step = build_round_step(spy(algorithm), data, schedule, sampler, cohort_size, **kwargs)
     state = init_simulation_state(algorithm.init(tiny_model().init(jax.random.key(0))), 11)
@@ -61,6 +63,39 @@ def rounds(algorithm, data, n, cohort_size=3, **kwargs):
 
 def tree(f, *trees):
     return jax.tree.map(f, *trees)
+
+
+def local_path(model, data, start, indices, mask, lr, correction):
+    """One client's local SGD ``y <- y - lr (g(y) + correction)``, one step at a time.
+
+    Returns the final y and the raw (uncorrected) gradients g(y_k) of the real steps.
+    """
+    x, labels = data.arrays["x"], data.arrays["y"]
+    y, raw = start, []
+    for s in range(indices.shape[0]):
+        rows = indices[s][mask[s]]
+        if rows.size == 0:
+            continue
+        g = tree(np.float64, loss_gradient(model, tree(np.float32, y), x[rows], labels[rows]))
+        y = tree(lambda v, g, k: v - lr * (g + k), y, g, correction)
+        raw.append(g)
+    return y, raw
+
+
+def mean_of(trees, weights=None):
+    weights = np.ones(len(trees)) if weights is None else np.asarray(weights, np.float64)
+    p = weights / weights.sum()
+    return tree(lambda *leaves: sum(pi * leaf for pi, leaf in zip(p, leaves, strict=True)),
+                *trees)
+
+
+def row(store, i):
+    return tree(lambda leaf: np.asarray(leaf[i], np.float64), store)
+
+
+def max_gap(a, b):
+    return max(float(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64)).max())
+               for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 class Reference:
@@ -132,12 +167,94 @@ def test_scaffold_matches_sequential_reference_over_rounds(execution):
 
 
 def test_first_round_with_zero_control_variates_is_fed_avg():
+    """Round 1 (c = c_i = 0) is FedAvg, and leaves c_i = the mean gradient along i's path."""
     model, data = tiny_model(), tiny_data(SIZES)
-    client = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.5)
-    server = optax.sgd(1.0)
-    ours, _ = rounds(scaffold(model, client, server, num_clients=data.num_clients), data, 1)
+    lr, global_lr = 0.1, 0.8
+    client = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+    server = optax.sgd(global_lr)
+    algorithm = scaffold(model, client, server, num_clients=data.num_clients)
+    ours, [cohort] = rounds(algorithm, data, 1)
+    x = tree(np.float64, model.init(jax.random.key(0)))  # what rounds() starts from
+    zero = tree(np.zeros_like, x)
+    deltas, weights, controls = [], [], {}
+    for c, i in enumerate(cohort["client_id"]):  # plain local SGD: no correction yet
+        y, raw = local_path(model, data, x, cohort["indices"][c], cohort["mask"][c], lr, zero)
+        deltas.append(tree(np.subtract, x, y))
+        weights.append(float(data.client_sizes[i]))
+        controls[int(i)] = mean_of(raw)  # option II: (x - y) / (K lr) = the mean raw gradient
+    s = ours.algorithm
+    expected = tree(lambda x, d: x - global_lr * d, x, mean_of(deltas, weights))
+    chex.assert_trees_all_close(s.params, tree(np.float32, expected), atol=1e-6, rtol=1e-5)
+    for i in range(data.num_clients):  # trained rows hold their new c_i, the others stay zero
+        chex.assert_trees_all_close(row(s.client_controls, i),
+                                    controls.get(i, zero), atol=1e-5, rtol=1e-5)
+    summed = tree(lambda *cs: sum(cs) / data.num_clients, *controls.values())  # c = 1/N sum
+    chex.assert_trees_all_close(tree(np.float64, s.control), summed, atol=1e-6, rtol=1e-5)
+    assert max_gap(summed, zero) > 1e-2  # the control variates are not trivially zero
+    # FedAvg itself agrees in round 1, and only there: round 2's corrections move SCAFFOLD off it.
     avg, _ = rounds(fed_avg(model, client, server), data, 1)
-    chex.assert_trees_all_close(ours.algorithm.params, avg.algorithm.params, atol=1e-7, rtol=0)
+    chex.assert_trees_all_close(s.params, avg.algorithm.params, atol=1e-7, rtol=0)
+    ours2, _ = rounds(algorithm, data, 2)
+    avg2, _ = rounds(fed_avg(model, client, server), data, 2)
+    assert max_gap(ours2.algorithm.params, avg2.algorithm.params) > 1e-3
+
+
+def test_equal_local_steps_and_uniform_weights_cancel_the_corrections():
+    """The paper's setting: every client takes K steps, the server mean is uniform.
+
+    Client i steps ``y <- y - lr (g_i(y) - c_i + c)``, so after K steps
+    ``x - y_i = lr sum_k g_i(y_ik) + K lr (c - c_i)``, and option II makes
+    ``c_i+ = c_i - c + (x - y_i) / (K lr) = (1/K) sum_k g_i(y_ik)``, the mean raw gradient along
+    the client's corrected path. ``c = 1/N sum_i c_i`` holds after every round (both start at
+    zero and c moves by 1/N of the cohort's changes), so with the whole population in the
+    cohort, equal K and uniform weights the correction terms average to ``K lr (c - mean c_i)
+    = 0`` and the server step is plain gradient descent on the path gradients:
+
+      x+ = x - eta_g lr sum_k mean_i g_i(y_ik) = x - eta_g K lr c+.
+
+    Checked round by round against paths recomputed here from the state before the round; with
+    weights by examples or unequal K the corrections would not cancel and ``x+`` would differ.
+    """
+    model, data = tiny_model(), tiny_data(SIZES)
+    n, steps, lr, global_lr = data.num_clients, 3, 0.1, 0.8
+    client = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+    algorithm = scaffold(model, client, optax.sgd(global_lr), client_weighting="uniform",
+                         num_clients=n)
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_steps=steps)
+    step = build_round_step(spy(algorithm), data, schedule, uniform_sampler(n, n), n)
+    state = init_simulation_state(algorithm.init(model.init(jax.random.key(0))), 5)
+    largest_correction, zero = 0.0, tree(np.zeros_like, model.init(jax.random.key(0)))
+    for _ in range(4):
+        before = jax.device_get(state.algorithm)
+        state, metrics = step(state)
+        cohort, after = jax.device_get(metrics), jax.device_get(state.algorithm)
+        assert sorted(cohort["client_id"].tolist()) == list(range(n))  # the whole population
+        assert (cohort["num_steps"] == steps).all() and cohort["valid"].all()
+        x, c = tree(np.float64, before.params), tree(np.float64, before.control)
+        path_gradients, new_controls = [], []
+        for slot, i in enumerate(cohort["client_id"]):
+            c_i = row(before.client_controls, i)
+            correction = tree(np.subtract, c, c_i)
+            largest_correction = max(largest_correction, max_gap(correction, zero))
+            _, raw = local_path(model, data, x, cohort["indices"][slot], cohort["mask"][slot],
+                                lr, correction)
+            assert len(raw) == steps
+            path_gradients.append(tree(lambda *g: sum(g), *raw))
+            new_controls.append(mean_of(raw))
+            chex.assert_trees_all_close(row(after.client_controls, i), new_controls[-1],
+                                        atol=1e-5, rtol=1e-5)
+        # The corrections cancel: the server moves along the mean of the raw path gradients ...
+        expected = tree(lambda x, g: x - global_lr * lr * g, x, mean_of(path_gradients))
+        chex.assert_trees_all_close(tree(np.float64, after.params), expected,
+                                    atol=1e-6, rtol=1e-5)
+        # ... which is eta_g K lr times the new server control variate, the mean of the c_i+.
+        control = tree(np.float64, after.control)
+        chex.assert_trees_all_close(control, mean_of(new_controls), atol=1e-6, rtol=1e-5)
+        chex.assert_trees_all_close(
+            tree(np.float64, after.params),
+            tree(lambda x, c: x - global_lr * steps * lr * c, x, control), atol=1e-6, rtol=1e-5)
+    # Not vacuous: each client's correction c - c_i was far from zero; only their mean vanished.
+    assert largest_correction > 1e-2, largest_correction
 
 
 def test_config_and_bad_arguments():
