@@ -10,15 +10,11 @@ from fedjax_sim import _xla_flags
 _xla_flags.configure()  # before anything imports jax
 
 from fedjax_sim import federated, learning  # noqa: E402
+from fedjax_sim.aggregators import weighted_mean  # noqa: E402
 from fedjax_sim.algorithms import ALGORITHMS, create_algorithm  # noqa: E402
-from fedjax_sim.algorithms.base import (  # noqa: E402
-    ClientInput,
-    Cohort,
-    FederatedAlgorithm,
-    weighted_mean,
-)
 from fedjax_sim.algorithms.fed_avg import ServerState, fed_avg  # noqa: E402
 from fedjax_sim.config import Config, ConfigError, load_config  # noqa: E402
+from fedjax_sim.core import ClientInput, Cohort, FederatedAlgorithm  # noqa: E402
 from fedjax_sim.data.batching import ClientSchedule, cohort_indices  # noqa: E402
 from fedjax_sim.data.errors import DataError  # noqa: E402
 from fedjax_sim.data.federated_data import (  # noqa: E402

@@ -39,7 +39,7 @@ def tiny_data(sizes=(5, 17, 40, 3, 11), features=4, num_classes=3, seed=0) -> Fe
 
 def spy(algorithm):
     """Wraps an algorithm so each round's metrics also hold the cohort it trained on."""
-    from fedjax_sim.algorithms.base import FederatedAlgorithm
+    from fedjax_sim.core import FederatedAlgorithm
 
     def apply(state, cohort, map_clients):
         state, metrics = algorithm.apply(state, cohort, map_clients)

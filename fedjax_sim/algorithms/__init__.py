@@ -19,7 +19,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.core import FederatedAlgorithm
 
 # name -> (module, factory); modules are imported on first use.
 ALGORITHMS: dict[str, tuple[str, str]] = {
@@ -37,7 +37,10 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
 }
 
 # Keyword arguments the engine fills in from other config sections (never algorithm options).
-ENGINE_ARGUMENTS = ("client_weighting", "num_clients", "client_schedules", "loss_fn")
+ENGINE_ARGUMENTS = ("client_weighting", "num_clients", "client_schedules", "loss_fn",
+                    "aggregator")
+# Per-message aggregators (SCAFFOLD's control variates, ...): objects, set from Python.
+MESSAGE_AGGREGATOR_SUFFIX = "_aggregator"
 
 
 def algorithm_factory(name: str) -> Callable[..., FederatedAlgorithm]:
@@ -56,6 +59,7 @@ def algorithm_options(name: str) -> list[str]:
     return sorted(
         p.name for p in parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ENGINE_ARGUMENTS
+        and not p.name.endswith(MESSAGE_AGGREGATOR_SUFFIX)
     )
 
 

@@ -41,10 +41,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
-from fedjax_sim.algorithms.fed_avg import round_metrics, scheduled_hyperparams
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
+from fedjax_sim.algorithms.fed_avg import round_metrics, scheduled_hyperparams, server_step
 from fedjax_sim.algorithms.local import LossFn, local_train, model_loss, optimizer_hyperparams
 from fedjax_sim.algorithms.q_ffl import client_loss
+from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -61,6 +63,7 @@ class AFLState:
       mixture: ``[num_clients]`` float32, lambda: the mixture weights over all clients (on the
         simplex: non-negative, summing to 1).
       lambda_learning_rate: gamma_lambda, the ascent step size of lambda.
+      aggregator: the aggregator's state.
     """
 
     params: Params
@@ -68,6 +71,7 @@ class AFLState:
     client_hyperparams: dict[str, jax.Array]
     mixture: jax.Array
     lambda_learning_rate: jax.Array
+    aggregator: Any = ()
 
 
 def project_to_simplex(v: jax.Array) -> jax.Array:
@@ -95,6 +99,7 @@ def afl(
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
     client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """Agnostic FL (Mohri et al. 2019): descent on the model, projected ascent on lambda.
 
@@ -107,6 +112,8 @@ def afl(
       num_clients: K, the number of training clients (required: lambda has one entry per
         client; the engine passes it).
       loss_fn: the local objective (default: the model's masked cross-entropy).
+      aggregator: combines the clients' deltas (`fedjax_sim.aggregators`; default: the
+        weighted mean).
       client_schedules: ``{hyperparameter: round -> value}`` for the client optimizer (see
         `fed_avg`).
 
@@ -120,6 +127,7 @@ def afl(
     if not lambda_learning_rate >= 0:
         raise ValueError(f"lambda_learning_rate must be >= 0, got {lambda_learning_rate}")
     loss_fn = loss_fn or model_loss(model)
+    aggregator = as_aggregator(aggregator)
 
     def init(params: Params) -> AFLState:
         return AFLState(
@@ -128,6 +136,7 @@ def afl(
             client_hyperparams=optimizer_hyperparams(client_optimizer, params),
             mixture=jnp.full((num_clients,), 1.0 / num_clients, jnp.float32),
             lambda_learning_rate=jnp.asarray(lambda_learning_rate, jnp.float32),
+            aggregator=aggregator.init(params),
         )
 
     def client_update(client, shared):
@@ -147,9 +156,8 @@ def afl(
         clients = cohort.clients
         active = clients.valid & (clients.num_steps > 0)
         weights = jnp.where(active, state.mixture[clients.client_id], 0.0)
-        pseudo_gradient = weighted_mean(deltas, weights)
-        updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        new_state, aggregator_metrics = server_step(state, server_optimizer, aggregator, deltas,
+                                                    weights, cohort.server_key())
 
         num_active = jnp.maximum(jnp.sum(active), 1).astype(jnp.float32)
         target = jnp.where(active, clients.client_id, num_clients)  # inactive: dropped
@@ -158,12 +166,12 @@ def afl(
         ) * (num_clients / num_active)
         mixture = project_to_simplex(state.mixture + state.lambda_learning_rate * loss_gradient)
 
-        metrics = round_metrics(stats, active.astype(jnp.float32))
+        metrics = {**round_metrics(stats, active.astype(jnp.float32)), **aggregator_metrics}
         metrics["afl/initial_loss"] = jnp.sum(jnp.where(active, losses, 0.0)) / num_active
         metrics["afl/lambda_max"] = jnp.max(mixture)
         # 1 / sum(lambda^2): K for uniform lambda, 1 when all mass sits on one client.
         metrics["afl/effective_clients"] = 1.0 / jnp.sum(jnp.square(mixture))
-        new_state = state.replace(params=params, opt_state=opt_state, mixture=mixture)
+        new_state = new_state.replace(mixture=mixture)
         return new_state, metrics
 
     return FederatedAlgorithm(init, apply)

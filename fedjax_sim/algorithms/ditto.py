@@ -37,13 +37,19 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.client_state import (
     gather_client_state,
     init_client_state,
     scatter_client_state,
 )
-from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics, scheduled_hyperparams
+from fedjax_sim.algorithms.fed_avg import (
+    client_weights,
+    round_metrics,
+    scheduled_hyperparams,
+    server_step,
+)
 from fedjax_sim.algorithms.local import (
     STAT_KEYS,
     LossFn,
@@ -52,6 +58,7 @@ from fedjax_sim.algorithms.local import (
     optimizer_hyperparams,
     weight_exponent,
 )
+from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -68,6 +75,8 @@ class DittoState:
       weight_exponent: client weight = ``num_examples ** weight_exponent``.
       lam: the strength of the pull of each personal model towards the global model.
       personal_params: the personal models, a client store: every leaf ``[num_clients, ...]``.
+      aggregator: the state of the aggregator of the global update (the personal models never
+        leave the clients).
     """
 
     params: Params
@@ -76,6 +85,7 @@ class DittoState:
     weight_exponent: jax.Array
     lam: jax.Array
     personal_params: Params
+    aggregator: Any = ()
 
 
 def ditto(
@@ -89,6 +99,7 @@ def ditto(
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
     client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """Ditto (Li et al. 2021) with FedAvg / FedOpt as the global solver.
 
@@ -104,6 +115,8 @@ def ditto(
       num_clients: the number of training clients (required: one personal model each; the
         engine passes it).
       loss_fn: the local objective (default: the model's masked cross-entropy).
+      aggregator: combines the clients' deltas (`fedjax_sim.aggregators`; default: the
+        weighted mean).
       client_schedules: ``{hyperparameter: round -> value}`` for the client optimizer of both
         updates (see `fed_avg`).
 
@@ -120,6 +133,7 @@ def ditto(
         raise ValueError(f"personal_steps must be >= 1 or None, got {personal_steps}")
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
+    aggregator = as_aggregator(aggregator)
 
     def init(params: Params) -> DittoState:
         return DittoState(
@@ -129,6 +143,7 @@ def ditto(
             weight_exponent=jnp.asarray(exponent, jnp.float32),
             lam=jnp.asarray(lam, jnp.float32),
             personal_params=init_client_state(params, num_clients),
+            aggregator=aggregator.init(params),
         )
 
     def client_update(inputs, shared):
@@ -167,21 +182,19 @@ def ditto(
             (state.params, cohort.data, hyperparams, state.lam),
         )
         weights = client_weights(clients, state.weight_exponent)
-        pseudo_gradient = weighted_mean(deltas, weights)
-        updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        new_state, aggregator_metrics = server_step(state, server_optimizer, aggregator, deltas,
+                                                    weights, cohort.server_key())
         trained = clients.valid & (clients.num_steps > 0)
         personal_params = scatter_client_state(
             state.personal_params, clients.client_id, personal, trained
         )
-        metrics = round_metrics(stats, weights)
+        metrics = {**round_metrics(stats, weights), **aggregator_metrics}
         totals = {k: jnp.sum(personal_stats[k]) for k in STAT_KEYS}
         count = jnp.maximum(totals["count"], 1.0)
         metrics["ditto/personal_train_loss"] = totals["loss_sum"] / count
         metrics["ditto/personal_train_accuracy"] = (
             totals["correct"] / jnp.maximum(totals["accuracy_count"], 1.0))
-        new_state = state.replace(params=params, opt_state=opt_state,
-                                  personal_params=personal_params)
+        new_state = new_state.replace(personal_params=personal_params)
         return new_state, metrics
 
     return FederatedAlgorithm(init, apply)

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.local import (
     STAT_KEYS,
     LossFn,
@@ -39,6 +40,7 @@ from fedjax_sim.algorithms.local import (
     optimizer_hyperparams,
     weight_exponent,
 )
+from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -52,12 +54,42 @@ class ServerState:
       opt_state: the server optimizer's state.
       client_hyperparams: injected client-optimizer hyperparameters (e.g. ``learning_rate``).
       weight_exponent: client weight = ``num_examples ** weight_exponent``.
+      aggregator: the aggregator's state (clip norms, noise multipliers, ...; () for the mean).
     """
 
     params: Params
     opt_state: optax.OptState
     client_hyperparams: dict[str, jax.Array]
     weight_exponent: jax.Array
+    aggregator: Any = ()
+
+
+def init_server_state(params: Params, client_optimizer, server_optimizer, exponent: float,
+                      aggregator: Aggregator) -> ServerState:
+    """The `ServerState` of FedAvg-shaped algorithms (FedAvg, FedProx, FedNova)."""
+    return ServerState(
+        params=params,
+        opt_state=server_optimizer.init(params),
+        client_hyperparams=optimizer_hyperparams(client_optimizer, params),
+        weight_exponent=jnp.asarray(exponent, jnp.float32),
+        aggregator=aggregator.init(params),
+    )
+
+
+def server_step(state, server_optimizer, aggregator: Aggregator, deltas, weights: jax.Array,
+                key: jax.Array, transform: Callable[[Params], Params] | None = None):
+    """Aggregates the clients' ``deltas`` and steps the server optimizer on the result.
+
+    ``state`` has ``params``, ``opt_state`` and ``aggregator`` fields; ``transform`` (optional)
+    maps the aggregate to the pseudo-gradient. Returns the new state and the aggregator's
+    metrics.
+    """
+    aggregate, aggregator_state, metrics = aggregator.apply(state.aggregator, deltas, weights,
+                                                            key)
+    pseudo_gradient = aggregate if transform is None else transform(aggregate)
+    updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(params=params, opt_state=opt_state, aggregator=aggregator_state), metrics
 
 
 def client_weights(clients, exponent: jax.Array) -> jax.Array:
@@ -111,6 +143,7 @@ def fed_avg(
     client_weighting: str | float = "num_examples",
     loss_fn: LossFn | None = None,
     client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg with any optax client optimizer and any optax server optimizer (FedOpt).
 
@@ -124,20 +157,19 @@ def fed_avg(
       client_schedules: ``{hyperparameter: round -> value}`` for the client optimizer (e.g. a
         learning-rate schedule from `fedjax_sim.optimizers.make_optimizer`); each round the
         clients use ``schedule(cohort.round)``.
+      aggregator: how the server combines the clients' deltas (`fedjax_sim.aggregators`;
+        default: the weighted mean).
 
     Returns:
       A `FederatedAlgorithm` whose state is a `ServerState`.
     """
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
+    aggregator = as_aggregator(aggregator)
 
     def init(params: Params) -> ServerState:
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            client_hyperparams=optimizer_hyperparams(client_optimizer, params),
-            weight_exponent=jnp.asarray(exponent, jnp.float32),
-        )
+        return init_server_state(params, client_optimizer, server_optimizer, exponent,
+                                 aggregator)
 
     def client_update(client, shared):
         server_params, data, hyperparams = shared
@@ -154,10 +186,8 @@ def fed_avg(
             client_update, cohort.clients, (state.params, cohort.data, hyperparams)
         )
         weights = client_weights(cohort.clients, state.weight_exponent)
-        pseudo_gradient = weighted_mean(deltas, weights)
-        updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(params=params, opt_state=opt_state)
-        return new_state, round_metrics(stats, weights)
+        new_state, aggregator_metrics = server_step(state, server_optimizer, aggregator, deltas,
+                                                    weights, cohort.server_key())
+        return new_state, {**round_metrics(stats, weights), **aggregator_metrics}
 
     return FederatedAlgorithm(init, apply)

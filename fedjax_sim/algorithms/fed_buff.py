@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.fed_avg import (
     client_weights,
     round_metrics,
@@ -57,6 +58,7 @@ from fedjax_sim.algorithms.local import (
     optimizer_hyperparams,
     weight_exponent,
 )
+from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -95,6 +97,7 @@ class FedBuffState:
     clock: jax.Array
     version: jax.Array
     dispatched: jax.Array
+    aggregator: Any = ()
 
 
 def staleness_scale(staleness: jax.Array, exponent: float | jax.Array) -> jax.Array:
@@ -112,6 +115,7 @@ def fed_buff(
     client_weighting: str | float = "num_examples",
     loss_fn: LossFn | None = None,
     client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """FedBuff with any optax client and server optimizer.
 
@@ -125,6 +129,10 @@ def fed_buff(
       client_weighting: ``"num_examples"`` (default), ``"uniform"`` (the paper's 1/K), or an
         exponent p (weight = num_examples ** p).
       loss_fn: the local objective (default: the model's masked cross-entropy).
+      aggregator: combines the buffer when it is released: the K arrived clients'
+        staleness-scaled deltas ``s(tau_i) * delta_i`` with their weights
+        (`fedjax_sim.aggregators`; default: the weighted mean, i.e. the paper's buffered
+        average).
       client_schedules: ``{hyperparameter: round -> value}`` for the client optimizer.
 
     Returns:
@@ -139,6 +147,7 @@ def fed_buff(
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
     slots = concurrency
+    aggregator = as_aggregator(aggregator)
 
     def init(params: Params) -> FedBuffState:
         return FedBuffState(
@@ -156,6 +165,7 @@ def fed_buff(
             clock=jnp.zeros((), jnp.float32),
             version=jnp.zeros((), jnp.int32),
             dispatched=jnp.zeros((), jnp.int32),
+            aggregator=aggregator.init(params),
         )
 
     def client_update(client, shared):
@@ -178,13 +188,12 @@ def fed_buff(
         arrived = jnp.lexsort((state.slot_sequence, finish))[:k]
         staleness = state.version - state.slot_version[arrived]
         weights = state.slot_weight[arrived]
-        scaled = weights * staleness_scale(staleness, staleness_exponent)
-        total = jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
-        pseudo_gradient = jax.tree.map(
-            lambda d: jnp.tensordot(scaled.astype(d.dtype), d[arrived], axes=1,
-                                    precision=jax.lax.Precision.HIGHEST) / total.astype(d.dtype),
-            state.slot_deltas,
-        )
+        scale = staleness_scale(staleness, staleness_exponent)
+        messages = jax.tree.map(
+            lambda d: d[arrived] * scale.astype(d.dtype).reshape((-1,) + (1,) * (d.ndim - 1)),
+            state.slot_deltas)
+        pseudo_gradient, aggregator_state, aggregator_metrics = aggregator.apply(
+            state.aggregator, messages, jnp.where(full, weights, 0.0), cohort.server_key())
         updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state,
                                                      state.params)
         params, opt_state = jax.tree.map(
@@ -219,6 +228,8 @@ def fed_buff(
             clock=clock,
             version=version,
             dispatched=state.dispatched + k,
+            aggregator=jax.tree.map(lambda new, old: jnp.where(full, new, old),
+                                    aggregator_state, state.aggregator),
         )
         reported = full & (weights > 0)
         count = jnp.maximum(jnp.sum(reported), 1)
@@ -228,6 +239,7 @@ def fed_buff(
             "system/round_seconds": clock - state.clock,
             "system/staleness": jnp.sum(jnp.where(reported, staleness, 0)) / count,
             "system/updates": version.astype(jnp.float32),
+            **aggregator_metrics,
         }
         return new_state, metrics
 

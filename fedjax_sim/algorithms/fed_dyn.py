@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.client_state import (
     gather_client_state,
     init_client_state,
@@ -47,6 +48,7 @@ from fedjax_sim.algorithms.local import (
     optimizer_hyperparams,
     weight_exponent,
 )
+from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -63,6 +65,8 @@ class FedDynState:
       client_gradients: every client's h_i, leaves ``[num_clients, ...]``.
       client_hyperparams: injected client-optimizer hyperparameters.
       weight_exponent: client weight = ``num_examples ** weight_exponent``.
+      aggregator: the state of the aggregator of the clients' drifts.
+      drift_aggregator: the state of the aggregator of the drifts' mean for h.
     """
 
     params: Params
@@ -71,6 +75,8 @@ class FedDynState:
     client_gradients: Params
     client_hyperparams: dict[str, jax.Array]
     weight_exponent: jax.Array
+    aggregator: Any = ()
+    drift_aggregator: Any = ()
 
 
 def fed_dyn(
@@ -83,6 +89,8 @@ def fed_dyn(
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
     client_schedules: dict | None = None,
+    aggregator: Aggregator | Stage | None = None,
+    drift_aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """FedDyn with optax client and server optimizers.
 
@@ -95,6 +103,11 @@ def fed_dyn(
         paper) or an exponent of num_examples.
       num_clients: N, the number of training clients (required: the store has a row for each).
       loss_fn: the local objective L_i (default: the model's masked cross-entropy).
+      aggregator: combines the clients' drifts ``w_i - theta`` for the model update
+        (`fedjax_sim.aggregators`; default the weighted mean).
+      drift_aggregator: combines the same drifts, uniformly over the clients that trained, for
+        the server's h (default: the uniform mean). The server reads the drifts twice: a DP run
+        must privatize both.
 
     Returns:
       A `FederatedAlgorithm` whose state is a `FedDynState`.
@@ -107,6 +120,8 @@ def fed_dyn(
     alpha = float(alpha)
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
+    aggregator = as_aggregator(aggregator)
+    drift_aggregator = as_aggregator(drift_aggregator)
 
     def init(params: Params) -> FedDynState:
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -117,6 +132,8 @@ def fed_dyn(
             client_gradients=init_client_state(zeros, int(num_clients)),
             client_hyperparams=optimizer_hyperparams(client_optimizer, params),
             weight_exponent=jnp.asarray(exponent, jnp.float32),
+            aggregator=aggregator.init(params),
+            drift_aggregator=drift_aggregator.init(params),
         )
 
     def client_update(inputs, shared):
@@ -150,12 +167,16 @@ def fed_dyn(
         trained = weights > 0
         count = jnp.sum(trained.astype(jnp.float32))
         # h <- h - alpha / N * sum_i (w_i - theta), over the clients that trained.
-        mean_drift = weighted_mean(drifts, trained.astype(jnp.float32))
+        key_model, key_h = jax.random.split(cohort.server_key())
+        mean_drift, drift_aggregator_state, drift_metrics = drift_aggregator.apply(
+            state.drift_aggregator, drifts, trained.astype(jnp.float32), key_h)
+        weighted_drift, aggregator_state, metrics = aggregator.apply(
+            state.aggregator, drifts, weights, key_model)
         h = jax.tree.map(lambda h, d: h - (alpha * count / num_clients) * d, state.h, mean_drift)
         # theta - (mean w_i - h / alpha) = -(weighted mean drift) + h / alpha
         # (a round in which no client trained leaves theta where it is)
         pseudo_gradient = jax.tree.map(lambda d, h: jnp.where(count > 0, h / alpha - d, 0.0),
-                                       weighted_mean(drifts, weights), h)
+                                       weighted_drift, h)
         updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state,
                                                      state.params)
         params = optax.apply_updates(state.params, updates)
@@ -165,7 +186,11 @@ def fed_dyn(
             h=h,
             client_gradients=scatter_client_state(
                 state.client_gradients, clients.client_id, new_gradients, trained),
+            aggregator=aggregator_state,
+            drift_aggregator=drift_aggregator_state,
         )
-        return new_state, round_metrics(stats, weights)
+        drift_metrics = {k.replace("aggregator/", "drift_aggregator/", 1): v
+                         for k, v in drift_metrics.items()}
+        return new_state, {**round_metrics(stats, weights), **metrics, **drift_metrics}
 
     return FederatedAlgorithm(init, apply)

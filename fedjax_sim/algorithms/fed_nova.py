@@ -30,20 +30,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.fed_avg import (
     ServerState,
     client_weights,
+    init_server_state,
     round_metrics,
     scheduled_hyperparams,
+    server_step,
 )
 from fedjax_sim.algorithms.local import (
     LossFn,
     local_train,
     model_loss,
-    optimizer_hyperparams,
     weight_exponent,
 )
+from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -68,6 +71,7 @@ def fed_nova(
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
     client_schedules: dict | None = None,
+    aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """FedNova with an optax client optimizer (SGD, optionally with momentum).
 
@@ -81,6 +85,8 @@ def fed_nova(
       client_weighting: p_i: ``"num_examples"`` (the paper's n_i / n), ``"uniform"`` or an
         exponent of num_examples.
       num_clients: unused (no per-client state); accepted for the registry.
+      aggregator: combines the clients' deltas (`fedjax_sim.aggregators`; default: the
+        weighted mean).
       loss_fn: the local objective (default: the model's masked cross-entropy).
 
     Returns:
@@ -92,13 +98,11 @@ def fed_nova(
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
 
+    aggregator = as_aggregator(aggregator)
+
     def init(params: Params) -> ServerState:
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            client_hyperparams=optimizer_hyperparams(client_optimizer, params),
-            weight_exponent=jnp.asarray(exponent, jnp.float32),
-        )
+        return init_server_state(params, client_optimizer, server_optimizer, exponent,
+                                 aggregator)
 
     def client_update(client, shared):
         server_params, data, hyperparams = shared
@@ -127,12 +131,11 @@ def fed_nova(
         # trained; p_i = 0 for the others) rescaled by the sum of its weights.
         q = p / jnp.maximum(a, 1.0)
         scale = tau_eff * jnp.sum(q)
-        pseudo_gradient = jax.tree.map(lambda d: d * scale.astype(d.dtype),
-                                       weighted_mean(deltas, q))
-        updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state,
-                                                     state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**round_metrics(stats, weights), "train/tau_eff": tau_eff}
-        return state.replace(params=params, opt_state=opt_state), metrics
+        new_state, aggregator_metrics = server_step(
+            state, server_optimizer, aggregator, deltas, q, cohort.server_key(),
+            transform=lambda mean: jax.tree.map(lambda d: d * scale.astype(d.dtype), mean))
+        metrics = {**round_metrics(stats, weights), "train/tau_eff": tau_eff,
+                   **aggregator_metrics}
+        return new_state, metrics
 
     return FederatedAlgorithm(init, apply)

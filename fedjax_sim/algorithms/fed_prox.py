@@ -22,20 +22,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.fed_avg import (
     ServerState,
     client_weights,
+    init_server_state,
     round_metrics,
     scheduled_hyperparams,
+    server_step,
 )
 from fedjax_sim.algorithms.local import (
     LossFn,
     local_train,
     model_loss,
-    optimizer_hyperparams,
     weight_exponent,
 )
+from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -51,6 +54,7 @@ def fed_prox(
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
     client_schedules: dict | None = None,
+    aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """FedProx with any optax client and server optimizers.
 
@@ -61,6 +65,8 @@ def fed_prox(
       mu: the proximal coefficient (>= 0; 0 is FedAvg).
       client_weighting: ``"num_examples"``, ``"uniform"`` or an exponent of num_examples.
       num_clients: unused (FedProx keeps no per-client state); accepted for the registry.
+      aggregator: combines the clients' deltas (`fedjax_sim.aggregators`; default: the
+        weighted mean).
       loss_fn: the local objective F_i (default: the model's masked cross-entropy).
 
     Returns:
@@ -72,13 +78,11 @@ def fed_prox(
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
 
+    aggregator = as_aggregator(aggregator)
+
     def init(params: Params) -> ServerState:
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            client_hyperparams=optimizer_hyperparams(client_optimizer, params),
-            weight_exponent=jnp.asarray(exponent, jnp.float32),
-        )
+        return init_server_state(params, client_optimizer, server_optimizer, exponent,
+                                 aggregator)
 
     def client_update(client, shared):
         server_params, data, hyperparams = shared
@@ -100,10 +104,8 @@ def fed_prox(
             client_update, cohort.clients, (state.params, cohort.data, hyperparams)
         )
         weights = client_weights(cohort.clients, state.weight_exponent)
-        updates, opt_state = server_optimizer.update(
-            weighted_mean(deltas, weights), state.opt_state, state.params
-        )
-        params = optax.apply_updates(state.params, updates)
-        return state.replace(params=params, opt_state=opt_state), round_metrics(stats, weights)
+        new_state, aggregator_metrics = server_step(state, server_optimizer, aggregator, deltas,
+                                                    weights, cohort.server_key())
+        return new_state, {**round_metrics(stats, weights), **aggregator_metrics}
 
     return FederatedAlgorithm(init, apply)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import ClientInput
+from fedjax_sim.core import ClientInput
 from fedjax_sim.models.base import Model, batch_statistics, mean_loss
 
 Params = Any

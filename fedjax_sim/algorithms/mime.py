@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics
 from fedjax_sim.algorithms.local import (
     LossFn,
@@ -42,6 +43,7 @@ from fedjax_sim.algorithms.local import (
     model_loss,
     weight_exponent,
 )
+from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -56,12 +58,16 @@ class MimeState:
       opt_state: the server optimizer's state.
       base_state: the base (client) optimizer's statistics s, used frozen by the clients.
       weight_exponent: client weight = ``num_examples ** weight_exponent``.
+      aggregator: the state of the aggregator of the model deltas.
+      gradient_aggregator: the state of the aggregator of the full-batch gradients.
     """
 
     params: Params
     opt_state: optax.OptState
     base_state: optax.OptState
     weight_exponent: jax.Array
+    aggregator: Any = ()
+    gradient_aggregator: Any = ()
 
 
 def frozen(optimizer: optax.GradientTransformation,
@@ -98,9 +104,11 @@ def svrg_corrected(loss_fn: LossFn, server_params: Params, control: Params) -> L
 
 
 def _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn,
-          corrected: bool) -> FederatedAlgorithm:
+          corrected: bool, aggregator, gradient_aggregator) -> FederatedAlgorithm:
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
+    aggregator = as_aggregator(aggregator)
+    gradient_aggregator = as_aggregator(gradient_aggregator)
 
     def init(params: Params) -> MimeState:
         return MimeState(
@@ -108,6 +116,8 @@ def _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn,
             opt_state=server_optimizer.init(params),
             base_state=client_optimizer.init(params),
             weight_exponent=jnp.asarray(exponent, jnp.float32),
+            aggregator=aggregator.init(params),
+            gradient_aggregator=gradient_aggregator.init(params),
         )
 
     def full_gradient(client, shared):
@@ -131,26 +141,32 @@ def _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn,
     def apply(state: MimeState, cohort: Cohort, map_clients: ClientMap):
         clients = cohort.clients
         weights = client_weights(clients, state.weight_exponent)
+        key_gradients, key_deltas = jax.random.split(cohort.server_key())
         if corrected:
             gradients = map_clients(full_gradient, clients, (state.params, cohort.data))
-            control = weighted_mean(gradients, weights)
+            control, gradient_state, gradient_metrics = gradient_aggregator.apply(
+                state.gradient_aggregator, gradients, weights, key_gradients)
             deltas, stats = map_clients(
                 mime_client, clients, (state.params, state.base_state, control, cohort.data))
         else:
             deltas, gradients, stats = map_clients(
                 mime_lite_client, clients, (state.params, state.base_state, cohort.data))
-            control = weighted_mean(gradients, weights)
-        updates, opt_state = server_optimizer.update(
-            weighted_mean(deltas, weights), state.opt_state, state.params
-        )
+            control, gradient_state, gradient_metrics = gradient_aggregator.apply(
+                state.gradient_aggregator, gradients, weights, key_gradients)
+        mean_delta, aggregator_state, metrics = aggregator.apply(
+            state.aggregator, deltas, weights, key_deltas)
+        updates, opt_state = server_optimizer.update(mean_delta, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # s <- V(c, s) at x; a round in which no client trained leaves the statistics alone.
         _, base_state = client_optimizer.update(control, state.base_state, state.params)
         trained = jnp.sum(weights) > 0
         base_state = jax.tree.map(lambda new, old: jnp.where(trained, new, old),
                                   base_state, state.base_state)
-        new_state = state.replace(params=params, opt_state=opt_state, base_state=base_state)
-        return new_state, round_metrics(stats, weights)
+        new_state = state.replace(params=params, opt_state=opt_state, base_state=base_state,
+                                  aggregator=aggregator_state, gradient_aggregator=gradient_state)
+        gradient_metrics = {k.replace("aggregator/", "gradient_aggregator/", 1): v
+                            for k, v in gradient_metrics.items()}
+        return new_state, {**round_metrics(stats, weights), **metrics, **gradient_metrics}
 
     return FederatedAlgorithm(init, apply)
 
@@ -163,6 +179,8 @@ def mime(
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
+    aggregator: Aggregator | Stage | None = None,
+    gradient_aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """Mime: frozen server statistics and SVRG-corrected local gradients.
 
@@ -175,12 +193,18 @@ def mime(
         num_examples; weights both the gradient average c and the params average.
       num_clients: unused (no per-client state); accepted for the registry.
       loss_fn: the local objective (default: the model's masked cross-entropy).
+      aggregator: combines the clients' model deltas (`fedjax_sim.aggregators`; default: the
+        weighted mean).
+      gradient_aggregator: combines the second message, the clients' full-batch gradients at
+        x (the control c and the base optimizer's statistics; default: the weighted mean). A DP
+        run must privatize both.
 
     Returns:
       A `FederatedAlgorithm` whose state is a `MimeState`.
     """
     del num_clients
-    return _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn, True)
+    return _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn, True,
+                 aggregator, gradient_aggregator)
 
 
 def mime_lite(
@@ -191,6 +215,8 @@ def mime_lite(
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
+    aggregator: Aggregator | Stage | None = None,
+    gradient_aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """MimeLite: frozen server statistics, plain local gradients (no control variate).
 
@@ -200,4 +226,5 @@ def mime_lite(
       A `FederatedAlgorithm` whose state is a `MimeState`.
     """
     del num_clients
-    return _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn, False)
+    return _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn, False,
+                 aggregator, gradient_aggregator)

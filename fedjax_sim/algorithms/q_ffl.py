@@ -42,14 +42,14 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.algorithms.base import (
-    ClientInput,
-    ClientMap,
-    Cohort,
-    FederatedAlgorithm,
-    weighted_mean,
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
+from fedjax_sim.algorithms.fed_avg import (
+    client_weights,
+    round_metrics,
+    scheduled_hyperparams,
+    server_step,
 )
-from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics, scheduled_hyperparams
 from fedjax_sim.algorithms.local import (
     LossFn,
     gather_batch,
@@ -58,6 +58,7 @@ from fedjax_sim.algorithms.local import (
     optimizer_hyperparams,
     weight_exponent,
 )
+from fedjax_sim.core import Aggregator, ClientInput, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -76,6 +77,7 @@ class QFFLState:
       client_hyperparams: injected client-optimizer hyperparameters (e.g. ``learning_rate``).
       q: the fairness exponent (an array, so a round can be vmapped over several q).
       weight_exponent: ``p_k = num_examples ** weight_exponent``.
+      aggregator: the aggregator's state.
     """
 
     params: Params
@@ -83,6 +85,7 @@ class QFFLState:
     client_hyperparams: dict[str, jax.Array]
     q: jax.Array
     weight_exponent: jax.Array
+    aggregator: Any = ()
 
 
 def client_loss(
@@ -128,6 +131,7 @@ def q_ffl(
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
     client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """q-FedAvg (Li et al. 2020, Algorithm 2) with any optax client and server optimizer.
 
@@ -144,6 +148,8 @@ def q_ffl(
       client_weighting: ``p_k``: ``"num_examples"`` (default), ``"uniform"`` or an exponent.
       num_clients: unused (q-FedAvg keeps no per-client state).
       loss_fn: the local objective (default: the model's masked cross-entropy).
+      aggregator: combines the clients' deltas (`fedjax_sim.aggregators`; default: the
+        weighted mean).
       client_schedules: ``{hyperparameter: round -> value}`` for the client optimizer (see
         `fed_avg`).
 
@@ -157,6 +163,7 @@ def q_ffl(
         raise ValueError(f"lipschitz must be > 0, got {lipschitz}")
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
+    aggregator = as_aggregator(aggregator)
 
     def init(params: Params) -> QFFLState:
         hyperparams = optimizer_hyperparams(client_optimizer, params)
@@ -172,6 +179,7 @@ def q_ffl(
             client_hyperparams=hyperparams,
             q=jnp.asarray(q, jnp.float32),
             weight_exponent=jnp.asarray(exponent, jnp.float32),
+            aggregator=aggregator.init(params),
         )
 
     def client_update(client, shared):
@@ -202,19 +210,17 @@ def q_ffl(
         numerator_weights = weights * loss_q * lipschitz_constant  # sum_k p_k Delta_k = sum c_k d_k
         denominator = jnp.maximum(jnp.sum(weights * h), jnp.finfo(jnp.float32).tiny)
         scale = jnp.sum(numerator_weights) / denominator
-        pseudo_gradient = jax.tree.map(
-            lambda x: x * scale.astype(x.dtype), weighted_mean(deltas, numerator_weights)
-        )
-        updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        new_state, aggregator_metrics = server_step(
+            state, server_optimizer, aggregator, deltas, numerator_weights, cohort.server_key(),
+            transform=lambda mean: jax.tree.map(lambda x: x * scale.astype(x.dtype), mean))
         active = weights > 0
-        metrics = round_metrics(stats, weights)
+        metrics = {**round_metrics(stats, weights), **aggregator_metrics}
         metrics["q_ffl/initial_loss"] = (
             jnp.sum(jnp.where(active, losses, 0.0)) / jnp.maximum(jnp.sum(active), 1)
         )
         # The step relative to the (loss^q-weighted) mean client delta: 1 for q = 0, smaller as
         # q ||dw||^2 / F grows (many local steps, large q): why large q trains slower.
         metrics["q_ffl/step_scale"] = scale
-        return state.replace(params=params, opt_state=opt_state), metrics
+        return new_state, metrics
 
     return FederatedAlgorithm(init, apply)

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.algorithms.base import ClientMap, Cohort, FederatedAlgorithm, weighted_mean
+from fedjax_sim.aggregators import as_aggregator
+from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.client_state import (
     gather_client_state,
     init_client_state,
@@ -44,6 +45,7 @@ from fedjax_sim.algorithms.local import (
     optimizer_hyperparams,
     weight_exponent,
 )
+from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
@@ -61,6 +63,8 @@ class ScaffoldState:
       client_hyperparams: injected client-optimizer hyperparameters (e.g. ``learning_rate``).
       client_learning_rate: the local learning rate in option II's ``(x - y) / (K * lr)``.
       weight_exponent: client weight = ``num_examples ** weight_exponent``.
+      aggregator: the state of the aggregator of the model deltas.
+      control_aggregator: the state of the aggregator of the control-variate deltas.
     """
 
     params: Params
@@ -70,6 +74,8 @@ class ScaffoldState:
     client_hyperparams: dict[str, jax.Array]
     client_learning_rate: jax.Array
     weight_exponent: jax.Array
+    aggregator: Any = ()
+    control_aggregator: Any = ()
 
 
 def scaffold(
@@ -82,6 +88,8 @@ def scaffold(
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
     client_schedules: dict | None = None,
+    aggregator: Aggregator | Stage | None = None,
+    control_aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """SCAFFOLD (option II control variates) with optax client and server optimizers.
 
@@ -97,6 +105,11 @@ def scaffold(
         weights of the params average; the control variate update is the paper's 1/N sum).
       num_clients: N, the number of training clients (required: the store has a row for each).
       loss_fn: the local objective (default: the model's masked cross-entropy).
+      aggregator: combines the clients' model deltas ``x - y_i`` (the first of SCAFFOLD's two
+        messages; `fedjax_sim.aggregators`, default the weighted mean).
+      control_aggregator: combines the second message, the control-variate deltas
+        ``c_i+ - c_i`` (default: their uniform mean over the clients that trained, which the
+        update scales by |S| / N). A DP run must privatize both messages.
 
     Returns:
       A `FederatedAlgorithm` whose state is a `ScaffoldState`.
@@ -109,6 +122,8 @@ def scaffold(
                          f"{client_learning_rate!r}")
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
+    aggregator = as_aggregator(aggregator)
+    control_aggregator = as_aggregator(control_aggregator)
 
     def init(params: Params) -> ScaffoldState:
         hyperparams = optimizer_hyperparams(client_optimizer, params)
@@ -127,6 +142,8 @@ def scaffold(
             client_learning_rate=jnp.asarray(
                 0.0 if client_learning_rate is None else client_learning_rate, jnp.float32),
             weight_exponent=jnp.asarray(exponent, jnp.float32),
+            aggregator=aggregator.init(params),
+            control_aggregator=control_aggregator.init(params),
         )
 
     def client_update(inputs, shared):
@@ -163,15 +180,16 @@ def scaffold(
         )
         weights = client_weights(clients, state.weight_exponent)
         trained = weights > 0  # valid clients with at least one real step
-        updates, opt_state = server_optimizer.update(
-            weighted_mean(deltas, weights), state.opt_state, state.params
-        )
+        key_deltas, key_controls = jax.random.split(cohort.server_key())
+        mean_delta, aggregator_state, metrics = aggregator.apply(
+            state.aggregator, deltas, weights, key_deltas)
+        updates, opt_state = server_optimizer.update(mean_delta, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # c <- c + 1/N sum_{i in S} (c_i+ - c_i), over the clients that trained.
-        summed = weighted_mean(
+        summed, control_aggregator_state, control_metrics = control_aggregator.apply(
+            state.control_aggregator,
             jax.tree.map(jnp.subtract, new_controls, client_controls),
-            trained.astype(jnp.float32),
-        )
+            trained.astype(jnp.float32), key_controls)
         fraction = jnp.sum(trained.astype(jnp.float32)) / num_clients
         control = jax.tree.map(lambda c, s: c + fraction * s, state.control, summed)
         new_state = state.replace(
@@ -180,7 +198,11 @@ def scaffold(
             control=control,
             client_controls=scatter_client_state(
                 state.client_controls, clients.client_id, new_controls, trained),
+            aggregator=aggregator_state,
+            control_aggregator=control_aggregator_state,
         )
-        return new_state, round_metrics(stats, weights)
+        control_metrics = {k.replace("aggregator/", "control_aggregator/", 1): v
+                           for k, v in control_metrics.items()}
+        return new_state, {**round_metrics(stats, weights), **metrics, **control_metrics}
 
     return FederatedAlgorithm(init, apply)

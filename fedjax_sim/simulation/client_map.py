@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from fedjax_sim.algorithms.base import ClientMap
+from fedjax_sim.core import ClientMap
 
 STRATEGIES = ("auto", "vmap", "map")
 CLIENT_AXIS = "clients"

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim.algorithms.base import ClientInput
 from fedjax_sim.algorithms.local import STAT_KEYS, gather_batch, local_train, model_loss
 from fedjax_sim.config import ConfigError
+from fedjax_sim.core import ClientInput
 from fedjax_sim.data.batching import ClientSchedule, client_stream
 from fedjax_sim.data.federated_data import FederatedData
 from fedjax_sim.models.base import Model, batch_statistics

@@ -25,8 +25,8 @@ from typing import Any
 import jax
 
 from fedjax_sim.algorithms import algorithm_factory, algorithm_options, create_algorithm
-from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.config import Config, ConfigError, check_options, config_to_yaml, load_config
+from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset

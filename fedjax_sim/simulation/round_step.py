@@ -21,7 +21,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fedjax_sim.algorithms.base import ClientInput, ClientMap, Cohort, FederatedAlgorithm
+from fedjax_sim.core import ClientInput, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule, cohort_indices
 from fedjax_sim.data.federated_data import FederatedData
 from fedjax_sim.data.sampling import Sampler
@@ -95,6 +95,15 @@ class CohortPlan:
 def _round_keys(key: jax.Array, round_index: jax.Array) -> list[jax.Array]:
     """The round's keys: sampling, batching, clients, system."""
     return list(jax.random.split(jax.random.fold_in(key, round_index), 4))
+
+
+def _server_key(key: jax.Array, round_index: jax.Array) -> jax.Array:
+    """The round's fifth key, for server-side randomness (aggregator noise).
+
+    Folded in rather than split beside the other four, so those (and every result that does
+    not use server randomness) stay what they were before this key existed.
+    """
+    return jax.random.fold_in(jax.random.fold_in(key, round_index), 4)
 
 
 PLACEMENTS = ("auto", "device", "host")
@@ -228,9 +237,8 @@ def build_round_step(
 
             clients, unchanged = system(key_system, clients), clients
             system_stats = system_metrics(unchanged, clients)
-        algorithm_state, metrics = algorithm.apply(
-            state.algorithm, Cohort(clients, data, state.round), map_clients
-        )
+        cohort = Cohort(clients, data, state.round, _server_key(state.key, state.round))
+        algorithm_state, metrics = algorithm.apply(state.algorithm, cohort, map_clients)
         # Checked on the host at log time (never inside the round): NaN/inf anywhere in the state.
         metrics = {**(system_stats if system is not None else {}), **metrics,
                    "state/nonfinite": count_nonfinite(algorithm_state)}

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.algorithms.base import ClientInput
 from fedjax_sim.config import ConfigError, SystemConfig
+from fedjax_sim.core import ClientInput
 from fedjax_sim.data.errors import DataError
 
 SystemHook = Callable[[jax.Array, ClientInput], ClientInput]

@@ -8,10 +8,10 @@ import pytest
 from helpers import tiny_data, tiny_model
 
 from fedjax_sim.algorithms import algorithm_options, create_algorithm
-from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.fed_avg import fed_avg
 from fedjax_sim.algorithms.fed_prox import fed_prox
 from fedjax_sim.config import load_config
+from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.sampling import uniform_sampler
 from fedjax_sim.simulation.round_step import build_round_step, init_simulation_state

@@ -10,9 +10,9 @@ import pytest
 from helpers import tiny_data, tiny_model
 
 from fedjax_sim.algorithms import create_algorithm
-from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.mime import mime, mime_lite
 from fedjax_sim.config import load_config
+from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.sampling import uniform_sampler
 from fedjax_sim.simulation.round_step import build_round_step, init_simulation_state

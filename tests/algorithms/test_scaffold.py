@@ -11,10 +11,10 @@ import pytest
 from helpers import tiny_data, tiny_model
 
 from fedjax_sim.algorithms import create_algorithm
-from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.fed_avg import fed_avg
 from fedjax_sim.algorithms.scaffold import scaffold
 from fedjax_sim.config import load_config
+from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.sampling import uniform_sampler
 from fedjax_sim.sharding import client_mesh

@@ -8,8 +8,8 @@ import optax
 import pytest
 from helpers import tiny_data, tiny_model
 
-from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.fed_avg import fed_avg
+from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.federated_data import FederatedData
 from fedjax_sim.data.sampling import full_participation, uniform_sampler

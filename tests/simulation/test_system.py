@@ -8,9 +8,9 @@ import optax
 import pytest
 from helpers import tiny_data, tiny_model
 
-from fedjax_sim.algorithms.base import ClientInput, FederatedAlgorithm
 from fedjax_sim.algorithms.fed_avg import fed_avg
 from fedjax_sim.config import ConfigError, SystemConfig
+from fedjax_sim.core import ClientInput, FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.sampling import uniform_sampler

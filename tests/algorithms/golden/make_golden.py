@@ -5,7 +5,6 @@ aggregator still gives these exact numbers).
   python tests/algorithms/golden/make_golden.py
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -26,14 +25,16 @@ ROUNDS = 3
 OPTIONS = {"fed_buff": {"concurrency": 4}, "ditto": {"personal_steps": 2}}
 
 
-def final_states(execution: str = "map") -> dict[str, dict[str, np.ndarray]]:
+def final_states(execution: str = "map", aggregator=None, names=None
+                 ) -> dict[str, dict[str, np.ndarray]]:
     model, data = tiny_model(), tiny_data(SIZES)
     schedule = ClientSchedule.from_sizes(data.client_sizes, batch_size=4, local_epochs=1)
     out = {}
-    for name in sorted(ALGORITHMS):
+    extra = {} if aggregator is None else {"aggregator": aggregator}
+    for name in names or sorted(ALGORITHMS):
         algorithm = create_algorithm(
             name, model, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
-            optax.sgd(1.0), num_clients=data.num_clients, **OPTIONS.get(name, {}))
+            optax.sgd(1.0), num_clients=data.num_clients, **OPTIONS.get(name, {}), **extra)
         step = build_round_step(algorithm, data, schedule, uniform_sampler(data.num_clients, 4),
                                 4, client_execution=execution)
         state = init_simulation_state(algorithm.init(model.init(jax.random.PRNGKey(0))), 7)
@@ -46,6 +47,7 @@ def final_states(execution: str = "map") -> dict[str, dict[str, np.ndarray]]:
 
 if __name__ == "__main__":
     states = final_states()
-    flat = {f"{name}|{key}": value for name, leaves in states.items() for key, value in leaves.items()}
+    flat = {f"{name}|{key}": value
+            for name, leaves in states.items() for key, value in leaves.items()}
     np.savez(Path(__file__).with_name("default_aggregator.npz"), **flat)
     print(f"wrote {len(flat)} arrays for {len(states)} algorithms")

@@ -1,0 +1,104 @@
+"""Aggregators: composable stages between the clients and the server optimizer.
+
+Every client-to-server message of every algorithm goes through an `Aggregator` (``init``,
+``apply``; see `fedjax_sim.core.Aggregator`). Build one from stages with `chain`::
+
+  from fedjax_sim import aggregators as agg
+  aggregator = agg.chain(agg.clip(1.0), agg.mean(weighting="uniform", denominator=100.0),
+                         agg.gaussian_noise(noise_multiplier=1.0))
+  algorithm = fed_avg(model, client_opt, server_opt, aggregator=aggregator)
+
+or from a config's ``aggregator:`` list with `create_aggregator`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fedjax_sim.aggregators.base import (
+    CLIENT,
+    REDUCE,
+    SERVER,
+    Stage,
+    chain,
+    client_norms,
+    no_state,
+    participating,
+    weighted_mean,
+    weighted_sum,
+)
+from fedjax_sim.aggregators.clipping import clip
+from fedjax_sim.aggregators.dp import dp_fedavg_aggregator, split_noise_multiplier
+from fedjax_sim.aggregators.noise import gaussian_noise
+from fedjax_sim.aggregators.reducers import as_aggregator, mean
+from fedjax_sim.aggregators.reducers import sum as sum  # noqa: A004 - a reducer named like jnp.sum
+from fedjax_sim.core import Aggregator
+
+# Stage factories a config's ``aggregator:`` list may name.
+STAGES: dict[str, Callable[..., Stage]] = {
+    "clip": clip,
+    "mean": mean,
+    "sum": sum,
+    "gaussian_noise": gaussian_noise,
+}
+
+
+def register_stage(name: str, factory: Callable[..., Stage]) -> None:
+    """Makes ``factory`` available to configs as ``{name: <name>, ...options}``."""
+    STAGES[name] = factory
+
+
+def stage_options(name: str) -> list[str]:
+    """The keyword options of stage ``name``."""
+    return sorted(inspect.signature(STAGES[name]).parameters)
+
+
+def create_aggregator(specs: Sequence[Mapping[str, Any]], where: str = "aggregator"
+                      ) -> Aggregator:
+    """An aggregator from a list of ``{name: stage, option: value, ...}`` mappings.
+
+    A list without a reducer gets the default ``mean`` after its client stages. Errors name the
+    list position, the stage and the option, with a did-you-mean.
+    """
+    stages = []
+    for position, spec in enumerate(specs):
+        key = f"{where}[{position}]"
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise ValueError(f"{key}: expected a mapping with a 'name' (one of "
+                             f"{sorted(STAGES)}), got {spec!r}")
+        name = spec["name"]
+        if name not in STAGES:
+            close = difflib.get_close_matches(str(name), STAGES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{key}.name: unknown aggregation stage {name!r}: expected one of "
+                             f"{sorted(STAGES)}{hint}")
+        options = {k: v for k, v in spec.items() if k != "name"}
+        allowed = stage_options(name)
+        for option in options:
+            if option not in allowed:
+                close = difflib.get_close_matches(option, allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{key}.{option}: stage {name!r} has no option {option!r} "
+                                 f"(options: {allowed}){hint}")
+        try:
+            stages.append(STAGES[name](**options))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{key} ({name}): {error}") from None
+    if not any(stage.kind == REDUCE for stage in stages):
+        position = next((i for i, s in enumerate(stages) if s.kind == SERVER), len(stages))
+        stages.insert(position, mean())
+    try:
+        return chain(*stages)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+__all__ = [
+    "CLIENT", "REDUCE", "SERVER", "STAGES", "Aggregator", "Stage", "as_aggregator", "chain",
+    "client_norms", "clip", "create_aggregator", "dp_fedavg_aggregator", "gaussian_noise",
+    "mean", "no_state", "participating", "register_stage", "split_noise_multiplier",
+    "stage_options", "sum", "weighted_mean", "weighted_sum",
+]

@@ -1,0 +1,172 @@
+"""Aggregation stages and their chaining, in the optax style.
+
+An aggregation is a chain of stages between the clients and the server optimizer:
+
+  client stages   (state, values [C, ...], weights [C], key, context) -> values, weights
+  one reducer     (state, values [C, ...], weights [C], key, context) -> aggregate
+  server stages   (state, aggregate, key, context)                    -> aggregate
+
+each returning its new state, metrics and the context. ``chain(clip(1.0), mean(),
+gaussian_noise(1.0))`` builds one `Aggregator` (``fedjax_sim.core``) out of them; a lone
+reducer is an aggregator too (`as_aggregator`).
+
+The *context* is a small dict of arrays that stages hand down the chain, so that a later stage
+can calibrate to what an earlier one guaranteed:
+
+* ``sensitivity``: an L2 bound on one client's value (set by `clip`);
+* ``weight_bound``: a bound on one client's weight in the reducer's sum (1 when uniform);
+* ``scale``: the factor the reducer multiplied the weighted sum by (1 / denominator);
+* ``denominator``: that denominator (the expected cohort size for a fixed-denominator mean).
+
+Gaussian noise of multiplier z then has std ``z * sensitivity * weight_bound * scale`` on the
+aggregate: ``z * sensitivity`` on the sum, as DP-FedAvg prescribes (McMahan et al. 2018).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.core import Aggregator
+
+PyTree = Any
+Context = dict[str, jax.Array]
+
+CLIENT, REDUCE, SERVER = "client", "reduce", "server"
+
+
+class Stage(NamedTuple):
+    """One stage of an aggregation chain.
+
+    Attributes:
+      kind: ``"client"`` (per-client transform), ``"reduce"`` (the client axis -> one value) or
+        ``"server"`` (a transform of the aggregate).
+      init: ``example -> state`` (``example``: one client's message, no client axis).
+      apply: see the module docstring for each kind's signature.
+      name: a short name for metrics (``aggregator/<name>/...``) and errors.
+      noise_multipliers: ``state -> {mechanism: z}`` for a stage that adds Gaussian noise.
+    """
+
+    kind: str
+    init: Callable[[PyTree], PyTree]
+    apply: Callable[..., tuple]
+    name: str
+    noise_multipliers: Callable[[PyTree], dict[str, jax.Array]] | None = None
+
+
+def no_state(example: PyTree) -> tuple:
+    """``init`` of a stateless stage."""
+    del example
+    return ()
+
+
+def weighted_mean(values: PyTree, weights: jax.Array) -> PyTree:
+    """Mean over the leading client axis with weights ``[C]`` (safe when all are zero).
+
+    A ``tensordot`` rather than ``sum(x * w, axis=0)``: XLA:CPU compiles the latter into a slow
+    loop (162 ms vs 1.6 ms for the EMNIST CNN's 10 client deltas). ``HIGHEST`` keeps GPUs and TPUs
+    from reducing the precision of this contraction.
+    """
+    total = jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
+
+    def mean(x):
+        summed = jnp.tensordot(weights.astype(x.dtype), x, axes=1,
+                               precision=jax.lax.Precision.HIGHEST)
+        return summed / total.astype(x.dtype)
+
+    return jax.tree.map(mean, values)
+
+
+def weighted_sum(values: PyTree, weights: jax.Array) -> PyTree:
+    """``sum_i weights[i] * values[i]`` over the leading client axis (a ``tensordot``)."""
+    return jax.tree.map(
+        lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1,
+                                precision=jax.lax.Precision.HIGHEST),
+        values,
+    )
+
+
+def client_norms(values: PyTree) -> jax.Array:
+    """``[C]`` the L2 norm of each client's whole value (all leaves flattened together)."""
+    squares = [jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
+               for x in jax.tree.leaves(values)]
+    return jnp.sqrt(sum(squares))
+
+
+def participating(weights: jax.Array) -> jax.Array:
+    """``[C]`` bool: the clients that send a message (weight > 0)."""
+    return weights > 0
+
+
+def chain(*stages: Stage | Aggregator) -> Aggregator:
+    """Composes client stages, one reducer and server stages into one `Aggregator`.
+
+    Example::
+
+      aggregator = chain(clip(1.0), mean(weighting="uniform", denominator=100.0),
+                         gaussian_noise(noise_multiplier=1.0))
+
+    Raises ValueError unless there is exactly one reducer with client stages before it and
+    server stages after it.
+    """
+    stages = tuple(stages)
+    for stage in stages:
+        if not isinstance(stage, Stage):
+            raise TypeError(f"chain: expected aggregation stages (clip(), mean(), ...), got "
+                            f"{type(stage).__name__}")
+    kinds = [stage.kind for stage in stages]
+    if kinds.count(REDUCE) != 1:
+        raise ValueError(f"chain: needs exactly one reducer (mean, sum, ...), got stages "
+                         f"{[s.name for s in stages]}")
+    split = kinds.index(REDUCE)
+    if any(k != CLIENT for k in kinds[:split]) or any(k != SERVER for k in kinds[split + 1:]):
+        raise ValueError(
+            f"chain: client stages (clip, ...) go before the reducer and server stages "
+            f"(gaussian_noise, ...) after it; got {[f'{s.name} ({s.kind})' for s in stages]}")
+    names = _unique_names(stages)
+
+    def init(example: PyTree) -> tuple:
+        return tuple(stage.init(example) for stage in stages)
+
+    def apply(state: tuple, values: PyTree, weights: jax.Array, key: jax.Array):
+        keys = jax.random.split(key, len(stages)) if len(stages) > 1 else [key]
+        context: Context = {}
+        metrics: dict[str, jax.Array] = {}
+        new_state = []
+        aggregate = None
+        for stage, name, stage_state, stage_key in zip(stages, names, state, keys, strict=True):
+            if stage.kind == CLIENT:
+                values, weights, stage_state, stage_metrics, context = stage.apply(
+                    stage_state, values, weights, stage_key, context)
+            elif stage.kind == REDUCE:
+                aggregate, stage_state, stage_metrics, context = stage.apply(
+                    stage_state, values, weights, stage_key, context)
+            else:
+                aggregate, stage_state, stage_metrics, context = stage.apply(
+                    stage_state, aggregate, stage_key, context)
+            new_state.append(stage_state)
+            metrics.update({f"aggregator/{name}/{k}": v for k, v in stage_metrics.items()})
+        return aggregate, tuple(new_state), metrics
+
+    def noise_multipliers(state: tuple) -> dict[str, jax.Array]:
+        out = {}
+        for stage, name, stage_state in zip(stages, names, state, strict=True):
+            if stage.noise_multipliers is not None:
+                out.update({f"{name}/{k}": v
+                            for k, v in stage.noise_multipliers(stage_state).items()})
+        return out
+
+    private = any(stage.noise_multipliers is not None for stage in stages)
+    return Aggregator(init, apply, noise_multipliers if private else None)
+
+
+def _unique_names(stages: tuple[Stage, ...]) -> list[str]:
+    names, seen = [], {}
+    for stage in stages:
+        count = seen.get(stage.name, 0)
+        seen[stage.name] = count + 1
+        names.append(stage.name if count == 0 else f"{stage.name}_{count}")
+    return names

@@ -1,0 +1,43 @@
+"""The aggregator seam changes nothing by default: every algorithm, after 3 rounds on tiny data,
+holds exactly the state it held before the seam existed (`golden/default_aggregator.npz`, written
+by `golden/make_golden.py` at the commit before it), and an explicit ``aggregator=mean()`` or
+``chain(mean())`` equals the default bit for bit."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from golden.make_golden import final_states
+
+from fedjax_sim import aggregators
+from fedjax_sim.algorithms import ALGORITHMS
+
+GOLDEN = Path(__file__).parent / "golden" / "default_aggregator.npz"
+
+
+@pytest.fixture(scope="module")
+def states():
+    return final_states()
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_default_aggregator_reproduces_the_state_before_the_seam(states, name):
+    golden = np.load(GOLDEN)
+    expected = {key.split("|", 1)[1]: golden[key] for key in golden.files
+                if key.split("|", 1)[0] == name}
+    assert expected, f"no golden arrays for {name}"
+    got = states[name]
+    for key, value in expected.items():
+        assert key in got, f"{name}: state leaf {key} disappeared"
+        np.testing.assert_array_equal(got[key], value, err_msg=f"{name}: {key}")
+    # The only new leaves belong to the aggregator (empty for the default mean).
+    assert all("aggregator" in key for key in set(got) - set(expected)), set(got) - set(expected)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_explicit_mean_equals_the_default(name):
+    golden = np.load(GOLDEN)
+    got = final_states(aggregator=aggregators.chain(aggregators.mean()), names=[name])[name]
+    for key in golden.files:
+        if key.split("|", 1)[0] == name:
+            np.testing.assert_array_equal(got[key.split("|", 1)[1]], golden[key])
