@@ -92,3 +92,41 @@ def full_participation(num_clients: int) -> Sampler:
         return jnp.arange(num_clients, dtype=jnp.int32)
 
     return sample
+
+
+def poisson_sampler(num_clients: int, sampling_probability: float, max_cohort_size: int):
+    """Poisson sampling: each client joins the round independently with probability q.
+
+    What the DP accountants assume for amplification by sampling (``PoissonSampledDpEvent``).
+    The cohort's size varies; shapes stay static with a cap ``max_cohort_size``: the sampler
+    returns ``(ids [max], valid [max], drawn)`` where ``valid`` marks the real clients (the rest
+    are padding the engine masks) and ``drawn`` the number the draw selected. If more than the
+    cap were selected, a uniformly random subset of ``max_cohort_size`` of them trains (the
+    overflow is reported as ``cohort/overflow``; pick a cap a few standard deviations above
+    q * N so that it practically never happens: `poisson_cap`).
+    """
+    if not 0.0 < sampling_probability <= 1.0:
+        raise ValueError(f"poisson_sampler: sampling probability must be in (0, 1], got "
+                         f"{sampling_probability!r}")
+    if not 1 <= max_cohort_size <= num_clients:
+        raise ValueError(f"poisson_sampler: max_cohort_size {max_cohort_size} must be in "
+                         f"[1, num_clients={num_clients}]")
+    q = jnp.float32(sampling_probability)
+
+    def sample(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        u = jax.random.uniform(key, (num_clients,))
+        selected = u < q
+        # Selected clients get a score in (0, 1] uniform and independent of the selection
+        # (u / q given u < q), the others -1: top-k takes a uniform subset on overflow.
+        score = jnp.where(selected, 1.0 - u / q, -1.0)
+        top, ids = jax.lax.top_k(score, max_cohort_size)
+        return ids.astype(jnp.int32), top >= 0, jnp.sum(selected.astype(jnp.int32))
+
+    return sample
+
+
+def poisson_cap(num_clients: int, sampling_probability: float, sigmas: float = 6.0) -> int:
+    """A cohort cap for `poisson_sampler`: q * N plus ``sigmas`` binomial standard deviations."""
+    mean = num_clients * sampling_probability
+    std = float(np.sqrt(mean * (1.0 - sampling_probability)))
+    return int(min(num_clients, max(1, np.ceil(mean + sigmas * std))))

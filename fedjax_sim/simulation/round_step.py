@@ -82,7 +82,8 @@ class CohortPlan:
       indices: ``[C, S, B]`` int32 rows of the flat example arrays.
       mask: ``[C, S, B]`` bool, False for padding.
       sizes: ``[C]`` int32 training examples per client (0 for padding clients).
-      valid: ``[C]`` bool, False for padding clients added to fill device shards.
+      valid: ``[C]`` bool, False for padding clients (device shards; Poisson sampling).
+      drawn: int32 clients the sampler selected (above C for a Poisson draw that overflowed).
     """
 
     cohort_ids: jax.Array
@@ -90,6 +91,7 @@ class CohortPlan:
     mask: jax.Array
     sizes: jax.Array
     valid: jax.Array
+    drawn: jax.Array
 
 
 def _round_keys(key: jax.Array, round_index: jax.Array) -> list[jax.Array]:
@@ -192,6 +194,7 @@ def build_round_step(
         measured slower: `benchmarks/host_prefetch.py`).
     """
     num_shards = mesh.shape[CLIENT_AXIS] if mesh is not None else 1
+    poisson = isinstance(jax.eval_shape(sampler, jax.random.PRNGKey(0)), tuple)
     sequential = resolve_strategy(client_execution) == "map" and (client_batch_size or 1) == 1
     padded_size = -(-cohort_size // num_shards) * num_shards
     if data_placement not in PLACEMENTS:
@@ -211,13 +214,18 @@ def build_round_step(
     def plan_fn(key: jax.Array, round_index: jax.Array, offsets: jax.Array) -> CohortPlan:
         """Which clients train this round and which example rows each step reads."""
         key_sample, key_batch, _, _ = _round_keys(key, round_index)
-        cohort_ids = sampler(key_sample)
+        sampled = sampler(key_sample)
         valid = jnp.arange(padded_size) < cohort_size
+        if isinstance(sampled, tuple):  # (ids, valid, drawn): a variable-size (Poisson) cohort
+            cohort_ids, sampled_valid, drawn = sampled
+            valid = valid & jnp.pad(sampled_valid, (0, padded_size - cohort_size))
+        else:
+            cohort_ids, drawn = sampled, jnp.int32(cohort_size)
         cohort_ids = jnp.pad(cohort_ids, (0, padded_size - cohort_size))
         indices, mask, sizes = cohort_indices(key_batch, cohort_ids, offsets, schedule)
         mask = mask & valid[:, None, None]
         sizes = jnp.where(valid, sizes, 0)
-        return CohortPlan(cohort_ids, indices, mask, sizes, valid)
+        return CohortPlan(cohort_ids, indices, mask, sizes, valid, jnp.asarray(drawn, jnp.int32))
 
     def train_fn(state: SimulationState, data, plan: CohortPlan, indices: jax.Array):
         _, _, key_clients, key_system = _round_keys(state.key, state.round)
@@ -242,6 +250,10 @@ def build_round_step(
         # Checked on the host at log time (never inside the round): NaN/inf anywhere in the state.
         metrics = {**(system_stats if system is not None else {}), **metrics,
                    "state/nonfinite": count_nonfinite(algorithm_state)}
+        if poisson:
+            drawn = plan.drawn.astype(jnp.float32)
+            metrics["cohort/drawn"] = drawn
+            metrics["cohort/overflow"] = jnp.maximum(drawn - cohort_size, 0.0)
         return state.replace(algorithm=algorithm_state, round=state.round + 1), metrics
 
     def round_fn(state: SimulationState, data, offsets):
