@@ -126,11 +126,47 @@ class ServerConfig:
 class CohortConfig:
     """``sampler``: ``uniform`` (each client equally likely), ``weighted`` (probability
     proportional to the client's number of training examples) or ``full`` (every client, every
-    round). ``replace``: draw with replacement (a client can appear twice in a cohort)."""
+    round) or ``poisson`` (each client joins independently with probability size / N, so
+    ``size`` is the expected cohort; at most ``max_size`` train, default the mean plus six
+    standard deviations; what DP accounting assumes). ``replace``: draw with replacement (a
+    client can appear twice in a cohort)."""
 
     size: int = 10
     sampler: str = "uniform"
     replace: bool = False
+    max_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """User-level DP-FedAvg, the short form (McMahan et al. 2018; Andrew et al. 2021).
+
+    Off unless ``noise_multiplier`` or ``target_epsilon`` is set. Then each client's whole
+    update is clipped to L2 norm ``clip_norm`` (adaptively towards the ``target_quantile`` of
+    the norms when ``adaptive_clipping``), the updates are summed with uniform weights and
+    divided by the expected cohort size, and Gaussian noise of std ``z * clip_norm`` is added
+    to the sum. ``target_epsilon`` calibrates z for ``rounds`` rounds at ``delta`` (None:
+    ``1 / num_clients ** 1.1``) with the ``accountant`` of dp-accounting (``rdp`` or ``pld``).
+    Use ``cohort.sampler: poisson`` (what the accountant's amplification assumes; a fixed-size
+    cohort is accounted as sampling without replacement under replace-one, RDP only).
+    ``noise_cohort_size``: calibrate the noise as if every cohort had this many clients
+    (a simulated production cohort; the accounting then uses its sampling rate).
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    clip_norm: float = 1.0
+    delta: float | None = None
+    adaptive_clipping: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    count_stddev: float | None = None
+    noise_cohort_size: int | None = None
+    accountant: str = "rdp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +259,8 @@ class Config:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     cohort: CohortConfig = dataclasses.field(default_factory=CohortConfig)
     system: SystemConfig = dataclasses.field(default_factory=SystemConfig)
+    aggregator: list | None = None
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     execution: ExecutionConfig = dataclasses.field(default_factory=ExecutionConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
@@ -233,11 +271,13 @@ class Config:
 POSITIVE_INTS = {
     "rounds", "client.batch_size", "client.local_epochs", "client.local_steps",
     "client.max_local_steps", "cohort.size", "execution.client_batch_size",
-    "execution.num_devices", "eval.every", "eval.batch_size", "eval.max_examples", "log.every",
+    "execution.num_devices", "cohort.max_size", "privacy.noise_cohort_size",
+    "eval.every", "eval.batch_size", "eval.max_examples", "log.every",
     "checkpoint.every", "checkpoint.keep",
 }
 CHOICES = {
-    "cohort.sampler": ("uniform", "weighted", "full"),
+    "cohort.sampler": ("uniform", "weighted", "full", "poisson"),
+    "privacy.accountant": ("rdp", "pld"),
     "execution.client_execution": ("auto", "vmap", "map"),
     "execution.data_placement": ("auto", "device", "host"),
     "system.speed": ("constant", "lognormal", "uniform", "trace"),
@@ -245,7 +285,9 @@ CHOICES = {
 # Values that must lie in [0, 1), and values that must be > 0.
 FRACTIONS = {"system.dropout"}
 POSITIVE_FLOATS = {"system.seconds_per_step", "system.deadline", "system.speed_sigma",
-                   "eval.fine_tune_learning_rate"}
+                   "eval.fine_tune_learning_rate", "privacy.target_epsilon", "privacy.clip_norm",
+                   "privacy.delta", "privacy.count_stddev"}
+OPEN_FRACTIONS = {"privacy.target_quantile", "privacy.delta"}
 
 
 def _type_name(tp) -> str:
@@ -269,6 +311,11 @@ def _check_scalar(value: Any, tp: Any, path: str) -> Any:
                 errors.append(error)
         expected = " or ".join(_type_name(o) for o in options)
         raise ConfigError(f"config key {path!r}: expected {expected}, got {value!r}")
+    if origin is list or tp is list:
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise ConfigError(f"config key {path!r}: expected a list of mappings (e.g. "
+                              f"[{{name: clip, norm: 1.0}}]), got {value!r}")
+        return [dict(v) for v in value]
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {path!r}: expected a mapping, got {value!r}")
@@ -323,7 +370,10 @@ def _validate_value(path: str, value: Any) -> Any:
         raise ConfigError(f"config key {path!r}: expected a number in [0, 1), got {value!r}")
     if path in POSITIVE_FLOATS and not 0 < value < math.inf:
         raise ConfigError(f"config key {path!r}: expected a finite number > 0, got {value!r}")
-    if path in ("eval.fine_tune_steps", "execution.prefetch") and value < 0:
+    if path in OPEN_FRACTIONS and not 0 < value < 1:
+        raise ConfigError(f"config key {path!r}: expected a number in (0, 1), got {value!r}")
+    if path in ("eval.fine_tune_steps", "execution.prefetch", "privacy.noise_multiplier",
+                "seed") and value < 0:
         raise ConfigError(f"config key {path!r}: expected an integer >= 0, got {value!r}")
     if path.endswith("learning_rate") and not (0 < value < math.inf):
         raise ConfigError(

@@ -212,6 +212,18 @@ CASES = [
     ("arrays-bad-partition", [*ARRAYS, "dataset.partition=random"],
      npz(x=X, y=Y, client_id=CLIENT),
      ["config key 'dataset'", "partition must be one of", "'random'"]),
+    # aggregators and privacy
+    ("aggregator-unknown-stage", ["demo", "aggregator=[{name: clipp, norm: 1.0}]", *QUICK], None,
+     ["aggregator[0].name", "'clipp'", "did you mean 'clip'"]),
+    ("aggregator-unknown-option", ["demo", "aggregator=[{name: clip, nrom: 1.0}]", *QUICK], None,
+     ["aggregator[0].nrom", "did you mean 'norm'"]),
+    ("aggregator-two-reducers", ["demo", "aggregator=[{name: mean}, {name: sum}]", *QUICK], None,
+     ["'aggregator'", "exactly one reducer"]),
+    ("privacy-negative-epsilon", ["demo", "privacy.target_epsilon=-1", *QUICK], None,
+     ["'privacy.target_epsilon'", "> 0", "-1"]),
+    ("privacy-unaccountable-sampler", ["demo", "privacy.noise_multiplier=1.0",
+                                       "cohort.sampler=weighted", *QUICK], None,
+     ["'cohort.sampler'", "'weighted'", "poisson"]),
     # the command line
     ("unknown-command", ["bogus"], None, ["invalid choice: 'bogus'", "demo", "run"]),
     ("missing-config-argument", ["run"], None,
@@ -221,10 +233,7 @@ CASES = [
 ]
 
 # Known gaps, each a strict xfail: it fails once the library is fixed, to be moved back in.
-KNOWN_GAPS = {
-    "seed-negative": "config does not validate seed: numpy's 'expected non-negative integer' "
-                     "ValueError escapes main() as a traceback",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _params():

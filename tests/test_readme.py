@@ -78,3 +78,18 @@ def test_readme_federated_example_prints_what_it_says(capsys):
     exec(compile(_block("<!-- readme-federated"), str(README), "exec"), {})
     assert capsys.readouterr().out.split("\n")[:2] == [
         "({float32}@CLIENTS -> float32@SERVER)", "69.53334"]
+
+
+def test_readme_new_stage_example_runs_and_drops_the_nan_client(capsys):
+    code = _block("<!-- readme-new-stage")
+    namespace: dict = {}
+    try:
+        exec(compile(code, str(README), "exec"), namespace)
+    finally:
+        from fedjax_sim import aggregators
+
+        aggregators.STAGES.pop("drop_nonfinite", None)
+    # Reference: the mean of the two finite clients, computed here.
+    assert [float(v) for v in namespace["mean"]["w"]] == [2.0, 3.0]
+    assert int(namespace["metrics"]["aggregator/drop_nonfinite/dropped"]) == 1
+    assert "[2. 3.]" in capsys.readouterr().out

@@ -132,6 +132,13 @@ def epsilon_of(event: events.DpEvent, rounds: int, delta: float, accountant: str
     """Epsilon at ``delta`` of ``event`` composed ``rounds`` times."""
     if rounds <= 0:
         return 0.0
+    # The accountants reject a sampled non-private or no-op event: answer those here.
+    inner = event.event if isinstance(event, (events.PoissonSampledDpEvent,
+                                              events.SampledWithoutReplacementDpEvent)) else event
+    if isinstance(inner, events.NonPrivateDpEvent):
+        return math.inf
+    if isinstance(inner, events.NoOpDpEvent):
+        return 0.0
     account = _accountant(accountant, sampling)
     account.compose(event, int(rounds))
     return float(account.get_epsilon(delta))

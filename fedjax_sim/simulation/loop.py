@@ -24,17 +24,25 @@ from typing import Any
 
 import jax
 
+from fedjax_sim.aggregators import create_aggregator, dp_fedavg_aggregator
 from fedjax_sim.algorithms import algorithm_factory, algorithm_options, create_algorithm
 from fedjax_sim.config import Config, ConfigError, check_options, config_to_yaml, load_config
 from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
-from fedjax_sim.data.sampling import full_participation, uniform_sampler, weighted_sampler
+from fedjax_sim.data.sampling import (
+    full_participation,
+    poisson_cap,
+    poisson_sampler,
+    uniform_sampler,
+    weighted_sampler,
+)
 from fedjax_sim.data.validation import validate_dataset
 from fedjax_sim.datasets import dataset_loader
 from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
+from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier
 from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.checkpoint import Checkpointer
 from fedjax_sim.simulation.evaluation import build_evaluators
@@ -45,6 +53,15 @@ from fedjax_sim.simulation.round_step import (
     init_simulation_state,
 )
 from fedjax_sim.simulation.system import make_system
+
+METRICS_CONTRACT = """What the loop reads from an algorithm's round metrics: nothing is required.
+
+An algorithm's ``apply`` returns ``(state, metrics)`` with any dict of scalar arrays; the loop
+logs all of them to ``metrics.jsonl`` and checks each for NaN/inf. When present, these have a
+meaning the loop uses: ``train/loss`` and ``train/accuracy`` (the progress bar, the plot and the
+final line), ``train/clients`` and ``train/examples`` (logged). The state must have a
+``params`` attribute (evaluated on the test splits) unless the evaluators are personalised.
+"""
 
 
 class DivergenceError(RuntimeError):
@@ -63,6 +80,8 @@ class Experiment:
     round_step: RoundStep
     # split -> (algorithm state -> metrics)
     evaluators: dict[str, Callable[[Any], dict[str, jax.Array]]]
+    # every noised quantity of the run (None: not private); epsilon after n rounds
+    privacy: PrivacyLedger | None = None
 
     def init_state(self) -> SimulationState:
         params = self.model.init(jax.random.PRNGKey(self.config.seed))
@@ -123,10 +142,11 @@ def build_experiment(config: Config) -> Experiment:
     client_optimizer, client_schedules = make_optimizer(
         config.client.optimizer, "client.optimizer", inject_schedule=False)
     server_optimizer, _ = make_optimizer(config.server.optimizer, "server.optimizer")
-    algorithm = _build_algorithm(config, model, client_optimizer, server_optimizer,
-                                 dataset.train.num_clients, client_schedules)
-
     train = dataset.train
+    aggregator, privacy = _build_aggregator(config, train.num_clients, model)
+    algorithm = _build_algorithm(config, model, client_optimizer, server_optimizer,
+                                 dataset.train.num_clients, client_schedules, aggregator)
+
     if config.cohort.size > train.num_clients and not config.cohort.replace:
         raise ConfigError(
             f"config key 'cohort.size': {config.cohort.size} is larger than the number of "
@@ -139,6 +159,10 @@ def build_experiment(config: Config) -> Experiment:
                 raise ValueError("replace: true needs sampler uniform or weighted (full "
                                  "participation takes every client once)")
             sampler, cohort_size = full_participation(train.num_clients), train.num_clients
+        elif config.cohort.sampler == "poisson":
+            q = cohort_size / train.num_clients
+            cohort_size = config.cohort.max_size or poisson_cap(train.num_clients, q)
+            sampler = poisson_sampler(train.num_clients, q, min(cohort_size, train.num_clients))
         elif config.cohort.sampler == "weighted":
             sampler = weighted_sampler(train.client_sizes, cohort_size, config.cohort.replace)
         else:
@@ -164,11 +188,75 @@ def build_experiment(config: Config) -> Experiment:
         data_placement=config.execution.data_placement, prefetch=config.execution.prefetch,
     )
     evaluators = build_evaluators(config, model, dataset)
-    return Experiment(config, dataset, model, algorithm, schedule, round_step, evaluators)
+    return Experiment(config, dataset, model, algorithm, schedule, round_step, evaluators,
+                      privacy)
+
+
+def _build_aggregator(config: Config, num_clients: int, model: Model):
+    """The ``aggregator:`` list or the ``privacy:`` short form, and the run's privacy ledger.
+
+    Returns ``(aggregator or None, ledger or None)``. The ledger holds every Gaussian mechanism
+    of the aggregator with its noise multiplier (the update noise, adaptive clipping's count).
+    """
+    privacy, cohort = config.privacy, config.cohort
+    if privacy.enabled and config.aggregator:
+        raise ConfigError("config keys 'privacy' and 'aggregator': set one (privacy: is the "
+                          "short form of a clip / mean / gaussian_noise aggregator list)")
+    expected = float(cohort.size)
+    population = num_clients
+    if privacy.noise_cohort_size is not None:
+        if privacy.noise_cohort_size > num_clients:
+            raise ConfigError(
+                f"config key 'privacy.noise_cohort_size': {privacy.noise_cohort_size} is more "
+                f"than the {num_clients} clients to sample from")
+    sampling = "poisson" if cohort.sampler == "poisson" else "fixed"
+    if privacy.enabled:
+        if cohort.sampler in ("weighted", "full") or cohort.replace:
+            raise ConfigError(
+                f"config key 'cohort.sampler': {cohort.sampler!r}"
+                f"{' with replace' if cohort.replace else ''} has no DP accounting; use poisson "
+                "(or uniform without replacement)")
+        noise_cohort = privacy.noise_cohort_size or expected
+        delta = privacy.delta or 1.0 / population ** 1.1
+        z = privacy.noise_multiplier
+        try:
+            if z is None:
+                z = calibrate_noise_multiplier(privacy.target_epsilon, config.rounds,
+                                               population, noise_cohort, delta, sampling,
+                                               privacy.accountant)
+            aggregator = dp_fedavg_aggregator(
+                z, privacy.clip_norm, expected,
+                target_quantile=privacy.target_quantile if privacy.adaptive_clipping else None,
+                clip_learning_rate=privacy.clip_learning_rate,
+                count_stddev=privacy.count_stddev,
+                noise_cohort_size=privacy.noise_cohort_size)
+        except ValueError as error:
+            raise ConfigError(f"config key 'privacy': {error}") from None
+    elif config.aggregator:
+        try:
+            aggregator = create_aggregator(config.aggregator)
+        except ValueError as error:  # "aggregator[i].option: what is wrong"
+            key, _, problem = str(error).partition(": ")
+            raise ConfigError(f"config key {key.split(' ')[0]!r}: {problem}") from None
+        noise_cohort, delta = expected, privacy.delta or 1.0 / population ** 1.1
+    else:
+        return None, None
+    if aggregator.noise_multipliers is None:
+        return aggregator, None
+    state = aggregator.init(model.init(jax.random.PRNGKey(0)))
+    multipliers = {k: float(v) for k, v in jax.device_get(
+        aggregator.noise_multipliers(state)).items()}
+    try:
+        ledger = PrivacyLedger(multipliers, population, noise_cohort, sampling, delta,
+                               privacy.accountant)
+    except ValueError as error:
+        raise ConfigError(f"config key 'privacy': {error}") from None
+    return aggregator, ledger
 
 
 def _build_algorithm(config: Config, model: Model, client_optimizer, server_optimizer,
-                     num_clients: int, client_schedules=None) -> FederatedAlgorithm:
+                     num_clients: int, client_schedules=None,
+                     aggregator=None) -> FederatedAlgorithm:
     """The configured algorithm (``algorithm.name`` and its options) from the registry."""
     name = config.algorithm.name
     try:
@@ -188,6 +276,7 @@ def _build_algorithm(config: Config, model: Model, client_optimizer, server_opti
         return create_algorithm(name, model, client_optimizer, server_optimizer,
                                 client_weighting=config.client.weighting,
                                 num_clients=num_clients, client_schedules=client_schedules,
+                                **({"aggregator": aggregator} if aggregator is not None else {}),
                                 **config.algorithm.options)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config key 'algorithm' ({name}): {error}") from None
@@ -353,6 +442,8 @@ def _train(
                     history.append(row)
                 if evaluate_now:
                     history[-1].update(experiment.evaluate(state.algorithm))
+                    if experiment.privacy is not None:  # epsilon spent so far, at delta
+                        history[-1]["privacy/epsilon"] = experiment.privacy.epsilon(round_index)
                     _check_finite(round_index, history[-1])
                 for row in history[-len(rows):]:
                     log_file.write(json.dumps(row) + "\n")
@@ -382,7 +473,9 @@ def _train(
 
 def _postfix(history: list[dict[str, float]]) -> dict[str, str]:
     last = history[-1]
-    postfix = {"loss": f"{last['train/loss']:.3f}", "acc": f"{last['train/accuracy']:.3f}"}
+    # The loop needs no metric of an algorithm (see `METRICS_CONTRACT`); it shows what exists.
+    postfix = {short: f"{last[key]:.3f}" for short, key in
+               (("loss", "train/loss"), ("acc", "train/accuracy")) if key in last}
     tests = [row for row in history if "test/accuracy" in row]
     if tests:
         postfix["test_acc"] = f"{tests[-1]['test/accuracy']:.3f}"
@@ -429,6 +522,19 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
         "devices": jax.device_count(),
         "workdir": str(workdir),
     }
+    if experiment.privacy is not None:
+        ledger = experiment.privacy
+        summary["privacy"] = {
+            "epsilon": ledger.epsilon(rounds),
+            "delta": ledger.delta,
+            "noise_multipliers": dict(ledger.noise_multipliers),
+            "accounting": ledger.description(),
+            "simulated_cohort": (None if config.privacy.noise_cohort_size is None else
+                                 f"noise calibrated for a cohort of "
+                                 f"{config.privacy.noise_cohort_size} clients while training "
+                                 f"{config.cohort.size}: the accuracy such a cohort would reach "
+                                 "at this epsilon, not this run's own guarantee"),
+        }
     temporary = workdir / "summary.json.tmp"
     temporary.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(temporary, workdir / "summary.json")
@@ -438,7 +544,8 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
     print(
         f"fedjax_sim: done: {rounds} rounds in {summary['train_seconds']:.1f} s "
         f"({summary['seconds_per_round']:.3f} s/round, first round {first:.1f} s), total "
-        f"{summary['total_seconds']:.1f} s; final train loss {final['train/loss']:.3f}, "
+        f"{summary['total_seconds']:.1f} s; "
+        + (f"final train loss {final['train/loss']:.3f}, " if "train/loss" in final else "")
         + ", ".join(f"{k} {v:.4f}" for k, v in tests.items())
     )
     print(f"fedjax_sim: wrote {workdir}/metrics.jsonl, summary.json, checkpoints/"
@@ -453,10 +560,11 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [row["round"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(rounds, [row["train/loss"] for row in history], label="train loss", lw=1)
-    ax_acc.plot(rounds, [row["train/accuracy"] for row in history], label="train accuracy", lw=1)
+    for ax, key in ((ax_loss, "train/loss"), (ax_acc, "train/accuracy")):
+        points = [(row["round"], row[key]) for row in history if key in row]
+        if points:
+            ax.plot(*zip(*points, strict=False), label=key.replace("/", " "), lw=1)
     for key in sorted({k for row in history for k in row}):
         if key.endswith("/accuracy") and not key.startswith("train"):
             points = [(row["round"], row[key]) for row in history if key in row]

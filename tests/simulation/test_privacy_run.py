@@ -1,0 +1,38 @@
+"""`configs/fashion_mnist_dp_fedavg.yaml` runs through `fs.run` on the real data and reports an
+epsilon that equals dp-accounting's own, called directly here, in metrics.jsonl and summary.json."""
+
+import json
+
+import dp_accounting
+from dp_accounting.rdp import rdp_privacy_accountant
+from helpers import FASHION_MNIST_FILES, REPO, SHARED_DATA, needs_shared_data
+
+from fedjax_sim.simulation.loop import run
+
+
+@needs_shared_data(*FASHION_MNIST_FILES)
+def test_dp_fedavg_config_reports_the_accountants_epsilon(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDJAX_SIM_DATA", str(SHARED_DATA))
+    rounds = 4
+    result = run(REPO / "configs" / "fashion_mnist_dp_fedavg.yaml", workdir=tmp_path,
+                 overrides=[f"rounds={rounds}", "eval.every=2", "log.every=2",
+                            "log.progress=false", "log.plot=false", "eval.max_examples=500",
+                            "privacy.adaptive_clipping=false"])
+    privacy = result.summary["privacy"]
+    z = privacy["noise_multipliers"]["gaussian_noise/update"]
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        100 / 1000, dp_accounting.GaussianDpEvent(z)), rounds)
+    expected = accountant.get_epsilon(1e-5)
+    assert abs(privacy["epsilon"] - expected) < 1e-9
+    assert abs(expected - 4.0) < 0.04  # calibrated to the target for the planned rounds
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [row for row in rows if "privacy/epsilon" in row]
+    assert [row["round"] for row in evaluated] == [2, 4]
+    assert evaluated[0]["privacy/epsilon"] < evaluated[1]["privacy/epsilon"] == privacy["epsilon"]
+    # Poisson cohorts vary; each round clipped to 0.5 and noised with z * 0.5 / 100 on the mean.
+    assert len({row["cohort/drawn"] for row in rows}) > 1
+    for row in rows:
+        assert row["aggregator/clip/clip_norm"] == 0.5
+        assert abs(row["aggregator/gaussian_noise/noise_stddev"] - z * 0.5 / 100) < 1e-7
+        assert row["train/clients"] == row["cohort/drawn"]
