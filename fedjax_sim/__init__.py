@@ -9,12 +9,13 @@ from fedjax_sim import _xla_flags
 
 _xla_flags.configure()  # before anything imports jax
 
-from fedjax_sim import federated, learning  # noqa: E402
+from fedjax_sim import aggregators, federated, learning, privacy  # noqa: E402
 from fedjax_sim.aggregators import weighted_mean  # noqa: E402
 from fedjax_sim.algorithms import ALGORITHMS, create_algorithm  # noqa: E402
 from fedjax_sim.algorithms.fed_avg import ServerState, fed_avg  # noqa: E402
+from fedjax_sim.algorithms.local import local_train, model_loss  # noqa: E402
 from fedjax_sim.config import Config, ConfigError, load_config  # noqa: E402
-from fedjax_sim.core import ClientInput, Cohort, FederatedAlgorithm  # noqa: E402
+from fedjax_sim.core import Aggregator, ClientInput, Cohort, FederatedAlgorithm  # noqa: E402
 from fedjax_sim.data.batching import ClientSchedule, cohort_indices  # noqa: E402
 from fedjax_sim.data.errors import DataError  # noqa: E402
 from fedjax_sim.data.federated_data import (  # noqa: E402
@@ -24,10 +25,13 @@ from fedjax_sim.data.federated_data import (  # noqa: E402
 )
 from fedjax_sim.data.sampling import (  # noqa: E402
     full_participation,
+    poisson_sampler,
     uniform_sampler,
     weighted_sampler,
 )
 from fedjax_sim.datasets import load_dataset  # noqa: E402
+from fedjax_sim.models import create_model  # noqa: E402
+from fedjax_sim.sharding import client_mesh  # noqa: E402
 from fedjax_sim.simulation.client_map import local_client_map, sharded_client_map  # noqa: E402
 from fedjax_sim.simulation.evaluation import make_evaluator  # noqa: E402
 from fedjax_sim.simulation.round_step import (  # noqa: E402
@@ -40,7 +44,9 @@ from fedjax_sim.simulation.round_step import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALGORITHMS", "create_algorithm", "federated", "learning", "weighted_sampler",
+    "ALGORITHMS", "Aggregator", "aggregators", "client_mesh", "create_algorithm",
+    "create_model", "federated", "learning", "local_train", "model_loss", "poisson_sampler",
+    "privacy", "weighted_sampler",
     "ClientInput", "ClientSchedule", "Cohort", "Config", "ConfigError", "DataError",
     "FederatedAlgorithm", "FederatedData", "FederatedDataset", "RoundStep", "ServerState",
     "SimulationState", "build_round_step", "cohort_indices", "fed_avg", "full_participation",
