@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import dp_accounting
 from dp_accounting import dp_event as events
@@ -160,6 +161,18 @@ def calibrate_noise_multiplier(target_epsilon: float, rounds: int, num_clients: 
         one = round_event({"update": z}, num_clients, cohort_size, sampling, accountant)
         return events.SelfComposedDpEvent(one, int(rounds))
 
+    bracket: Any = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
+    if accountant == "pld":
+        # The PLD of a tiny multiplier takes minutes and tens of GiB (z = 1e-3: 38 GiB), and
+        # the bisection evaluates its lower end first: bracket by RDP's z instead, an upper
+        # bound (RDP's epsilon bounds PLD's from above), halving the lower end as needed.
+        upper = calibrate_noise_multiplier(target_epsilon, rounds, num_clients, cohort_size,
+                                           delta, sampling, "rdp")
+        lower = upper / 2
+        while lower > 1e-2 and epsilon_of(make_event(lower), 1, delta, accountant,
+                                          sampling) <= target_epsilon:
+            lower /= 2
+        bracket = dp_accounting.ExplicitBracketInterval(lower, upper)
     return float(dp_accounting.calibrate_dp_mechanism(
         lambda: _accountant(accountant, sampling), make_event, target_epsilon, delta,
-        dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4))
+        bracket, tol=1e-4))

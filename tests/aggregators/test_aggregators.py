@@ -368,3 +368,50 @@ def test_create_aggregator_inserts_mean_where_no_reducer():
 def test_chain_rejects_non_stages():
     with pytest.raises(TypeError, match="expected aggregation stages"):
         chain(chain(mean()))
+
+
+# --- DP-FedAvg sharded over 4 fake devices ------------------------------------------------------
+
+def _dp_rounds(mesh):
+    import optax
+    from helpers import tiny_data, tiny_model
+
+    from fedjax_sim.algorithms import create_algorithm
+    from fedjax_sim.data.batching import ClientSchedule
+    from fedjax_sim.data.sampling import uniform_sampler
+    from fedjax_sim.simulation.round_step import build_round_step, init_simulation_state
+
+    model, data = tiny_model(), tiny_data((5, 17, 40, 3, 11))
+    aggregator = dp_fedavg_aggregator(1.0, 0.05, 3.0, target_quantile=0.5, count_stddev=2.0)
+    algorithm = create_algorithm("fed_avg", model, optax.sgd(0.1), optax.sgd(1.0),
+                                 aggregator=aggregator)
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=1)
+    step = build_round_step(algorithm, data, schedule, uniform_sampler(data.num_clients, 3), 3,
+                            mesh=mesh)  # cohort 3: padded to 4 on the mesh
+    state = init_simulation_state(algorithm.init(model.init(jax.random.key(0))), 11)
+    compiled = jax.jit(step.fn).lower(state, step.data, step.offsets).compile()  # once
+    history = []
+    for _ in range(3):
+        state, metrics = compiled(state, step.data, step.offsets)
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state.algorithm), history, compiled.as_text()
+
+
+def test_dp_fedavg_on_four_devices_equals_one_device():
+    from fedjax_sim.sharding import client_mesh
+
+    single, single_metrics, _ = _dp_rounds(None)
+    sharded, sharded_metrics, hlo = _dp_rounds(client_mesh(4))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    for m1, m4 in zip(single_metrics, sharded_metrics, strict=True):
+        for name in ("aggregator/clip/clip_norm", "aggregator/clip/clipped_fraction",
+                     "aggregator/gaussian_noise/noise_stddev", "train/clients"):
+            assert float(m1[name]) == pytest.approx(float(m4[name]), rel=1e-6)
+        assert float(m4["train/clients"]) == 3  # the padding client does not count
+    # the noise was there (clip norm 0.05 over 3 clients, z = 1: it dominates the update)
+    assert float(single_metrics[0]["aggregator/gaussian_noise/noise_stddev"]) > 0
+    # the adaptive clip norm moved, in the state carried across rounds
+    assert float(single_metrics[-1]["aggregator/clip/clip_norm"]) != pytest.approx(0.05)
+    # the clients' sum crosses devices as an all-reduce, not a gather of every client's update
+    assert "all-reduce" in hlo

@@ -125,7 +125,6 @@ def test_poisson_round_event_is_the_sampled_gaussian():
     (1.0, 100, 10, "poisson", "rdp"),
     (4.0, 300, 50, "poisson", "rdp"),
     (8.0, 50, 100, "fixed", "rdp"),
-    (2.0, 20, 20, "poisson", "pld"),
 ])
 def test_calibrated_noise_multiplier_gives_the_target_epsilon(target, rounds, cohort, sampling,
                                                                accountant):
