@@ -13,7 +13,7 @@
   parameters (the global model fine-tuned on the client's training split, or Ditto's personal
   model), as a ``lax.map`` over clients; each client loops over its own test examples only.
 
-`build_evaluators` wires them to the config's ``eval`` section.
+`build_evaluators` builds the set a run evaluates (the loop passes its ``eval:`` settings).
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ import numpy as np
 import optax
 
 from fedjax_sim.algorithms.local import STAT_KEYS, gather_batch, local_train, model_loss
-from fedjax_sim.config import ConfigError
 from fedjax_sim.core import ClientInput
 from fedjax_sim.data.batching import ClientSchedule, client_stream
-from fedjax_sim.data.federated_data import FederatedData
+from fedjax_sim.data.federated_data import FederatedData, FederatedDataset
 from fedjax_sim.models.base import Model, batch_statistics
-from fedjax_sim.simulation.client_map import resolve_strategy
 
 Params = Any
 
@@ -278,51 +276,57 @@ def make_fine_tune_evaluator(
     return lambda params: evaluate(params, data)
 
 
-def _clients_test_split(config, dataset, key: str) -> FederatedData:
-    """The clients' held-out split, or a ConfigError that names ``key`` and the fix."""
+def _clients_test_split(dataset: FederatedDataset) -> FederatedData:
+    """The clients' held-out split, or a ValueError that says what is missing and the fix."""
     test = dataset.test
     if test is None or test.num_examples == 0:
-        raise ConfigError(
-            f"config key {key!r}: per-client evaluation needs each client's held-out split, and "
-            f"dataset {config.dataset.name!r} has none; set its test split (e.g. "
-            "dataset.test_fraction=0.2)"
+        raise ValueError(
+            f"per-client evaluation needs each client's held-out split, and dataset "
+            f"{dataset.name!r} has none; set its test split (e.g. dataset.test_fraction=0.2)"
         )
     if test.num_clients != dataset.train.num_clients:
-        raise ConfigError(
-            f"config key {key!r}: dataset {config.dataset.name!r} has {test.num_clients} test "
-            f"clients for {dataset.train.num_clients} training clients; per-client evaluation "
-            "needs them aligned"
+        raise ValueError(
+            f"dataset {dataset.name!r} has {test.num_clients} test clients for "
+            f"{dataset.train.num_clients} training clients; per-client evaluation needs them "
+            "aligned"
         )
     return test
 
 
-def _client_chunk(config) -> int:
-    """Clients per ``lax.map`` chunk: the execution's choice (1 = sequential, on CPU)."""
-    if config.execution.client_batch_size:
-        return config.execution.client_batch_size
-    if resolve_strategy(config.execution.client_execution) == "map":
-        return 1
-    return config.cohort.size  # vmap: as many clients at once as a round trains
-
-
-def build_evaluators(config, model: Model, dataset) -> dict[str, Callable[..., dict]]:
-    """``{split: evaluate(algorithm_state)}`` for the config's ``eval`` section.
+def build_evaluators(
+    model: Model,
+    dataset: FederatedDataset,
+    *,
+    batch_size: int = 512,
+    max_examples: int | None = None,
+    seed: int = 0,
+    per_client: bool = False,
+    fine_tune_steps: int = 0,
+    fine_tune_learning_rate: float | None = None,
+    fine_tune_batch_size: int | None = None,
+    client_chunk: int = 1,
+) -> dict[str, Callable[..., dict]]:
+    """``{split: evaluate(algorithm_state)}``: what a run evaluates.
 
     ``test``: the central test set when the dataset has one; ``clients_test`` (or ``test`` when
     there is no central set): the pool of the clients' held-out splits. Each evaluates the
-    state's global ``params`` (``eval.max_examples`` caps these two).
+    state's global ``params`` in batches of ``batch_size`` (``max_examples`` caps these two, a
+    subset drawn with ``seed``).
 
-    ``per_client`` (``eval.per_client``, or ``eval.fine_tune_steps > 0`` for the "before"): the
-    global model on every client's held-out split, as `client_distribution`; when the state has
+    ``per_client`` (``per_client``, or ``fine_tune_steps > 0`` for the "before"): the global
+    model on every client's held-out split, as `client_distribution`; when the state has
     ``personal_params`` (Ditto), also each client's personal model, as ``personal/...``.
-    ``fine_tuned`` (``eval.fine_tune_steps > 0``): the same distribution after each client
-    fine-tunes the global model (`make_fine_tune_evaluator`; SGD with
-    ``eval.fine_tune_learning_rate``, default the client learning rate, batches of
-    ``client.batch_size``). Per-client splits are evaluated whole.
+    ``fine_tuned`` (``fine_tune_steps > 0``): the same distribution after each client fine-tunes
+    the global model (`make_fine_tune_evaluator`: SGD with ``fine_tune_learning_rate``, batches
+    of ``fine_tune_batch_size``). Per-client splits are evaluated whole, ``client_chunk`` clients
+    vmapped at a time (1: sequential, as on CPU).
+
+    Raises:
+      ValueError: per-client evaluation of a dataset without aligned held-out splits, or
+        fine-tuning without a learning rate and batch size.
     """
     evaluators = {}
-    eval_kwargs = dict(batch_size=config.eval.batch_size, max_examples=config.eval.max_examples,
-                       seed=config.seed)
+    eval_kwargs = dict(batch_size=batch_size, max_examples=max_examples, seed=seed)
     if dataset.central_test is not None:
         evaluate = make_evaluator(model, dataset.central_test, **eval_kwargs)
         evaluators["test"] = lambda state, evaluate=evaluate: evaluate(state.params)
@@ -331,33 +335,31 @@ def build_evaluators(config, model: Model, dataset) -> dict[str, Callable[..., d
         evaluate = make_evaluator(model, dataset.test.arrays, **eval_kwargs)
         evaluators[key] = lambda state, evaluate=evaluate: evaluate(state.params)
 
-    fine_tune_steps = config.eval.fine_tune_steps
-    if config.eval.per_client or fine_tune_steps > 0:
-        key = "eval.per_client" if config.eval.per_client else "eval.fine_tune_steps"
-        test = _clients_test_split(config, dataset, key)
-        chunk = _client_chunk(config)
-        evaluate_clients = make_per_client_evaluator(model, test, config.eval.batch_size)
+    if per_client or fine_tune_steps > 0:
+        test = _clients_test_split(dataset)
+        evaluate_clients = make_per_client_evaluator(model, test, batch_size)
         personal_evaluators = []  # built on first use: only states with personal models need it
 
-        def per_client(state):
+        def per_client_metrics(state):
             metrics = client_distribution(evaluate_clients(state.params))
             personal = getattr(state, "personal_params", None)
             if personal is not None:
                 if not personal_evaluators:
                     personal_evaluators.append(
-                        make_personal_evaluator(model, test, config.eval.batch_size, chunk))
+                        make_personal_evaluator(model, test, batch_size, client_chunk))
                 stats = personal_evaluators[0](personal)
                 metrics.update({f"personal/{k}": v for k, v in client_distribution(stats).items()})
             return metrics
 
-        evaluators["per_client"] = per_client
+        evaluators["per_client"] = per_client_metrics
     if fine_tune_steps > 0:
-        learning_rate = (config.eval.fine_tune_learning_rate
-                         or config.client.optimizer.learning_rate)
+        if fine_tune_learning_rate is None or fine_tune_batch_size is None:
+            raise ValueError("fine_tune_steps > 0 needs fine_tune_learning_rate and "
+                             "fine_tune_batch_size")
         fine_tune = make_fine_tune_evaluator(
-            model, dataset.train, test, steps=fine_tune_steps,
-            batch_size=config.client.batch_size, learning_rate=learning_rate,
-            test_batch_size=config.eval.batch_size, chunk=chunk, seed=config.seed,
+            model, dataset.train, test, steps=fine_tune_steps, batch_size=fine_tune_batch_size,
+            learning_rate=fine_tune_learning_rate, test_batch_size=batch_size,
+            chunk=client_chunk, seed=seed,
         )
         evaluators["fine_tuned"] = lambda state: client_distribution(fine_tune(state.params))
     return evaluators

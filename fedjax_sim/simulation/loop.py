@@ -45,6 +45,7 @@ from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier
 from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.checkpoint import Checkpointer
+from fedjax_sim.simulation.client_map import resolve_strategy
 from fedjax_sim.simulation.evaluation import build_evaluators
 from fedjax_sim.simulation.round_step import (
     RoundStep,
@@ -169,7 +170,7 @@ def build_experiment(config: Config) -> Experiment:
             sampler = uniform_sampler(train.num_clients, cohort_size, config.cohort.replace)
     except ValueError as error:
         raise ConfigError(f"config key 'cohort': {error}") from None
-    system = make_system(config.system, train.num_clients, config.seed)
+    system = _build_system(config, train.num_clients)
     schedule = ClientSchedule.from_sizes(
         train.client_sizes, config.client.batch_size,
         local_epochs=config.client.local_epochs, local_steps=config.client.local_steps,
@@ -187,7 +188,7 @@ def build_experiment(config: Config) -> Experiment:
         client_batch_size=config.execution.client_batch_size, mesh=mesh, system=system,
         data_placement=config.execution.data_placement, prefetch=config.execution.prefetch,
     )
-    evaluators = build_evaluators(config, model, dataset)
+    evaluators = _build_evaluators(config, model, dataset)
     return Experiment(config, dataset, model, algorithm, schedule, round_step, evaluators,
                       privacy)
 
@@ -280,6 +281,42 @@ def _build_algorithm(config: Config, model: Model, client_optimizer, server_opti
                                 **config.algorithm.options)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config key 'algorithm' ({name}): {error}") from None
+
+
+def _build_system(config: Config, num_clients: int):
+    """The ``system:`` section's model (None when it is all defaults)."""
+    settings = dataclasses.asdict(config.system)
+    try:
+        return make_system(num_clients, config.seed, **settings)
+    except DataError:  # an unreadable trace names its file
+        raise
+    except ValueError as error:  # "argument: problem" names the key when it can
+        argument, _, problem = str(error).partition(": ")
+        if argument in settings:
+            raise ConfigError(f"config key 'system.{argument}': {problem}") from None
+        raise ConfigError(f"config key 'system': {error}") from None
+
+
+def _build_evaluators(config: Config, model: Model, dataset: FederatedDataset):
+    """The ``eval:`` section's evaluators (see `build_evaluators`)."""
+    section = config.eval
+    if config.execution.client_batch_size:  # clients per chunk, as the round trains them
+        chunk = config.execution.client_batch_size
+    elif resolve_strategy(config.execution.client_execution) == "map":
+        chunk = 1  # sequential, on CPU
+    else:
+        chunk = config.cohort.size  # vmap: as many clients at once as a round trains
+    try:
+        return build_evaluators(
+            model, dataset, batch_size=section.batch_size, max_examples=section.max_examples,
+            seed=config.seed, per_client=section.per_client,
+            fine_tune_steps=section.fine_tune_steps,
+            fine_tune_learning_rate=(section.fine_tune_learning_rate
+                                     or config.client.optimizer.learning_rate),
+            fine_tune_batch_size=config.client.batch_size, client_chunk=chunk)
+    except ValueError as error:
+        key = "eval.per_client" if section.per_client else "eval.fine_tune_steps"
+        raise ConfigError(f"config key {key!r}: {error}") from None
 
 
 def default_workdir(name: str) -> Path:

@@ -1,9 +1,9 @@
 """System heterogeneity on a simulated clock: per-client speeds, dropout, stragglers.
 
-`make_system` turns the config's ``system:`` section into a hook ``(key, clients) -> clients``
-that the round step applies to the cohort before the algorithm sees it (see
-`fedjax_sim.simulation.round_step.build_round_step`). Every algorithm sees the effect through
-`ClientInput` alone:
+`make_system` turns the ``system:`` settings (plain arguments) into a hook
+``(key, clients) -> clients`` that the round step applies to the cohort before the algorithm sees
+it (see `fedjax_sim.simulation.round_step.build_round_step`). Every algorithm sees the effect
+through `ClientInput` alone:
 
 * **speeds**: client k needs ``seconds_per_step_k`` simulated seconds per local step, fixed for
   the whole run: ``seconds_per_step`` times a factor drawn once on the host from a seeded
@@ -35,19 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.config import ConfigError, SystemConfig
 from fedjax_sim.core import ClientInput
 from fedjax_sim.data.errors import DataError
 
 SystemHook = Callable[[jax.Array, ClientInput], ClientInput]
 
 
-def is_active(config: SystemConfig) -> bool:
-    """False for the default section: every client finishes every step, 1 s per step."""
-    return bool(
-        config.dropout > 0 or config.speed != "constant" or config.seconds_per_step != 1.0
-        or config.deadline is not None or config.trace is not None
-    )
+def is_active(
+    *, dropout: float = 0.0, speed: str = "constant", seconds_per_step: float = 1.0,
+    deadline: float | None = None, trace: str | Path | None = None,
+) -> bool:
+    """False for the defaults: every client finishes every step, 1 s per step."""
+    return bool(dropout > 0 or speed != "constant" or seconds_per_step != 1.0
+                or deadline is not None or trace is not None)
 
 
 def read_trace(path: str | Path, num_clients: int) -> np.ndarray:
@@ -85,27 +85,35 @@ def read_trace(path: str | Path, num_clients: int) -> np.ndarray:
     return values
 
 
-def client_speeds(config: SystemConfig, num_clients: int, seed: int) -> np.ndarray:
-    """``[num_clients]`` seconds per local step: drawn once (seeded) or read from a trace."""
-    if config.speed == "trace" or config.trace is not None:
-        if config.trace is None:
-            raise ConfigError("config key 'system.trace': system.speed is 'trace' but no trace "
-                              "file is given (a .npy or .csv of per-client seconds per step)")
-        if config.speed not in ("trace", "constant"):
-            raise ConfigError(f"config key 'system.speed': {config.speed!r} conflicts with "
-                              "system.trace (set speed: trace)")
-        return read_trace(config.trace, num_clients)
+def client_speeds(
+    num_clients: int, seed: int, *, speed: str = "constant", speed_sigma: float = 0.5,
+    seconds_per_step: float = 1.0, trace: str | Path | None = None,
+) -> np.ndarray:
+    """``[num_clients]`` seconds per local step: drawn once (seeded) or read from a trace.
+
+    Raises:
+      ValueError: ``"<argument>: <problem>"`` for an unknown ``speed`` or a trace that
+        conflicts with it (the caller names its own key for the argument).
+      DataError: an unreadable trace (see `read_trace`).
+    """
+    if speed == "trace" or trace is not None:
+        if trace is None:
+            raise ValueError("trace: speed is 'trace' but no trace file is given (a .npy or "
+                             ".csv of per-client seconds per step)")
+        if speed not in ("trace", "constant"):
+            raise ValueError(f"speed: {speed!r} conflicts with a trace file (set speed: trace)")
+        return read_trace(trace, num_clients)
     rng = np.random.default_rng(seed)
-    if config.speed == "constant":
+    if speed == "constant":
         factors = np.ones(num_clients)
-    elif config.speed == "lognormal":
-        factors = np.exp(rng.normal(0.0, config.speed_sigma, num_clients))
-    elif config.speed == "uniform":
-        factors = rng.uniform(1.0, 1.0 + config.speed_sigma, num_clients)
+    elif speed == "lognormal":
+        factors = np.exp(rng.normal(0.0, speed_sigma, num_clients))
+    elif speed == "uniform":
+        factors = rng.uniform(1.0, 1.0 + speed_sigma, num_clients)
     else:
-        raise ConfigError(f"config key 'system.speed': unknown speed model {config.speed!r}; "
-                          "expected constant, lognormal, uniform or trace")
-    return config.seconds_per_step * factors
+        raise ValueError(f"speed: unknown speed model {speed!r}; expected constant, lognormal, "
+                         "uniform or trace")
+    return seconds_per_step * factors
 
 
 def system_model(
@@ -154,18 +162,25 @@ def system_model(
     return apply
 
 
-def make_system(config: SystemConfig, num_clients: int, seed: int) -> SystemHook | None:
-    """The configured system model, or None when ``system:`` is all defaults.
+def make_system(
+    num_clients: int, seed: int, *, dropout: float = 0.0, speed: str = "constant",
+    speed_sigma: float = 0.5, seconds_per_step: float = 1.0, trace: str | Path | None = None,
+    deadline: float | None = None,
+) -> SystemHook | None:
+    """The system model of these settings, or None when they are all defaults.
 
     Args:
-      config: the ``system:`` section.
       num_clients: training clients (a trace must have this many values).
       seed: seeds the per-client speed draw (host side, numpy).
+      dropout, deadline: see `system_model`.
+      speed, speed_sigma, seconds_per_step, trace: see `client_speeds`.
     """
-    if not is_active(config):
+    if not is_active(dropout=dropout, speed=speed, seconds_per_step=seconds_per_step,
+                     deadline=deadline, trace=trace):
         return None
-    speeds = client_speeds(config, num_clients, seed)
-    return system_model(speeds, config.dropout, config.deadline)
+    speeds = client_speeds(num_clients, seed, speed=speed, speed_sigma=speed_sigma,
+                           seconds_per_step=seconds_per_step, trace=trace)
+    return system_model(speeds, dropout, deadline)
 
 
 def system_metrics(before: ClientInput, after: ClientInput) -> dict[str, jax.Array]:

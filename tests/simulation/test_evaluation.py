@@ -148,13 +148,14 @@ def _dataset(with_test=True):
     return FederatedDataset("tiny", train, test, None, {"num_classes": 3})
 
 
-def _config(**eval_section):
-    return config_from_dict({"eval": eval_section, "client": {"batch_size": 4}})
+def _settings(**eval_section):
+    """`build_evaluators`'s arguments for an ``eval:`` section, as the loop passes them."""
+    return {"fine_tune_learning_rate": 0.1, "fine_tune_batch_size": 4, **eval_section}
 
 
 def test_build_evaluators_adds_per_client_personal_and_fine_tuned_entries():
     model, dataset = tiny_model(), _dataset()
-    evaluators = build_evaluators(_config(per_client=True, fine_tune_steps=2), model, dataset)
+    evaluators = build_evaluators(model, dataset, **_settings(per_client=True, fine_tune_steps=2))
     assert set(evaluators) == {"test", "per_client", "fine_tuned"}
     params = model.init(jax.random.key(0))
     store = jax.tree.map(lambda x: jnp.stack([x] * dataset.train.num_clients), params)
@@ -173,14 +174,25 @@ def test_build_evaluators_adds_per_client_personal_and_fine_tuned_entries():
 
 
 def test_build_evaluators_fine_tuning_alone_reports_before_and_after():
-    evaluators = build_evaluators(_config(fine_tune_steps=1), tiny_model(), _dataset())
+    evaluators = build_evaluators(tiny_model(), _dataset(), **_settings(fine_tune_steps=1))
     assert {"per_client", "fine_tuned"} <= set(evaluators)
 
 
 @pytest.mark.parametrize("section", [{"per_client": True}, {"fine_tune_steps": 3}])
-def test_per_client_evaluation_without_held_out_split_names_the_key(section):
-    with pytest.raises(ConfigError, match=f"eval.{next(iter(section))}.*test_fraction"):
-        build_evaluators(_config(**section), tiny_model(), _dataset(with_test=False))
+def test_per_client_evaluation_without_held_out_split_names_the_key(tmp_path, section):
+    with pytest.raises(ValueError, match="dataset 'tiny' has none.*test_fraction"):
+        build_evaluators(tiny_model(), _dataset(with_test=False), **_settings(**section))
+    from fedjax_sim.simulation.loop import build_experiment
+
+    data = tiny_data((6, 8, 5), features=3, seed=1)
+    np.savez(tmp_path / "d.npz", x=data.arrays["x"], y=data.arrays["y"],
+             client_id=np.repeat(np.arange(3), data.client_sizes))
+    config = config_from_dict({"dataset": {"name": "arrays", "path": str(tmp_path / "d.npz")},
+                               "model": {"name": "logistic"}, "cohort": {"size": 2},
+                               "eval": section})
+    key = next(iter(section))
+    with pytest.raises(ConfigError, match=f"config key .eval.{key}.*test_fraction"):
+        build_experiment(config)
 
 
 def test_run_logs_personal_and_fine_tuned_distributions(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from helpers import tiny_data, tiny_model
 
 from fedjax_sim.algorithms.fed_avg import fed_avg
-from fedjax_sim.config import ConfigError, SystemConfig
+from fedjax_sim.config import ConfigError, config_from_dict
 from fedjax_sim.core import ClientInput, FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.errors import DataError
@@ -38,19 +38,18 @@ def cohort(num_steps=(5, 5, 3, 5, 5, 0), ids=(0, 1, 2, 3, 4, 5)):
 
 
 def test_default_section_is_no_system_model():
-    assert make_system(SystemConfig(), 10, 0) is None
-    assert make_system(SystemConfig(dropout=0.1), 10, 0) is not None
+    assert make_system(10, 0) is None
+    assert make_system(10, 0, dropout=0.1) is not None
 
 
 def test_speed_models_are_drawn_once_from_the_seed():
-    lognormal = client_speeds(SystemConfig(speed="lognormal", speed_sigma=0.7,
-                                           seconds_per_step=2.0), 50, seed=3)
+    lognormal = client_speeds(50, seed=3, speed="lognormal", speed_sigma=0.7,
+                              seconds_per_step=2.0)
     rng = np.random.default_rng(3)
     np.testing.assert_allclose(lognormal, 2.0 * np.exp(rng.normal(0.0, 0.7, 50)))
-    uniform = client_speeds(SystemConfig(speed="uniform", speed_sigma=0.5), 1000, seed=1)
+    uniform = client_speeds(1000, seed=1, speed="uniform", speed_sigma=0.5)
     assert 1.0 <= uniform.min() and uniform.max() <= 1.5 and abs(uniform.mean() - 1.25) < 0.02
-    np.testing.assert_array_equal(client_speeds(SystemConfig(seconds_per_step=0.5), 4, 0),
-                                  np.full(4, 0.5))
+    np.testing.assert_array_equal(client_speeds(4, 0, seconds_per_step=0.5), np.full(4, 0.5))
 
 
 def test_durations_are_steps_times_seconds_per_step():
@@ -101,8 +100,8 @@ def test_traces_npy_and_csv(tmp_path):
     (tmp_path / "speeds.csv").write_text("\n".join(str(v) for v in SPEEDS) + "\n")
     np.testing.assert_allclose(read_trace(tmp_path / "speeds.npy", C), SPEEDS)
     np.testing.assert_allclose(read_trace(tmp_path / "speeds.csv", C), SPEEDS)
-    config = SystemConfig(speed="trace", trace=str(tmp_path / "speeds.csv"))
-    np.testing.assert_allclose(client_speeds(config, C, 0), SPEEDS)
+    np.testing.assert_allclose(
+        client_speeds(C, 0, speed="trace", trace=str(tmp_path / "speeds.csv")), SPEEDS)
     with pytest.raises(DataError, match=r"speeds\.npy.*expected 7 values.*got 6"):
         read_trace(tmp_path / "speeds.npy", 7)
     with pytest.raises(DataError, match="no such file"):
@@ -110,8 +109,25 @@ def test_traces_npy_and_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("1.0\n-2\n")
     with pytest.raises(DataError, match=r"bad\.csv.*client 1"):
         read_trace(tmp_path / "bad.csv", 2)
-    with pytest.raises(ConfigError, match="system.trace"):
-        client_speeds(SystemConfig(speed="trace"), C, 0)
+    with pytest.raises(ValueError, match="trace: speed is 'trace' but no trace file"):
+        client_speeds(C, 0, speed="trace")
+
+
+@pytest.mark.parametrize("system, key", [
+    ({"speed": "trace"}, "'system.trace': speed is 'trace' but no trace file"),
+    ({"speed": "lognormal", "trace": "speeds.npy"}, "'system.speed': 'lognormal' conflicts"),
+])
+def test_config_errors_name_the_system_key(tmp_path, system, key):
+    from fedjax_sim.simulation.loop import build_experiment
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(12, 3)).astype(np.float32),
+             y=rng.integers(0, 2, 12), client_id=np.repeat(np.arange(4), 3))
+    config = config_from_dict({"dataset": {"name": "arrays", "path": str(tmp_path / "d.npz")},
+                               "model": {"name": "logistic"}, "cohort": {"size": 2},
+                               "system": system})
+    with pytest.raises(ConfigError, match=key):
+        build_experiment(config)
 
 
 def spy(algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
@@ -189,7 +205,6 @@ def test_fedavg_with_dropout_and_deadline_equals_fedavg_on_the_rest():
 
 
 def test_config_wires_system_and_sampler(tmp_path):
-    from fedjax_sim.config import config_from_dict
     from fedjax_sim.simulation.loop import build_experiment
 
     rng = np.random.default_rng(0)
