@@ -109,35 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _configured_loader(config):
-    """The config's dataset loader, its options checked (a ConfigError names the bad key)."""
-    import inspect
-
-    from fedjax_sim.config import ConfigError, check_options
-    from fedjax_sim.datasets import dataset_loader
-
-    name, options = config.dataset.name, config.dataset.options
-    try:
-        loader = dataset_loader(name)
-    except ValueError as error:
-        raise ConfigError(f"config key 'dataset.name': {error}") from None
-    check_options("dataset", f"dataset {name!r}", options, inspect.signature(loader).parameters)
-    return loader
-
-
-def _call_loader(config, function, *args):
-    """``function(*args)``; a value the loader rejects becomes a ConfigError naming 'dataset'."""
-    from fedjax_sim.config import ConfigError
-    from fedjax_sim.data.errors import DataError
-
-    try:
-        return function(*args)
-    except DataError:
-        raise
-    except (ValueError, TypeError) as error:  # the loader rejected an option's value
-        raise ConfigError(f"config key 'dataset' ({config.dataset.name}): {error}") from None
-
-
 def _data_command(args, config) -> None:
     """``fedjax-sim data stats|convert``: the dataset of ``config``."""
     import time
@@ -146,20 +117,19 @@ def _data_command(args, config) -> None:
     import numpy as np
 
     from fedjax_sim.data import stats
-    from fedjax_sim.datasets import cache, convert_dataset
+    from fedjax_sim.datasets import cache
+    from fedjax_sim.simulation.loop import build_dataset, build_dataset_cache
 
-    loader = _configured_loader(config)
     if args.data_command == "convert":
         start = time.perf_counter()
-        path = _call_loader(config, convert_dataset, config.dataset.name,
-                            config.dataset.options, args.out)
+        path = build_dataset_cache(config, args.out)
         summary = cache.open_cache(path).train.summary()
         print(f"fedjax-sim: {config.dataset.name}: {summary['clients']:,} clients, "
               f"{summary['examples']:,} train examples -> {path} "
               f"({time.perf_counter() - start:.1f} s)")
         return
 
-    dataset = _call_loader(config, lambda: loader(**config.dataset.options))
+    dataset = build_dataset(config)
     info = dataset.info
     out = Path(args.out or Path("runs") / f"data_stats-{config.dataset.name}")
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import inspect
@@ -39,7 +40,7 @@ from fedjax_sim.data.sampling import (
     weighted_sampler,
 )
 from fedjax_sim.data.validation import validate_dataset
-from fedjax_sim.datasets import dataset_loader
+from fedjax_sim.datasets import DatasetLoader, convert_dataset, dataset_loader
 from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier
@@ -107,20 +108,45 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def build_experiment(config: Config) -> Experiment:
-    """Loads the data and builds the model, algorithm, round step and evaluators."""
+def configured_loader(config: Config) -> DatasetLoader:
+    """The config's dataset loader, its options checked (a ConfigError names the bad key)."""
     try:
         loader = dataset_loader(config.dataset.name)
     except ValueError as error:
         raise ConfigError(f"config key 'dataset.name': {error}") from None
     check_options("dataset", f"dataset {config.dataset.name!r}", config.dataset.options,
                   inspect.signature(loader).parameters)
+    return loader
+
+
+@contextlib.contextmanager
+def _dataset_errors(config: Config):
+    """A value the loader rejects becomes a ConfigError naming 'dataset' (DataError stays)."""
     try:
-        dataset = loader(**config.dataset.options)
+        yield
     except DataError:
         raise
     except (ValueError, TypeError) as error:  # the loader rejected an option's value
         raise ConfigError(f"config key 'dataset' ({config.dataset.name}): {error}") from None
+
+
+def build_dataset(config: Config) -> FederatedDataset:
+    """The ``dataset:`` section loaded (not validated: `build_experiment` does that)."""
+    loader = configured_loader(config)
+    with _dataset_errors(config):
+        return loader(**config.dataset.options)
+
+
+def build_dataset_cache(config: Config, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The ``dataset:`` section converted into a memory-mapped cache; returns its folder."""
+    configured_loader(config)
+    with _dataset_errors(config):
+        return convert_dataset(config.dataset.name, config.dataset.options, cache_dir)
+
+
+def build_experiment(config: Config) -> Experiment:
+    """Loads the data and builds the model, algorithm, round step and evaluators."""
+    dataset = build_dataset(config)
     validate_dataset(dataset)
     info = dataset.info
     if config.model.name in MODELS:
