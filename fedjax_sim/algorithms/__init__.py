@@ -8,7 +8,10 @@ passes, when the factory's signature accepts them:
 * ``client_weighting``: ``"num_examples"``, ``"uniform"`` or an exponent (``client.weighting``);
 * ``num_clients``: the number of training clients (for per-client state stores);
 * ``client_schedules``: ``{hyperparameter: round -> value}`` for the client optimizer
-  (``client.optimizer.schedule``).
+  (``client.optimizer.schedule``);
+* ``equal_local_steps``: whether every client takes the same number of local steps each round
+  (False under ``client.local_epochs`` with clients of different sizes, or a deadline with
+  per-client speeds).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
 
 # Keyword arguments the engine fills in from other config sections (never algorithm options).
 ENGINE_ARGUMENTS = ("client_weighting", "num_clients", "client_schedules", "loss_fn",
-                    "aggregator")
+                    "aggregator", "equal_local_steps")
 # Per-message aggregators (SCAFFOLD's control variates, ...): objects, set from Python.
 MESSAGE_AGGREGATOR_SUFFIX = "_aggregator"
 

@@ -15,6 +15,15 @@ steps and lr the client learning rate. The server steps its optimizer on the wei
 ``c <- c + 1/N * sum_i (c_i+ - c_i)`` over the cohort (= |S|/N times the cohort mean). Padding
 clients and clients without a real step neither write their row nor count in that sum.
 
+The corrections ``c - c_i`` cancel in the server average only in the paper's setting: every
+client takes the same number K of local steps, the average is uniform, and the clients run
+plain SGD. Then ``x - y_i = lr sum_k g_i(y_ik) + K lr (c - c_i)`` averages to a step along the
+path gradients, because ``c`` is the mean of the ``c_i``. With step counts that differ (local
+training by epochs over clients of different sizes, a deadline that cuts stragglers), weights by
+examples, or client momentum (a correction enters every later step once more), a residue of
+the corrections stays in every server step and SCAFFOLD can lose to FedAvg; `scaffold` then
+warns (`ScaffoldSettingWarning`) at build time.
+
 Example::
 
   algorithm = scaffold(model, optax.inject_hyperparams(optax.sgd)(learning_rate=0.05),
@@ -23,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -49,6 +59,53 @@ from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
+
+
+class ScaffoldSettingWarning(UserWarning):
+    """SCAFFOLD runs outside its paper's setting, where its control-variate corrections cancel."""
+
+
+def _has_momentum(optimizer: optax.GradientTransformation) -> bool:
+    """Whether a zero gradient after a nonzero one still moves the parameters (momentum, Adam).
+
+    Probed on one zero parameter (so weight decay adds nothing); an optimizer that cannot be
+    probed this way (it needs extra arguments) counts as having none.
+    """
+    params = jnp.zeros((1,), jnp.float32)
+    try:
+        state = optimizer.init(params)
+        _, state = optimizer.update(jnp.ones_like(params), state, params)
+        updates, _ = optimizer.update(jnp.zeros_like(params), state, params)
+    except (TypeError, ValueError):
+        return False
+    return bool(jnp.any(updates != 0))
+
+
+def check_setting(
+    client_optimizer: optax.GradientTransformation,
+    client_weighting: str | float = "num_examples",
+    equal_local_steps: bool | None = None,
+) -> list[str]:
+    """Why SCAFFOLD's corrections would not cancel in the server average (empty: they do).
+
+    Args:
+      client_optimizer: the local optimizer (momentum breaks the cancellation).
+      client_weighting: as `scaffold`'s (anything but uniform breaks it).
+      equal_local_steps: whether every client takes the same number of local steps each round;
+        False breaks it, None (unknown) is not checked.
+    """
+    reasons = []
+    if equal_local_steps is False:
+        reasons.append("clients' local step counts differ (local training by epochs over clients "
+                       "of different sizes, or a deadline that cuts stragglers; set "
+                       "client.local_steps)")
+    if weight_exponent(client_weighting) != 0:
+        reasons.append(f"client weights are not uniform (client_weighting={client_weighting!r}; "
+                       "set client.weighting: uniform)")
+    if _has_momentum(client_optimizer):
+        reasons.append("the client optimizer has momentum (a correction enters every later "
+                       "step again; use plain SGD)")
+    return reasons
 
 
 @struct.dataclass
@@ -90,6 +147,7 @@ def scaffold(
     client_schedules: dict | None = None,
     aggregator: Aggregator | Stage | None = None,
     control_aggregator: Aggregator | Stage | None = None,
+    equal_local_steps: bool | None = None,
 ) -> FederatedAlgorithm:
     """SCAFFOLD (option II control variates) with optax client and server optimizers.
 
@@ -110,9 +168,17 @@ def scaffold(
       control_aggregator: combines the second message, the control-variate deltas
         ``c_i+ - c_i`` (default: their uniform mean over the clients that trained, which the
         update scales by |S| / N). A DP run must privatize both messages.
+      equal_local_steps: whether every client takes the same number of local steps each round
+        (the engine passes it: False under ``client.local_epochs`` with clients of different
+        sizes, or a deadline with per-client speeds). None: unknown, not checked.
 
     Returns:
       A `FederatedAlgorithm` whose state is a `ScaffoldState`.
+
+    Warns:
+      ScaffoldSettingWarning: outside the paper's setting (equal local steps, uniform weights,
+        plain client SGD), where the control-variate corrections do not cancel (see
+        `check_setting`).
     """
     if num_clients is None or int(num_clients) < 1:
         raise ValueError(f"scaffold needs num_clients (>= 1) for its per-client control "
@@ -121,6 +187,13 @@ def scaffold(
         raise ValueError(f"scaffold: client_learning_rate must be > 0, got "
                          f"{client_learning_rate!r}")
     exponent = weight_exponent(client_weighting)
+    reasons = check_setting(client_optimizer, client_weighting, equal_local_steps)
+    if reasons:
+        warnings.warn(
+            "scaffold: the control-variate corrections do not cancel in the server average when "
+            + "; ".join(reasons) + ". They cancel with equal local steps, uniform client weights "
+            "and plain client SGD (the paper's setting); otherwise SCAFFOLD drifts and can lose "
+            "to FedAvg.", ScaffoldSettingWarning, stacklevel=2)
     loss_fn = loss_fn or model_loss(model)
     aggregator = as_aggregator(aggregator)
     control_aggregator = as_aggregator(control_aggregator)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from fedjax_sim.aggregators import create_aggregator, dp_fedavg_aggregator
 from fedjax_sim.algorithms import algorithm_factory, algorithm_options, create_algorithm
@@ -171,8 +172,15 @@ def build_experiment(config: Config) -> Experiment:
     server_optimizer, _ = make_optimizer(config.server.optimizer, "server.optimizer")
     train = dataset.train
     aggregator, privacy = _build_aggregator(config, train.num_clients, model)
+    schedule = ClientSchedule.from_sizes(
+        train.client_sizes, config.client.batch_size,
+        local_epochs=config.client.local_epochs, local_steps=config.client.local_steps,
+        max_local_steps=config.client.max_local_steps,
+    )
+    equal_steps = _equal_local_steps(config, schedule, train.client_sizes)
     algorithm = _build_algorithm(config, model, client_optimizer, server_optimizer,
-                                 dataset.train.num_clients, client_schedules, aggregator)
+                                 dataset.train.num_clients, client_schedules, aggregator,
+                                 equal_local_steps=equal_steps)
 
     if config.cohort.size > train.num_clients and not config.cohort.replace:
         raise ConfigError(
@@ -197,11 +205,6 @@ def build_experiment(config: Config) -> Experiment:
     except ValueError as error:
         raise ConfigError(f"config key 'cohort': {error}") from None
     system = _build_system(config, train.num_clients)
-    schedule = ClientSchedule.from_sizes(
-        train.client_sizes, config.client.batch_size,
-        local_epochs=config.client.local_epochs, local_steps=config.client.local_steps,
-        max_local_steps=config.client.max_local_steps,
-    )
     mesh = None
     if config.execution.num_devices and config.execution.num_devices > 1:
         try:
@@ -281,9 +284,20 @@ def _build_aggregator(config: Config, num_clients: int, model: Model):
     return aggregator, ledger
 
 
+def _equal_local_steps(config: Config, schedule: ClientSchedule, client_sizes) -> bool:
+    """Whether every client with data takes the same number of local steps each round."""
+    system = config.system
+    if system.deadline is not None and (system.speed != "constant" or system.trace is not None):
+        return False  # a straggler runs only the steps that fit before the deadline
+    sizes = np.asarray(client_sizes)
+    steps = np.asarray(schedule.steps_for(sizes[sizes > 0]))
+    return bool(steps.size == 0 or (steps == steps[0]).all())
+
+
 def _build_algorithm(config: Config, model: Model, client_optimizer, server_optimizer,
                      num_clients: int, client_schedules=None,
-                     aggregator=None) -> FederatedAlgorithm:
+                     aggregator=None, *,
+                     equal_local_steps: bool | None = None) -> FederatedAlgorithm:
     """The configured algorithm (``algorithm.name`` and its options) from the registry."""
     name = config.algorithm.name
     try:
@@ -303,6 +317,7 @@ def _build_algorithm(config: Config, model: Model, client_optimizer, server_opti
         return create_algorithm(name, model, client_optimizer, server_optimizer,
                                 client_weighting=config.client.weighting,
                                 num_clients=num_clients, client_schedules=client_schedules,
+                                equal_local_steps=equal_local_steps,
                                 **({"aggregator": aggregator} if aggregator is not None else {}),
                                 **config.algorithm.options)
     except (ValueError, TypeError) as error:

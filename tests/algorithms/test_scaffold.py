@@ -12,8 +12,8 @@ from helpers import tiny_data, tiny_model
 
 from fedjax_sim.algorithms import create_algorithm
 from fedjax_sim.algorithms.fed_avg import fed_avg
-from fedjax_sim.algorithms.scaffold import scaffold
-from fedjax_sim.config import load_config
+from fedjax_sim.algorithms.scaffold import ScaffoldSettingWarning, check_setting, scaffold
+from fedjax_sim.config import config_from_dict, load_config
 from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.sampling import uniform_sampler
@@ -21,6 +21,9 @@ from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.round_step import build_round_step, init_simulation_state
 
 SIZES = (5, 17, 40, 3, 11, 8)
+# Weights by examples (scaffold's default, kept by the references below) warn: see
+# test_warns_outside_the_papers_setting.
+BY_EXAMPLES = "client weights are not uniform"
 COHORT = ("client_id", "indices", "mask", "valid", "num_steps")
 
 
@@ -146,7 +149,8 @@ def test_scaffold_matches_sequential_reference_over_rounds(execution):
     model, data = tiny_model(), tiny_data(SIZES)
     lr, global_lr = 0.1, 0.8
     client = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
-    algorithm = scaffold(model, client, optax.sgd(global_lr), num_clients=data.num_clients)
+    with pytest.warns(ScaffoldSettingWarning, match=BY_EXAMPLES):
+        algorithm = scaffold(model, client, optax.sgd(global_lr), num_clients=data.num_clients)
     kwargs = ({"mesh": client_mesh(4)} if execution == "mesh4"  # cohort 3 padded to 4
               else {"client_execution": execution})
     state, cohorts = rounds(algorithm, data, 5, system=drop_second_client, **kwargs)
@@ -172,7 +176,8 @@ def test_first_round_with_zero_control_variates_is_fed_avg():
     lr, global_lr = 0.1, 0.8
     client = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
     server = optax.sgd(global_lr)
-    algorithm = scaffold(model, client, server, num_clients=data.num_clients)
+    with pytest.warns(ScaffoldSettingWarning, match=BY_EXAMPLES):
+        algorithm = scaffold(model, client, server, num_clients=data.num_clients)
     ours, [cohort] = rounds(algorithm, data, 1)
     x = tree(np.float64, model.init(jax.random.key(0)))  # what rounds() starts from
     zero = tree(np.zeros_like, x)
@@ -263,13 +268,84 @@ def test_config_and_bad_arguments():
     model = tiny_model()
     params = model.init(jax.random.key(0))
     algorithm = create_algorithm("scaffold", model, optax.inject_hyperparams(optax.sgd)(0.1),
-                                 optax.sgd(1.0), num_clients=7, **config.algorithm.options)
+                                 optax.sgd(1.0), num_clients=7, client_weighting="uniform",
+                                 **config.algorithm.options)
     state = algorithm.init(params)
     assert jax.tree.leaves(state.client_controls)[0].shape[0] == 7
     with pytest.raises(ValueError, match="needs num_clients"):
-        scaffold(model, optax.sgd(0.1), optax.sgd(1.0))
+        scaffold(model, optax.sgd(0.1), optax.sgd(1.0), client_weighting="uniform")
     with pytest.raises(ValueError, match="client_learning_rate"):  # lr not readable
-        scaffold(model, optax.sgd(0.1), optax.sgd(1.0), num_clients=3).init(params)
+        scaffold(model, optax.sgd(0.1), optax.sgd(1.0), client_weighting="uniform",
+                 num_clients=3).init(params)
     # ... unless given
-    scaffold(model, optax.sgd(0.1), optax.sgd(1.0), num_clients=3,
+    scaffold(model, optax.sgd(0.1), optax.sgd(1.0), client_weighting="uniform", num_clients=3,
              client_learning_rate=0.1).init(params)
+
+
+SETTING_WARNINGS = {  # what each departure from the paper's setting must say
+    "steps": "local step counts differ",
+    "weights": "client weights are not uniform",
+    "momentum": "client optimizer has momentum",
+}
+
+
+@pytest.mark.parametrize("departure, kwargs", [
+    ("steps", {"equal_local_steps": False}),
+    ("weights", {"client_weighting": "num_examples"}),
+    ("weights", {"client_weighting": 0.5}),
+    ("momentum", {"client_optimizer": optax.sgd(0.1, momentum=0.9)}),
+    ("momentum", {"client_optimizer": optax.inject_hyperparams(optax.sgd)(0.1, momentum=0.5)}),
+    ("momentum", {"client_optimizer": optax.adam(0.1)}),
+])
+def test_warns_outside_the_papers_setting(departure, kwargs):
+    """Each departure alone warns, naming itself (and only itself) and the fix."""
+    settings = {"client_optimizer": optax.sgd(0.1), "client_weighting": "uniform",
+                "equal_local_steps": True, **kwargs}
+    optimizer = settings.pop("client_optimizer")
+    with pytest.warns(ScaffoldSettingWarning, match=SETTING_WARNINGS[departure]) as caught:
+        scaffold(tiny_model(), optimizer, optax.sgd(1.0), num_clients=3,
+                 client_learning_rate=0.1, **settings)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "paper's setting" in message
+    for other, text in SETTING_WARNINGS.items():
+        assert (text in message) == (other == departure), (other, message)
+
+
+@pytest.mark.parametrize("optimizer", [
+    optax.sgd(0.1),
+    optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+    optax.sgd(0.1, momentum=0.0),  # a trace with decay 0 carries nothing over
+    optax.adagrad(0.1),  # per-coordinate scaling but no memory of the gradient itself
+    optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1)),
+])
+@pytest.mark.parametrize("equal_local_steps", [True, None])
+def test_the_papers_setting_does_not_warn(optimizer, equal_local_steps):
+    """Fixed local steps (or unknown), uniform weights, no client momentum: no warning."""
+    assert check_setting(optimizer, "uniform", equal_local_steps) == []
+    scaffold(tiny_model(), optimizer, optax.sgd(1.0), num_clients=3, client_learning_rate=0.1,
+             client_weighting="uniform", equal_local_steps=equal_local_steps)  # errors on one
+
+
+def _config(tmp_path, **client):
+    rng = np.random.default_rng(0)
+    sizes = np.array([3, 9, 5, 12])  # unequal: one epoch is 1 to 3 steps of 4 examples
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(sizes.sum(), 3)).astype(np.float32),
+             y=rng.integers(0, 2, sizes.sum()), client_id=np.repeat(np.arange(4), sizes))
+    return config_from_dict({
+        "dataset": {"name": "arrays", "path": str(tmp_path / "d.npz")},
+        "model": {"name": "logistic"}, "algorithm": {"name": "scaffold"}, "cohort": {"size": 2},
+        "client": {"optimizer": {"name": "sgd", "learning_rate": 0.1}, "batch_size": 4,
+                   "weighting": "uniform", **client},
+    })
+
+
+def test_the_builder_tells_scaffold_when_step_counts_differ(tmp_path):
+    from fedjax_sim.simulation.loop import build_experiment
+
+    with pytest.warns(ScaffoldSettingWarning, match=SETTING_WARNINGS["steps"]):
+        build_experiment(_config(tmp_path, local_epochs=1, local_steps=None))
+    build_experiment(_config(tmp_path, local_steps=3))  # the paper's setting: errors on a warning
+    with pytest.warns(ScaffoldSettingWarning, match=SETTING_WARNINGS["momentum"]):
+        build_experiment(_config(tmp_path, local_steps=3,
+                                 optimizer={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}))
