@@ -151,6 +151,12 @@ class PrivacyConfig:
     cohort is accounted as sampling without replacement under replace-one, RDP only).
     ``noise_cohort_size``: calibrate the noise as if every cohort had this many clients
     (a simulated production cohort; the accounting then uses its sampling rate).
+
+    Example-level DP-SGD inside the clients (independent of the above, reported separately):
+    ``example_noise_multiplier`` turns it on; every local step clips each example's gradient
+    to ``example_clip_norm`` and adds noise of std ``example_noise_multiplier *
+    example_clip_norm`` to their sum (`fedjax_sim.privacy.dp_sgd`); ``example_delta`` (None:
+    ``1 / num_training_examples ** 1.1``) is its delta.
     """
 
     noise_multiplier: float | None = None
@@ -163,10 +169,19 @@ class PrivacyConfig:
     count_stddev: float | None = None
     noise_cohort_size: int | None = None
     accountant: str = "rdp"
+    example_noise_multiplier: float | None = None
+    example_clip_norm: float = 1.0
+    example_delta: float | None = None
 
     @property
     def enabled(self) -> bool:
+        """User-level DP (the aggregator's clipping and noise) is on."""
         return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    @property
+    def example_level(self) -> bool:
+        """Example-level DP-SGD inside the clients is on."""
+        return self.example_noise_multiplier is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +301,9 @@ CHOICES = {
 FRACTIONS = {"system.dropout"}
 POSITIVE_FLOATS = {"system.seconds_per_step", "system.deadline", "system.speed_sigma",
                    "eval.fine_tune_learning_rate", "privacy.target_epsilon", "privacy.clip_norm",
-                   "privacy.delta", "privacy.count_stddev"}
-OPEN_FRACTIONS = {"privacy.target_quantile", "privacy.delta"}
+                   "privacy.delta", "privacy.count_stddev", "privacy.example_clip_norm",
+                   "privacy.example_delta"}
+OPEN_FRACTIONS = {"privacy.target_quantile", "privacy.delta", "privacy.example_delta"}
 
 
 def _type_name(tp) -> str:
@@ -372,9 +388,11 @@ def _validate_value(path: str, value: Any) -> Any:
         raise ConfigError(f"config key {path!r}: expected a finite number > 0, got {value!r}")
     if path in OPEN_FRACTIONS and not 0 < value < 1:
         raise ConfigError(f"config key {path!r}: expected a number in (0, 1), got {value!r}")
-    if path in ("eval.fine_tune_steps", "execution.prefetch", "privacy.noise_multiplier",
-                "seed") and value < 0:
+    if path in ("eval.fine_tune_steps", "execution.prefetch", "seed") and value < 0:
         raise ConfigError(f"config key {path!r}: expected an integer >= 0, got {value!r}")
+    if path in ("privacy.noise_multiplier", "privacy.example_noise_multiplier") and not (
+            0 <= value < math.inf):
+        raise ConfigError(f"config key {path!r}: expected a finite number >= 0, got {value!r}")
     if path.endswith("learning_rate") and not (0 < value < math.inf):
         raise ConfigError(
             f"config key {path!r}: expected a finite learning rate > 0, got {value!r}"
@@ -395,9 +413,8 @@ def check_options(section: str, owner: str, options: Mapping[str, Any], valid) -
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown config key '{section}.{key}' for {owner}{hint} (valid: {valid})"
-            )
+            takes = f"valid: {valid}" if valid else f"{owner.split()[-1]} takes no options"
+            raise ConfigError(f"unknown config key '{section}.{key}' for {owner}{hint} ({takes})")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -37,6 +37,15 @@ def model_loss(model: Model) -> LossFn:
     return loss
 
 
+def loss_gradient(loss_fn: LossFn) -> Callable[..., tuple[Params, dict]]:
+    """``(params, batch, mask, rng) -> (grads, stats)``: what local training steps with.
+
+    ``loss_fn.gradient`` when the loss defines one (DP-SGD's clipped and noised per-example
+    gradient, `fedjax_sim.privacy.dp_sgd_loss`), else ``jax.grad(loss_fn, has_aux=True)``.
+    """
+    return getattr(loss_fn, "gradient", None) or jax.grad(loss_fn, has_aux=True)
+
+
 def gather_batch(data: Mapping[str, jax.Array], rows: jax.Array) -> dict[str, jax.Array]:
     """``{feature: data[feature][rows]}``; rows are clipped, so padding never reads garbage."""
     return {name: jnp.take(array, rows, axis=0, mode="clip") for name, array in data.items()}
@@ -68,7 +77,8 @@ def local_train(
     """Runs ``client.num_steps`` optimizer steps from ``params`` on the client's batches.
 
     Args:
-      loss_fn: ``(params, batch, mask, rng) -> (loss, stats)``; stats holds masked sums.
+      loss_fn: ``(params, batch, mask, rng) -> (loss, stats)``; stats holds masked sums. A
+        loss with a ``gradient`` method (DP-SGD) steps with that instead of ``jax.grad``.
       optimizer: the client optimizer (state initialized fresh each round).
       params: the broadcast server parameters.
       client: one client's `ClientInput` (``indices``/``mask`` of shape ``[S, B]``).
@@ -82,15 +92,14 @@ def local_train(
       ``(client params after training, summed batch stats over its steps)``.
     """
     opt_state = with_hyperparams(optimizer.init(params), hyperparams or {})
+    gradient = loss_gradient(loss_fn)
     zero_stats = {k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}
 
     def step(s, carry):
         params, opt_state, totals = carry
         batch = gather_batch(data, client.indices[s])
         mask = client.mask[s]
-        grads, stats = jax.grad(loss_fn, has_aux=True)(
-            params, batch, mask, jax.random.fold_in(client.key, s)
-        )
+        grads, stats = gradient(params, batch, mask, jax.random.fold_in(client.key, s))
         if grad_correction is not None:
             grads = grad_correction(grads, params)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -129,7 +138,7 @@ def full_batch_gradient(
     def step(s, carry):
         total, count = carry
         batch = gather_batch(data, client.indices[s])
-        grads, stats = jax.grad(loss_fn, has_aux=True)(
+        grads, stats = loss_gradient(loss_fn)(
             params, batch, client.mask[s], jax.random.fold_in(client.key, s)
         )
         total = jax.tree.map(lambda t, g: t + stats["count"] * g, total, grads)

@@ -28,6 +28,7 @@ import numpy as np
 
 from fedjax_sim.aggregators import create_aggregator, dp_fedavg_aggregator
 from fedjax_sim.algorithms import algorithm_factory, algorithm_options, create_algorithm
+from fedjax_sim.algorithms.local import model_loss
 from fedjax_sim.config import Config, ConfigError, check_options, config_to_yaml, load_config
 from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
@@ -45,6 +46,7 @@ from fedjax_sim.datasets import DatasetLoader, convert_dataset, dataset_loader
 from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier
+from fedjax_sim.privacy.dp_sgd import EXAMPLE_DP_ALGORITHMS, ExampleLedger, dp_sgd_loss
 from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.checkpoint import Checkpointer
 from fedjax_sim.simulation.client_map import resolve_strategy
@@ -85,6 +87,8 @@ class Experiment:
     evaluators: dict[str, Callable[[Any], dict[str, jax.Array]]]
     # every noised quantity of the run (None: not private); epsilon after n rounds
     privacy: PrivacyLedger | None = None
+    # example-level DP-SGD inside the clients (None: off); its epsilon after n rounds
+    example_privacy: ExampleLedger | None = None
 
     def init_state(self) -> SimulationState:
         params = self.model.init(jax.random.PRNGKey(self.config.seed))
@@ -180,6 +184,7 @@ def build_experiment(config: Config) -> Experiment:
     equal_steps = _equal_local_steps(config, schedule, train.client_sizes)
     algorithm = _build_algorithm(config, model, client_optimizer, server_optimizer,
                                  dataset.train.num_clients, client_schedules, aggregator,
+                                 _example_dp_loss(config, model),
                                  equal_local_steps=equal_steps)
 
     if config.cohort.size > train.num_clients and not config.cohort.replace:
@@ -218,8 +223,31 @@ def build_experiment(config: Config) -> Experiment:
         data_placement=config.execution.data_placement, prefetch=config.execution.prefetch,
     )
     evaluators = _build_evaluators(config, model, dataset)
+    example_privacy = None
+    if config.privacy.example_level:
+        try:
+            example_privacy = ExampleLedger.for_run(
+                config.privacy.example_noise_multiplier, config.privacy.example_clip_norm,
+                train.client_sizes, schedule, sampler, config.privacy.example_delta,
+                config.privacy.accountant)
+        except ValueError as error:
+            raise ConfigError(f"config key 'privacy': {error}") from None
     return Experiment(config, dataset, model, algorithm, schedule, round_step, evaluators,
-                      privacy)
+                      privacy, example_privacy)
+
+
+def _example_dp_loss(config: Config, model: Model):
+    """DP-SGD's loss (``privacy.example_noise_multiplier`` set) or None (the model's loss)."""
+    privacy, name = config.privacy, config.algorithm.name
+    if not privacy.example_level:
+        return None
+    if name not in EXAMPLE_DP_ALGORITHMS:
+        raise ConfigError(
+            f"config key 'privacy.example_noise_multiplier': algorithm {name!r} has no "
+            f"example-level accounting (it sends more than functions of DP-SGD-trained "
+            f"parameters); use one of {list(EXAMPLE_DP_ALGORITHMS)}")
+    return dp_sgd_loss(model_loss(model), privacy.example_clip_norm,
+                       privacy.example_noise_multiplier)
 
 
 def _build_aggregator(config: Config, num_clients: int, model: Model):
@@ -296,7 +324,7 @@ def _equal_local_steps(config: Config, schedule: ClientSchedule, client_sizes) -
 
 def _build_algorithm(config: Config, model: Model, client_optimizer, server_optimizer,
                      num_clients: int, client_schedules=None,
-                     aggregator=None, *,
+                     aggregator=None, loss_fn=None, *,
                      equal_local_steps: bool | None = None) -> FederatedAlgorithm:
     """The configured algorithm (``algorithm.name`` and its options) from the registry."""
     name = config.algorithm.name
@@ -319,6 +347,7 @@ def _build_algorithm(config: Config, model: Model, client_optimizer, server_opti
                                 num_clients=num_clients, client_schedules=client_schedules,
                                 equal_local_steps=equal_local_steps,
                                 **({"aggregator": aggregator} if aggregator is not None else {}),
+                                **({"loss_fn": loss_fn} if loss_fn is not None else {}),
                                 **config.algorithm.options)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config key 'algorithm' ({name}): {error}") from None
@@ -522,6 +551,10 @@ def _train(
                     history[-1].update(experiment.evaluate(state.algorithm))
                     if experiment.privacy is not None:  # epsilon spent so far, at delta
                         history[-1]["privacy/epsilon"] = experiment.privacy.epsilon(round_index)
+                    if experiment.example_privacy is not None:  # DP-SGD's, worst client
+                        experiment.example_privacy.count(state.key, round_index)
+                        history[-1]["privacy/example_epsilon"] = (
+                            experiment.example_privacy.epsilon())
                     _check_finite(round_index, history[-1])
                 for row in history[-len(rows):]:
                     log_file.write(json.dumps(row) + "\n")
@@ -613,6 +646,8 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
                                  f"{config.cohort.size}: the accuracy such a cohort would reach "
                                  "at this epsilon, not this run's own guarantee"),
         }
+    if experiment.example_privacy is not None:
+        summary["example_privacy"] = experiment.example_privacy.summary()
     temporary = workdir / "summary.json.tmp"
     temporary.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(temporary, workdir / "summary.json")

@@ -36,3 +36,26 @@ def test_dp_fedavg_config_reports_the_accountants_epsilon(tmp_path, monkeypatch)
         assert row["aggregator/clip/clip_norm"] == 0.5
         assert abs(row["aggregator/gaussian_noise/noise_stddev"] - z * 0.5 / 100) < 1e-7
         assert row["train/clients"] == row["cohort/drawn"]
+
+
+@needs_shared_data(*FASHION_MNIST_FILES)
+def test_dp_sgd_config_reports_the_example_level_epsilon(tmp_path, monkeypatch):
+    """60 examples a client, batch 20, one epoch: each example is used once in every round its
+    client trains in, so epsilon is that of (rounds of the busiest client) Gaussians of z."""
+    monkeypatch.setenv("FEDJAX_SIM_DATA", str(SHARED_DATA))
+    rounds = 3
+    result = run(REPO / "configs" / "fashion_mnist_dp_sgd.yaml", workdir=tmp_path,
+                 overrides=[f"rounds={rounds}", "eval.every=3", "log.every=1", "cohort.size=300",
+                            "log.progress=false", "log.plot=false", "eval.max_examples=500"])
+    privacy = result.summary["example_privacy"]
+    assert privacy["worst_client_round_cost"] == 1 and privacy["rounds"] == rounds
+    busiest = privacy["worst_client_rounds"]
+    assert 2 <= busiest <= rounds  # 300 of 1,000 clients a round: some client trains twice
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(1.5), busiest)
+    delta = 1 / 60000 ** 1.1
+    assert abs(privacy["delta"] - delta) < 1e-15
+    assert abs(privacy["epsilon"] - accountant.get_epsilon(delta)) < 1e-9
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["privacy/example_epsilon"] == privacy["epsilon"]
+    assert "privacy" not in result.summary  # no user-level DP in this run
