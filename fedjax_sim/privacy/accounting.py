@@ -18,7 +18,9 @@ replace one client for a fixed-size cohort drawn without replacement).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -88,9 +90,26 @@ class PrivacyLedger:
                            self.sampling, self.accountant)
 
     def epsilon(self, rounds: int) -> float:
-        """Epsilon at ``delta`` after ``rounds`` rounds (inf without noise, 0 for 0 rounds)."""
-        return epsilon_of(self.round_event(), rounds, self.delta, self.accountant,
-                          self.sampling)
+        """Epsilon at ``delta`` after ``rounds`` rounds (inf without noise, 0 for 0 rounds).
+
+        With the RDP accountant one round's RDP curve is computed once and scaled by
+        ``rounds`` (RDP composes additively), so asking every round costs microseconds.
+        """
+        event = self.round_event()
+        inner = getattr(event, "event", event)
+        if (self.accountant != "rdp" or rounds <= 0
+                or isinstance(inner, (events.NonPrivateDpEvent, events.NoOpDpEvent))):
+            return epsilon_of(event, rounds, self.delta, self.accountant, self.sampling)
+        curve = self.__dict__.get("_rdp_curve")
+        if curve is None:  # frozen dataclass: cache through __dict__
+            account = _accountant(self.accountant, self.sampling)
+            with _quiet_absl():
+                account.compose(event, 1)
+            curve = (account._orders, account._rdp)  # noqa: SLF001 (one round's RDP curve)
+            self.__dict__["_rdp_curve"] = curve
+        orders, rdp = curve
+        return float(rdp_privacy_accountant.compute_epsilon(orders, rdp * rounds,
+                                                            self.delta)[0])
 
     def description(self) -> str:
         relation = "add/remove one client" if self.sampling == "poisson" else "replace one client"
@@ -117,6 +136,19 @@ def round_event(noise_multipliers: Mapping[str, float], num_clients: int, cohort
                                                    inner)
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp-accounting logs a warning through absl for every fractional RDP order it drops
+    (harmless: that order is excluded from the minimum); hide those while it computes."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _accountant(accountant: str, sampling: str) -> dp_accounting.PrivacyAccountant:
     if accountant == "pld":
         if sampling != "poisson":
@@ -141,8 +173,9 @@ def epsilon_of(event: events.DpEvent, rounds: int, delta: float, accountant: str
     if isinstance(inner, events.NoOpDpEvent):
         return 0.0
     account = _accountant(accountant, sampling)
-    account.compose(event, int(rounds))
-    return float(account.get_epsilon(delta))
+    with _quiet_absl():
+        account.compose(event, int(rounds))
+        return float(account.get_epsilon(delta))
 
 
 def calibrate_noise_multiplier(target_epsilon: float, rounds: int, num_clients: int,
@@ -173,6 +206,7 @@ def calibrate_noise_multiplier(target_epsilon: float, rounds: int, num_clients: 
                                           sampling) <= target_epsilon:
             lower /= 2
         bracket = dp_accounting.ExplicitBracketInterval(lower, upper)
-    return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: _accountant(accountant, sampling), make_event, target_epsilon, delta,
-        bracket, tol=1e-4))
+    with _quiet_absl():
+        return float(dp_accounting.calibrate_dp_mechanism(
+            lambda: _accountant(accountant, sampling), make_event, target_epsilon, delta,
+            bracket, tol=1e-4))

@@ -546,6 +546,8 @@ def _train(
                 for offset, row in enumerate(rows):
                     row = {"round": first + offset, "wall_time": round(now, 3), **row}
                     _check_finite(row["round"], row)  # before anything is written or saved
+                    if experiment.privacy is not None and experiment.privacy.accountant == "rdp":
+                        row["privacy/epsilon"] = experiment.privacy.epsilon(row["round"])
                     history.append(row)
                 if evaluate_now:
                     history[-1].update(experiment.evaluate(state.algorithm))
