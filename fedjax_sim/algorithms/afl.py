@@ -33,7 +33,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -43,8 +42,14 @@ from flax import struct
 
 from fedjax_sim.aggregators import as_aggregator
 from fedjax_sim.aggregators.base import Stage
-from fedjax_sim.algorithms.fed_avg import round_metrics, scheduled_hyperparams, server_step
-from fedjax_sim.algorithms.local import LossFn, local_train, model_loss, optimizer_hyperparams
+from fedjax_sim.algorithms.fed_avg import (
+    ClientSchedules,
+    client_delta,
+    round_metrics,
+    scheduled_hyperparams,
+    server_step,
+)
+from fedjax_sim.algorithms.local import LossFn, model_loss, optimizer_hyperparams
 from fedjax_sim.algorithms.q_ffl import client_loss
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
@@ -98,7 +103,7 @@ def afl(
     lambda_learning_rate: float = 0.01,
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
-    client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    client_schedules: ClientSchedules | None = None,
     aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """Agnostic FL (Mohri et al. 2019): descent on the model, projected ascent on lambda.
@@ -142,10 +147,9 @@ def afl(
     def client_update(client, shared):
         server_params, data, hyperparams = shared
         loss = client_loss(loss_fn, server_params, client, data)
-        params, stats = local_train(
-            loss_fn, client_optimizer, server_params, client, data, hyperparams
-        )
-        return jax.tree.map(jnp.subtract, server_params, params), loss, stats
+        delta, stats = client_delta(loss_fn, client_optimizer, server_params, client, data,
+                                    hyperparams)
+        return delta, loss, stats
 
     def apply(state: AFLState, cohort: Cohort, map_clients: ClientMap):
         hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,

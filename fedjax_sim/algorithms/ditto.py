@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -45,19 +44,15 @@ from fedjax_sim.algorithms.client_state import (
     scatter_client_state,
 )
 from fedjax_sim.algorithms.fed_avg import (
+    ClientSchedules,
+    client_delta,
     client_weights,
     round_metrics,
     scheduled_hyperparams,
+    server_fields,
     server_step,
 )
-from fedjax_sim.algorithms.local import (
-    STAT_KEYS,
-    LossFn,
-    local_train,
-    model_loss,
-    optimizer_hyperparams,
-    weight_exponent,
-)
+from fedjax_sim.algorithms.local import STAT_KEYS, LossFn, local_train, model_loss, weight_exponent
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
@@ -98,7 +93,7 @@ def ditto(
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
-    client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    client_schedules: ClientSchedules | None = None,
     aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """Ditto (Li et al. 2021) with FedAvg / FedOpt as the global solver.
@@ -137,21 +132,16 @@ def ditto(
 
     def init(params: Params) -> DittoState:
         return DittoState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            client_hyperparams=optimizer_hyperparams(client_optimizer, params),
-            weight_exponent=jnp.asarray(exponent, jnp.float32),
+            **server_fields(params, client_optimizer, server_optimizer, exponent, aggregator),
             lam=jnp.asarray(lam, jnp.float32),
             personal_params=init_client_state(params, num_clients),
-            aggregator=aggregator.init(params),
         )
 
     def client_update(inputs, shared):
         client, personal = inputs
         server_params, data, hyperparams, strength = shared
-        params, stats = local_train(
-            loss_fn, client_optimizer, server_params, client, data, hyperparams
-        )
+        delta, stats = client_delta(loss_fn, client_optimizer, server_params, client, data,
+                                    hyperparams)
 
         def proximal(grads, v):  # the gradient of lam / 2 * ||v - w^t||^2 added to grad F_k(v)
             return jax.tree.map(lambda g, a, b: g + strength * (a - b), grads, v, server_params)
@@ -168,7 +158,6 @@ def ditto(
             loss_fn, client_optimizer, personal, personal_client, data, hyperparams,
             grad_correction=proximal,
         )
-        delta = jax.tree.map(jnp.subtract, server_params, params)
         return delta, personal, stats, personal_stats
 
     def apply(state: DittoState, cohort: Cohort, map_clients: ClientMap):

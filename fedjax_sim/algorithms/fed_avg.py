@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,6 +35,7 @@ from fedjax_sim.aggregators import as_aggregator
 from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.local import (
     STAT_KEYS,
+    GradCorrection,
     LossFn,
     local_train,
     model_loss,
@@ -44,6 +46,8 @@ from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
+ClientSchedules = Mapping[str, Callable[[jax.Array], jax.Array]]
+
 
 @struct.dataclass
 class ServerState:
@@ -64,16 +68,43 @@ class ServerState:
     aggregator: Any = ()
 
 
-def init_server_state(params: Params, client_optimizer, server_optimizer, exponent: float,
-                      aggregator: Aggregator) -> ServerState:
-    """The `ServerState` of FedAvg-shaped algorithms (FedAvg, FedProx, FedNova)."""
-    return ServerState(
+def server_fields(params: Params, client_optimizer, server_optimizer, exponent: float,
+                  aggregator: Aggregator) -> dict[str, Any]:
+    """The fields of `ServerState`, which every state that extends it starts with."""
+    return dict(
         params=params,
         opt_state=server_optimizer.init(params),
         client_hyperparams=optimizer_hyperparams(client_optimizer, params),
         weight_exponent=jnp.asarray(exponent, jnp.float32),
         aggregator=aggregator.init(params),
     )
+
+
+def client_delta(loss_fn: LossFn, client_optimizer, server_params: Params, client, data,
+                 hyperparams=None, grad_correction: GradCorrection | None = None):
+    """Local training from ``server_params``: ``(server_params - trained params, stats)``.
+
+    The message of every FedAvg-shaped client: a pseudo-gradient the server averages.
+    """
+    params, stats = local_train(loss_fn, client_optimizer, server_params, client, data,
+                                hyperparams, grad_correction=grad_correction)
+    return jax.tree.map(jnp.subtract, server_params, params), stats
+
+
+def fed_avg_client(loss_fn: LossFn, client_optimizer,
+                   correction: Callable[[Params], GradCorrection] | None = None):
+    """``client_update(client, (server_params, data, hyperparams)) -> (delta, stats)``.
+
+    ``correction`` maps the server params to a gradient correction (FedProx's proximal term).
+    """
+
+    def client_update(client, shared):
+        server_params, data, hyperparams = shared
+        grad_correction = None if correction is None else correction(server_params)
+        return client_delta(loss_fn, client_optimizer, server_params, client, data, hyperparams,
+                            grad_correction)
+
+    return client_update
 
 
 def server_step(state, server_optimizer, aggregator: Aggregator, deltas, weights: jax.Array,
@@ -142,7 +173,7 @@ def fed_avg(
     *,
     client_weighting: str | float = "num_examples",
     loss_fn: LossFn | None = None,
-    client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    client_schedules: ClientSchedules | None = None,
     aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg with any optax client optimizer and any optax server optimizer (FedOpt).
@@ -163,31 +194,77 @@ def fed_avg(
     Returns:
       A `FederatedAlgorithm` whose state is a `ServerState`.
     """
+    return averaging_algorithm(model, client_optimizer, server_optimizer, client_weighting,
+                               loss_fn, client_schedules, aggregator)
+
+
+# The aggregation weights, a transform of the aggregate and extra metrics, from the clients'
+# weights, the cohort and the round's client hyperparameters.
+Reweight = Callable[[jax.Array, Any, Mapping[str, jax.Array]],
+                    tuple[jax.Array, Callable[[Params], Params] | None, dict[str, jax.Array]]]
+
+
+Factory = Callable[..., FederatedAlgorithm]
+
+
+def fed_avg_options(factory: Factory) -> Factory:
+    """Marks ``factory(model, client_optimizer, server_optimizer, *, own, **options)`` as taking
+    `fed_avg`'s keyword options in ``**options``, passed on unchanged.
+
+    Its signature then lists them after its own, so a config is checked against them (with a
+    did-you-mean), the engine passes them, and ``help`` shows them: FedProx and FedNova are
+    FedAvg's options plus one of their own, written once.
+    """
+    own = inspect.signature(factory)
+    inherited = [p for p in inspect.signature(fed_avg).parameters.values()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    parameters = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    factory.__signature__ = own.replace(parameters=[*parameters, *inherited])
+    return factory
+
+
+def averaging_algorithm(model: Model, client_optimizer, server_optimizer,
+                        client_weighting: str | float = "num_examples", loss_fn=None,
+                        client_schedules=None, aggregator=None, *,
+                        correction: Callable[[Params], GradCorrection] | None = None,
+                        reweight: Reweight | None = None) -> FederatedAlgorithm:
+    """FedAvg's round, with the two places where FedProx and FedNova differ from it.
+
+    Args:
+      model, client_optimizer, server_optimizer, client_weighting, loss_fn, client_schedules,
+        aggregator: as `fed_avg` (positional or by name).
+      correction: ``server_params -> grad_correction`` for local training (FedProx's proximal
+        term); None: plain local steps.
+      reweight: ``(weights, clients, hyperparams) -> (aggregation weights, transform, metrics)``:
+        the aggregate of the deltas under those weights, mapped by ``transform`` (None: as is),
+        is the pseudo-gradient (FedNova's normalized averaging); None: the weighted mean.
+
+    Returns:
+      A `FederatedAlgorithm` whose state is a `ServerState`.
+    """
     exponent = weight_exponent(client_weighting)
     loss_fn = loss_fn or model_loss(model)
     aggregator = as_aggregator(aggregator)
+    client_update = fed_avg_client(loss_fn, client_optimizer, correction)
 
     def init(params: Params) -> ServerState:
-        return init_server_state(params, client_optimizer, server_optimizer, exponent,
-                                 aggregator)
-
-    def client_update(client, shared):
-        server_params, data, hyperparams = shared
-        params, stats = local_train(
-            loss_fn, client_optimizer, server_params, client, data, hyperparams
-        )
-        delta = jax.tree.map(jnp.subtract, server_params, params)
-        return delta, stats
+        return ServerState(**server_fields(params, client_optimizer, server_optimizer, exponent,
+                                           aggregator))
 
     def apply(state: ServerState, cohort: Cohort, map_clients: ClientMap):
+        # client learning-rate schedules follow the round (client state is fresh each round)
         hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
                                             cohort.round)
         deltas, stats = map_clients(
             client_update, cohort.clients, (state.params, cohort.data, hyperparams)
         )
         weights = client_weights(cohort.clients, state.weight_exponent)
-        new_state, aggregator_metrics = server_step(state, server_optimizer, aggregator, deltas,
-                                                    weights, cohort.server_key())
-        return new_state, {**round_metrics(stats, weights), **aggregator_metrics}
+        aggregation_weights, transform, metrics = (
+            (weights, None, {}) if reweight is None
+            else reweight(weights, cohort.clients, hyperparams))
+        new_state, aggregator_metrics = server_step(
+            state, server_optimizer, aggregator, deltas, aggregation_weights,
+            cohort.server_key(), transform=transform)
+        return new_state, {**round_metrics(stats, weights), **metrics, **aggregator_metrics}
 
     return FederatedAlgorithm(init, apply)

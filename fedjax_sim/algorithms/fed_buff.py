@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -47,17 +46,14 @@ from flax import struct
 from fedjax_sim.aggregators import as_aggregator
 from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.fed_avg import (
+    ClientSchedules,
     client_weights,
+    fed_avg_client,
     round_metrics,
     scheduled_hyperparams,
+    server_fields,
 )
-from fedjax_sim.algorithms.local import (
-    LossFn,
-    local_train,
-    model_loss,
-    optimizer_hyperparams,
-    weight_exponent,
-)
+from fedjax_sim.algorithms.local import LossFn, model_loss, weight_exponent
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
@@ -114,7 +110,7 @@ def fed_buff(
     staleness_exponent: float = 0.5,
     client_weighting: str | float = "num_examples",
     loss_fn: LossFn | None = None,
-    client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    client_schedules: ClientSchedules | None = None,
     aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """FedBuff with any optax client and server optimizer.
@@ -151,10 +147,7 @@ def fed_buff(
 
     def init(params: Params) -> FedBuffState:
         return FedBuffState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            client_hyperparams=optimizer_hyperparams(client_optimizer, params),
-            weight_exponent=jnp.asarray(exponent, jnp.float32),
+            **server_fields(params, client_optimizer, server_optimizer, exponent, aggregator),
             slot_deltas=jax.tree.map(lambda p: jnp.zeros((slots, *jnp.shape(p)), p.dtype),
                                      params),
             slot_finish=jnp.full((slots,), jnp.inf, jnp.float32),
@@ -165,15 +158,9 @@ def fed_buff(
             clock=jnp.zeros((), jnp.float32),
             version=jnp.zeros((), jnp.int32),
             dispatched=jnp.zeros((), jnp.int32),
-            aggregator=aggregator.init(params),
         )
 
-    def client_update(client, shared):
-        server_params, data, hyperparams = shared
-        params, stats = local_train(
-            loss_fn, client_optimizer, server_params, client, data, hyperparams
-        )
-        return jax.tree.map(jnp.subtract, server_params, params), stats
+    client_update = fed_avg_client(loss_fn, client_optimizer)
 
     def apply(state: FedBuffState, cohort: Cohort, map_clients: ClientMap):
         k = cohort.clients.client_id.shape[0]

@@ -40,14 +40,14 @@ from fedjax_sim.algorithms.client_state import (
     init_client_state,
     scatter_client_state,
 )
-from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics, scheduled_hyperparams
-from fedjax_sim.algorithms.local import (
-    LossFn,
-    local_train,
-    model_loss,
-    optimizer_hyperparams,
-    weight_exponent,
+from fedjax_sim.algorithms.fed_avg import (
+    ClientSchedules,
+    client_weights,
+    round_metrics,
+    scheduled_hyperparams,
+    server_fields,
 )
+from fedjax_sim.algorithms.local import LossFn, local_train, model_loss, weight_exponent
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
@@ -88,7 +88,7 @@ def fed_dyn(
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
-    client_schedules: dict | None = None,
+    client_schedules: ClientSchedules | None = None,
     aggregator: Aggregator | Stage | None = None,
     drift_aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
@@ -126,13 +126,9 @@ def fed_dyn(
     def init(params: Params) -> FedDynState:
         zeros = jax.tree.map(jnp.zeros_like, params)
         return FedDynState(
-            params=params,
-            opt_state=server_optimizer.init(params),
+            **server_fields(params, client_optimizer, server_optimizer, exponent, aggregator),
             h=zeros,
             client_gradients=init_client_state(zeros, int(num_clients)),
-            client_hyperparams=optimizer_hyperparams(client_optimizer, params),
-            weight_exponent=jnp.asarray(exponent, jnp.float32),
-            aggregator=aggregator.init(params),
             drift_aggregator=drift_aggregator.init(params),
         )
 

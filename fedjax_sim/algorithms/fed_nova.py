@@ -24,32 +24,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.aggregators import as_aggregator
-from fedjax_sim.aggregators.base import Stage
-from fedjax_sim.algorithms.fed_avg import (
-    ServerState,
-    client_weights,
-    init_server_state,
-    round_metrics,
-    scheduled_hyperparams,
-    server_step,
-)
-from fedjax_sim.algorithms.local import (
-    LossFn,
-    local_train,
-    model_loss,
-    weight_exponent,
-)
-from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
+from fedjax_sim.algorithms.fed_avg import averaging_algorithm, fed_avg_options
+from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.models.base import Model
-
-Params = Any
 
 
 def normalizing_weight(num_steps: jax.Array, momentum: jax.Array | float) -> jax.Array:
@@ -61,17 +42,14 @@ def normalizing_weight(num_steps: jax.Array, momentum: jax.Array | float) -> jax
     return jnp.where(rho > 0, with_momentum, tau)
 
 
+@fed_avg_options
 def fed_nova(
     model: Model,
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
     *,
     momentum: float | None = None,
-    client_weighting: str | float = "num_examples",
-    num_clients: int | None = None,
-    loss_fn: LossFn | None = None,
-    client_schedules: dict | None = None,
-    aggregator: Aggregator | Stage | None = None,
+    **options,
 ) -> FederatedAlgorithm:
     """FedNova with an optax client optimizer (SGD, optionally with momentum).
 
@@ -82,44 +60,16 @@ def fed_nova(
       server_optimizer: applied to the normalized pseudo-gradient (SGD 1.0: the paper).
       momentum: rho in a_i. None (default): the client optimizer's injected ``momentum``
         hyperparameter when it has one (``sgd`` with momentum from a config), else 0.
-      client_weighting: p_i: ``"num_examples"`` (the paper's n_i / n), ``"uniform"`` or an
-        exponent of num_examples.
-      num_clients: unused (no per-client state); accepted for the registry.
-      aggregator: combines the clients' deltas (`fedjax_sim.aggregators`; default: the
-        weighted mean).
-      loss_fn: the local objective (default: the model's masked cross-entropy).
+      **options: `fed_avg`'s (``client_weighting``: p_i, ``"num_examples"`` being the paper's
+        n_i / n; ``loss_fn``, ``client_schedules``, ``aggregator``).
 
     Returns:
       A `FederatedAlgorithm` whose state is FedAvg's `ServerState`.
     """
-    del num_clients
     if momentum is not None and not 0.0 <= float(momentum) < 1.0:
         raise ValueError(f"fed_nova: momentum must be in [0, 1), got {momentum!r}")
-    exponent = weight_exponent(client_weighting)
-    loss_fn = loss_fn or model_loss(model)
 
-    aggregator = as_aggregator(aggregator)
-
-    def init(params: Params) -> ServerState:
-        return init_server_state(params, client_optimizer, server_optimizer, exponent,
-                                 aggregator)
-
-    def client_update(client, shared):
-        server_params, data, hyperparams = shared
-        params, stats = local_train(
-            loss_fn, client_optimizer, server_params, client, data, hyperparams
-        )
-        return jax.tree.map(jnp.subtract, server_params, params), stats
-
-    def apply(state: ServerState, cohort: Cohort, map_clients: ClientMap):
-        # client learning-rate schedules follow the round (client state is fresh each round)
-        hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
-                                            cohort.round)
-        clients = cohort.clients
-        deltas, stats = map_clients(
-            client_update, clients, (state.params, cohort.data, hyperparams)
-        )
-        weights = client_weights(clients, state.weight_exponent)
+    def normalize(weights, clients, hyperparams):
         rho = momentum
         if rho is None:
             rho = hyperparams.get("momentum", 0.0)
@@ -131,11 +81,8 @@ def fed_nova(
         # trained; p_i = 0 for the others) rescaled by the sum of its weights.
         q = p / jnp.maximum(a, 1.0)
         scale = tau_eff * jnp.sum(q)
-        new_state, aggregator_metrics = server_step(
-            state, server_optimizer, aggregator, deltas, q, cohort.server_key(),
-            transform=lambda mean: jax.tree.map(lambda d: d * scale.astype(d.dtype), mean))
-        metrics = {**round_metrics(stats, weights), "train/tau_eff": tau_eff,
-                   **aggregator_metrics}
-        return new_state, metrics
+        return (q, lambda mean: jax.tree.map(lambda d: d * scale.astype(d.dtype), mean),
+                {"train/tau_eff": tau_eff})
 
-    return FederatedAlgorithm(init, apply)
+    return averaging_algorithm(model, client_optimizer, server_optimizer, **options,
+                               reweight=normalize)

@@ -177,7 +177,6 @@ def mime(
     server_optimizer: optax.GradientTransformation,
     *,
     client_weighting: str | float = "num_examples",
-    num_clients: int | None = None,
     loss_fn: LossFn | None = None,
     aggregator: Aggregator | Stage | None = None,
     gradient_aggregator: Aggregator | Stage | None = None,
@@ -191,7 +190,6 @@ def mime(
       server_optimizer: applied to ``x - weighted mean of y_i`` (SGD 1.0: the paper).
       client_weighting: ``"num_examples"``, ``"uniform"`` (the paper) or an exponent of
         num_examples; weights both the gradient average c and the params average.
-      num_clients: unused (no per-client state); accepted for the registry.
       loss_fn: the local objective (default: the model's masked cross-entropy).
       aggregator: combines the clients' model deltas (`fedjax_sim.aggregators`; default: the
         weighted mean).
@@ -202,7 +200,6 @@ def mime(
     Returns:
       A `FederatedAlgorithm` whose state is a `MimeState`.
     """
-    del num_clients
     return _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn, True,
                  aggregator, gradient_aggregator)
 
@@ -213,7 +210,6 @@ def mime_lite(
     server_optimizer: optax.GradientTransformation,
     *,
     client_weighting: str | float = "num_examples",
-    num_clients: int | None = None,
     loss_fn: LossFn | None = None,
     aggregator: Aggregator | Stage | None = None,
     gradient_aggregator: Aggregator | Stage | None = None,
@@ -225,6 +221,5 @@ def mime_lite(
     Returns:
       A `FederatedAlgorithm` whose state is a `MimeState`.
     """
-    del num_clients
     return _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn, False,
                  aggregator, gradient_aggregator)

@@ -34,7 +34,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -45,19 +45,15 @@ from flax import struct
 from fedjax_sim.aggregators import as_aggregator
 from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.fed_avg import (
+    ClientSchedules,
+    client_delta,
     client_weights,
     round_metrics,
     scheduled_hyperparams,
+    server_fields,
     server_step,
 )
-from fedjax_sim.algorithms.local import (
-    LossFn,
-    gather_batch,
-    local_train,
-    model_loss,
-    optimizer_hyperparams,
-    weight_exponent,
-)
+from fedjax_sim.algorithms.local import LossFn, gather_batch, model_loss, weight_exponent
 from fedjax_sim.core import Aggregator, ClientInput, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
@@ -128,9 +124,8 @@ def q_ffl(
     q: float = 1.0,
     lipschitz: float | None = None,
     client_weighting: str | float = "num_examples",
-    num_clients: int | None = None,
     loss_fn: LossFn | None = None,
-    client_schedules: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+    client_schedules: ClientSchedules | None = None,
     aggregator: Aggregator | Stage | None = None,
 ) -> FederatedAlgorithm:
     """q-FedAvg (Li et al. 2020, Algorithm 2) with any optax client and server optimizer.
@@ -146,7 +141,6 @@ def q_ffl(
       lipschitz: L; None (default): 1 / the client optimizer's injected ``learning_rate``, read
         every round (so a swept or scheduled learning rate changes L with it).
       client_weighting: ``p_k``: ``"num_examples"`` (default), ``"uniform"`` or an exponent.
-      num_clients: unused (q-FedAvg keeps no per-client state).
       loss_fn: the local objective (default: the model's masked cross-entropy).
       aggregator: combines the clients' deltas (`fedjax_sim.aggregators`; default: the
         weighted mean).
@@ -156,7 +150,6 @@ def q_ffl(
     Returns:
       A `FederatedAlgorithm` whose state is a `QFFLState`.
     """
-    del num_clients
     if not q >= 0:
         raise ValueError(f"q must be >= 0, got {q}")
     if lipschitz is not None and not lipschitz > 0:
@@ -166,29 +159,20 @@ def q_ffl(
     aggregator = as_aggregator(aggregator)
 
     def init(params: Params) -> QFFLState:
-        hyperparams = optimizer_hyperparams(client_optimizer, params)
-        if lipschitz is None and "learning_rate" not in hyperparams:
+        fields = server_fields(params, client_optimizer, server_optimizer, exponent, aggregator)
+        if lipschitz is None and "learning_rate" not in fields["client_hyperparams"]:
             raise ValueError(
                 "q_ffl: the client optimizer has no injected learning_rate to derive the "
                 "Lipschitz constant L = 1 / lr from; wrap it in optax.inject_hyperparams or pass "
                 "lipschitz="
             )
-        return QFFLState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            client_hyperparams=hyperparams,
-            q=jnp.asarray(q, jnp.float32),
-            weight_exponent=jnp.asarray(exponent, jnp.float32),
-            aggregator=aggregator.init(params),
-        )
+        return QFFLState(**fields, q=jnp.asarray(q, jnp.float32))
 
     def client_update(client, shared):
         server_params, data, hyperparams = shared
         loss = client_loss(loss_fn, server_params, client, data)
-        params, stats = local_train(
-            loss_fn, client_optimizer, server_params, client, data, hyperparams
-        )
-        delta = jax.tree.map(jnp.subtract, server_params, params)
+        delta, stats = client_delta(loss_fn, client_optimizer, server_params, client, data,
+                                    hyperparams)
         return delta, squared_norm(delta), loss, stats
 
     def apply(state: QFFLState, cohort: Cohort, map_clients: ClientMap):

@@ -47,14 +47,15 @@ from fedjax_sim.algorithms.client_state import (
     init_client_state,
     scatter_client_state,
 )
-from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics, scheduled_hyperparams
-from fedjax_sim.algorithms.local import (
-    LossFn,
-    local_train,
-    model_loss,
-    optimizer_hyperparams,
-    weight_exponent,
+from fedjax_sim.algorithms.fed_avg import (
+    ClientSchedules,
+    client_delta,
+    client_weights,
+    round_metrics,
+    scheduled_hyperparams,
+    server_fields,
 )
+from fedjax_sim.algorithms.local import LossFn, model_loss, weight_exponent
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
@@ -144,7 +145,7 @@ def scaffold(
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
     loss_fn: LossFn | None = None,
-    client_schedules: dict | None = None,
+    client_schedules: ClientSchedules | None = None,
     aggregator: Aggregator | Stage | None = None,
     control_aggregator: Aggregator | Stage | None = None,
     equal_local_steps: bool | None = None,
@@ -199,23 +200,19 @@ def scaffold(
     control_aggregator = as_aggregator(control_aggregator)
 
     def init(params: Params) -> ScaffoldState:
-        hyperparams = optimizer_hyperparams(client_optimizer, params)
-        if client_learning_rate is None and "learning_rate" not in hyperparams:
+        fields = server_fields(params, client_optimizer, server_optimizer, exponent, aggregator)
+        if client_learning_rate is None and "learning_rate" not in fields["client_hyperparams"]:
             raise ValueError(
                 "scaffold: set client_learning_rate, or use a client optimizer built with "
                 "optax.inject_hyperparams(...)(learning_rate=...) so it can be read"
             )
         zeros = jax.tree.map(jnp.zeros_like, params)
         return ScaffoldState(
-            params=params,
-            opt_state=server_optimizer.init(params),
+            **fields,
             control=zeros,
             client_controls=init_client_state(zeros, int(num_clients)),
-            client_hyperparams=hyperparams,
             client_learning_rate=jnp.asarray(
                 0.0 if client_learning_rate is None else client_learning_rate, jnp.float32),
-            weight_exponent=jnp.asarray(exponent, jnp.float32),
-            aggregator=aggregator.init(params),
             control_aggregator=control_aggregator.init(params),
         )
 
@@ -228,9 +225,8 @@ def scaffold(
         def corrected(grads, params):  # g - c_i + c
             return jax.tree.map(jnp.add, grads, shift)
 
-        params, stats = local_train(loss_fn, client_optimizer, server_params, client, data,
-                                    hyperparams, grad_correction=corrected)
-        delta = jax.tree.map(jnp.subtract, server_params, params)
+        delta, stats = client_delta(loss_fn, client_optimizer, server_params, client, data,
+                                    hyperparams, corrected)
         scale = 1.0 / (jnp.maximum(client.num_steps, 1).astype(jnp.float32) * learning_rate)
         new_control = jax.tree.map(
             lambda ci, c, d: ci - c + scale.astype(d.dtype) * d, client_control, control, delta
