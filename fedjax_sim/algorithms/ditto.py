@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.aggregators import as_aggregator
 from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.client_state import (
     gather_client_state,
@@ -45,42 +44,34 @@ from fedjax_sim.algorithms.client_state import (
 )
 from fedjax_sim.algorithms.fed_avg import (
     ClientSchedules,
+    ServerState,
     client_delta,
     client_weights,
+    fed_avg_setup,
     round_metrics,
     scheduled_hyperparams,
     server_fields,
     server_step,
 )
-from fedjax_sim.algorithms.local import STAT_KEYS, LossFn, local_train, model_loss, weight_exponent
+from fedjax_sim.algorithms.local import STAT_KEYS, LossFn, local_train
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
 
 
-@struct.dataclass
-class DittoState:
-    """Ditto state: the FedAvg server state plus the clients' personal models.
+@struct.dataclass(kw_only=True)
+class DittoState(ServerState):
+    """Ditto state: FedAvg's `ServerState` (of the global model; its aggregator sees only the
+    global update: the personal models never leave the clients) plus
 
     Attributes:
-      params: the global model parameters (trained by FedAvg).
-      opt_state: the server optimizer's state.
-      client_hyperparams: injected client-optimizer hyperparameters (e.g. ``learning_rate``).
-      weight_exponent: client weight = ``num_examples ** weight_exponent``.
       lam: the strength of the pull of each personal model towards the global model.
       personal_params: the personal models, a client store: every leaf ``[num_clients, ...]``.
-      aggregator: the state of the aggregator of the global update (the personal models never
-        leave the clients).
     """
 
-    params: Params
-    opt_state: optax.OptState
-    client_hyperparams: dict[str, jax.Array]
-    weight_exponent: jax.Array
     lam: jax.Array
     personal_params: Params
-    aggregator: Any = ()
 
 
 def ditto(
@@ -126,9 +117,7 @@ def ditto(
         raise ValueError(f"lam must be >= 0, got {lam}")
     if personal_steps is not None and personal_steps < 1:
         raise ValueError(f"personal_steps must be >= 1 or None, got {personal_steps}")
-    exponent = weight_exponent(client_weighting)
-    loss_fn = loss_fn or model_loss(model)
-    aggregator = as_aggregator(aggregator)
+    exponent, loss_fn, aggregator = fed_avg_setup(model, client_weighting, loss_fn, aggregator)
 
     def init(params: Params) -> DittoState:
         return DittoState(

@@ -51,7 +51,7 @@ ClientSchedules = Mapping[str, Callable[[jax.Array], jax.Array]]
 
 @struct.dataclass
 class ServerState:
-    """FedAvg / FedOpt server state.
+    """FedAvg / FedOpt server state; the zoo's richer states extend it (keyword-only fields).
 
     Attributes:
       params: the global model parameters.
@@ -66,6 +66,15 @@ class ServerState:
     client_hyperparams: dict[str, jax.Array]
     weight_exponent: jax.Array
     aggregator: Any = ()
+
+
+def fed_avg_setup(model: Model, client_weighting: str | float, loss_fn: LossFn | None,
+                  aggregator: Aggregator | Stage | None) -> tuple[float, LossFn, Aggregator]:
+    """FedAvg's options as a round uses them: the exponent of the client weights, the local
+    objective (default: the model's masked cross-entropy) and the aggregator (default: the
+    weighted mean). ValueError for an unknown ``client_weighting``."""
+    return (weight_exponent(client_weighting), loss_fn or model_loss(model),
+            as_aggregator(aggregator))
 
 
 def server_fields(params: Params, client_optimizer, server_optimizer, exponent: float,
@@ -121,6 +130,11 @@ def server_step(state, server_optimizer, aggregator: Aggregator, deltas, weights
     updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(params=params, opt_state=opt_state, aggregator=aggregator_state), metrics
+
+
+def second_message_metrics(metrics: Mapping[str, jax.Array], name: str) -> dict[str, jax.Array]:
+    """An algorithm's second aggregator's metrics, ``aggregator/...`` renamed ``<name>/...``."""
+    return {k.replace("aggregator/", f"{name}/", 1): v for k, v in metrics.items()}
 
 
 def client_weights(clients, exponent: jax.Array) -> jax.Array:
@@ -207,20 +221,24 @@ Reweight = Callable[[jax.Array, Any, Mapping[str, jax.Array]],
 Factory = Callable[..., FederatedAlgorithm]
 
 
-def fed_avg_options(factory: Factory) -> Factory:
+def options_of(base: Factory) -> Callable[[Factory], Factory]:
     """Marks ``factory(model, client_optimizer, server_optimizer, *, own, **options)`` as taking
-    `fed_avg`'s keyword options in ``**options``, passed on unchanged.
+    ``base``'s keyword options in ``**options``, passed on unchanged.
 
     Its signature then lists them after its own, so a config is checked against them (with a
     did-you-mean), the engine passes them, and ``help`` shows them: FedProx and FedNova are
-    FedAvg's options plus one of their own, written once.
+    FedAvg's options plus one of their own, MimeLite is Mime's, written once.
     """
-    own = inspect.signature(factory)
-    inherited = [p for p in inspect.signature(fed_avg).parameters.values()
-                 if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    parameters = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    factory.__signature__ = own.replace(parameters=[*parameters, *inherited])
-    return factory
+
+    def mark(factory: Factory) -> Factory:
+        own = inspect.signature(factory)
+        inherited = [p for p in inspect.signature(base).parameters.values()
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        parameters = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        factory.__signature__ = own.replace(parameters=[*parameters, *inherited])
+        return factory
+
+    return mark
 
 
 def averaging_algorithm(model: Model, client_optimizer, server_optimizer,
@@ -242,9 +260,7 @@ def averaging_algorithm(model: Model, client_optimizer, server_optimizer,
     Returns:
       A `FederatedAlgorithm` whose state is a `ServerState`.
     """
-    exponent = weight_exponent(client_weighting)
-    loss_fn = loss_fn or model_loss(model)
-    aggregator = as_aggregator(aggregator)
+    exponent, loss_fn, aggregator = fed_avg_setup(model, client_weighting, loss_fn, aggregator)
     client_update = fed_avg_client(loss_fn, client_optimizer, correction)
 
     def init(params: Params) -> ServerState:

@@ -43,32 +43,29 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.aggregators import as_aggregator
 from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.fed_avg import (
     ClientSchedules,
+    ServerState,
     client_weights,
     fed_avg_client,
+    fed_avg_setup,
     round_metrics,
     scheduled_hyperparams,
     server_fields,
 )
-from fedjax_sim.algorithms.local import LossFn, model_loss, weight_exponent
+from fedjax_sim.algorithms.local import LossFn
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
 
 
-@struct.dataclass
-class FedBuffState:
-    """Server state plus the in-flight buffer (leading axis M = ``concurrency``).
+@struct.dataclass(kw_only=True)
+class FedBuffState(ServerState):
+    """FedAvg's `ServerState` plus the in-flight buffer (leading axis M = ``concurrency``).
 
     Attributes:
-      params: the global model.
-      opt_state: the server optimizer's state.
-      client_hyperparams: injected client-optimizer hyperparameters.
-      weight_exponent: client weight = ``num_examples ** weight_exponent``.
       slot_deltas: ``[M, ...params]`` each in-flight client's ``start params - trained params``.
       slot_finish: ``[M]`` float32 simulated time at which the client reports (inf: empty slot).
       slot_version: ``[M]`` int32 server version the client started from.
@@ -80,10 +77,6 @@ class FedBuffState:
       dispatched: int32 clients dispatched so far.
     """
 
-    params: Params
-    opt_state: optax.OptState
-    client_hyperparams: dict[str, jax.Array]
-    weight_exponent: jax.Array
     slot_deltas: Params
     slot_finish: jax.Array
     slot_version: jax.Array
@@ -93,7 +86,6 @@ class FedBuffState:
     clock: jax.Array
     version: jax.Array
     dispatched: jax.Array
-    aggregator: Any = ()
 
 
 def staleness_scale(staleness: jax.Array, exponent: float | jax.Array) -> jax.Array:
@@ -140,10 +132,8 @@ def fed_buff(
         raise ValueError(f"concurrency={concurrency!r}: expected an integer >= 1")
     if not staleness_exponent >= 0:
         raise ValueError(f"staleness_exponent={staleness_exponent!r}: expected a number >= 0")
-    exponent = weight_exponent(client_weighting)
-    loss_fn = loss_fn or model_loss(model)
+    exponent, loss_fn, aggregator = fed_avg_setup(model, client_weighting, loss_fn, aggregator)
     slots = concurrency
-    aggregator = as_aggregator(aggregator)
 
     def init(params: Params) -> FedBuffState:
         return FedBuffState(

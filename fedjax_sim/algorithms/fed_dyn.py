@@ -42,40 +42,35 @@ from fedjax_sim.algorithms.client_state import (
 )
 from fedjax_sim.algorithms.fed_avg import (
     ClientSchedules,
+    ServerState,
     client_weights,
+    fed_avg_setup,
     round_metrics,
     scheduled_hyperparams,
+    second_message_metrics,
     server_fields,
+    server_step,
 )
-from fedjax_sim.algorithms.local import LossFn, local_train, model_loss, weight_exponent
+from fedjax_sim.algorithms.local import LossFn, local_train
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
 
 
-@struct.dataclass
-class FedDynState:
-    """FedDyn server state.
+@struct.dataclass(kw_only=True)
+class FedDynState(ServerState):
+    """FedDyn server state: FedAvg's `ServerState` (``params`` is the server model theta, its
+    ``aggregator`` combines the clients' drifts) plus
 
     Attributes:
-      params: the server model theta.
-      opt_state: the server optimizer's state.
       h: the server's running sum of client drifts, scaled by -alpha / N (shaped like params).
       client_gradients: every client's h_i, leaves ``[num_clients, ...]``.
-      client_hyperparams: injected client-optimizer hyperparameters.
-      weight_exponent: client weight = ``num_examples ** weight_exponent``.
-      aggregator: the state of the aggregator of the clients' drifts.
       drift_aggregator: the state of the aggregator of the drifts' mean for h.
     """
 
-    params: Params
-    opt_state: optax.OptState
     h: Params
     client_gradients: Params
-    client_hyperparams: dict[str, jax.Array]
-    weight_exponent: jax.Array
-    aggregator: Any = ()
     drift_aggregator: Any = ()
 
 
@@ -118,9 +113,7 @@ def fed_dyn(
     if not float(alpha) > 0:
         raise ValueError(f"fed_dyn: alpha must be > 0, got {alpha!r}")
     alpha = float(alpha)
-    exponent = weight_exponent(client_weighting)
-    loss_fn = loss_fn or model_loss(model)
-    aggregator = as_aggregator(aggregator)
+    exponent, loss_fn, aggregator = fed_avg_setup(model, client_weighting, loss_fn, aggregator)
     drift_aggregator = as_aggregator(drift_aggregator)
 
     def init(params: Params) -> FedDynState:
@@ -166,27 +159,23 @@ def fed_dyn(
         key_model, key_h = jax.random.split(cohort.server_key())
         mean_drift, drift_aggregator_state, drift_metrics = drift_aggregator.apply(
             state.drift_aggregator, drifts, trained.astype(jnp.float32), key_h)
-        weighted_drift, aggregator_state, metrics = aggregator.apply(
-            state.aggregator, drifts, weights, key_model)
         h = jax.tree.map(lambda h, d: h - (alpha * count / num_clients) * d, state.h, mean_drift)
-        # theta - (mean w_i - h / alpha) = -(weighted mean drift) + h / alpha
-        # (a round in which no client trained leaves theta where it is)
-        pseudo_gradient = jax.tree.map(lambda d, h: jnp.where(count > 0, h / alpha - d, 0.0),
-                                       weighted_drift, h)
-        updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state,
-                                                     state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            params=params,
-            opt_state=opt_state,
+
+        def pseudo_gradient(weighted_drift):
+            # theta - (mean w_i - h / alpha) = -(weighted mean drift) + h / alpha
+            # (a round in which no client trained leaves theta where it is)
+            return jax.tree.map(lambda d, h: jnp.where(count > 0, h / alpha - d, 0.0),
+                                weighted_drift, h)
+
+        new_state, metrics = server_step(state, server_optimizer, aggregator, drifts, weights,
+                                         key_model, transform=pseudo_gradient)
+        new_state = new_state.replace(
             h=h,
             client_gradients=scatter_client_state(
                 state.client_gradients, clients.client_id, new_gradients, trained),
-            aggregator=aggregator_state,
             drift_aggregator=drift_aggregator_state,
         )
-        drift_metrics = {k.replace("aggregator/", "drift_aggregator/", 1): v
-                         for k, v in drift_metrics.items()}
-        return new_state, {**round_metrics(stats, weights), **metrics, **drift_metrics}
+        return new_state, {**round_metrics(stats, weights), **metrics,
+                           **second_message_metrics(drift_metrics, "drift_aggregator")}
 
     return FederatedAlgorithm(init, apply)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.fed_avg import averaging_algorithm, fed_avg_options
+from fedjax_sim.algorithms.fed_avg import averaging_algorithm, fed_avg, options_of
 from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
@@ -42,7 +42,7 @@ def normalizing_weight(num_steps: jax.Array, momentum: jax.Array | float) -> jax
     return jnp.where(rho > 0, with_momentum, tau)
 
 
-@fed_avg_options
+@options_of(fed_avg)
 def fed_nova(
     model: Model,
     client_optimizer: optax.GradientTransformation,

@@ -21,14 +21,14 @@ from typing import Any
 import jax
 import optax
 
-from fedjax_sim.algorithms.fed_avg import averaging_algorithm, fed_avg_options
+from fedjax_sim.algorithms.fed_avg import averaging_algorithm, fed_avg, options_of
 from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
 
 
-@fed_avg_options
+@options_of(fed_avg)
 def fed_prox(
     model: Model,
     client_optimizer: optax.GradientTransformation,

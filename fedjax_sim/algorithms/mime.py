@@ -35,14 +35,16 @@ from flax import struct
 
 from fedjax_sim.aggregators import as_aggregator
 from fedjax_sim.aggregators.base import Stage
-from fedjax_sim.algorithms.fed_avg import client_weights, round_metrics
-from fedjax_sim.algorithms.local import (
-    LossFn,
-    full_batch_gradient,
-    local_train,
-    model_loss,
-    weight_exponent,
+from fedjax_sim.algorithms.fed_avg import (
+    client_delta,
+    client_weights,
+    fed_avg_setup,
+    options_of,
+    round_metrics,
+    second_message_metrics,
+    server_step,
 )
+from fedjax_sim.algorithms.local import LossFn, full_batch_gradient
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
@@ -103,11 +105,10 @@ def svrg_corrected(loss_fn: LossFn, server_params: Params, control: Params) -> L
     return loss
 
 
-def _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn,
-          corrected: bool, aggregator, gradient_aggregator) -> FederatedAlgorithm:
-    exponent = weight_exponent(client_weighting)
-    loss_fn = loss_fn or model_loss(model)
-    aggregator = as_aggregator(aggregator)
+def _mime(model, client_optimizer, server_optimizer, corrected: bool,
+          client_weighting: str | float = "num_examples", loss_fn=None, aggregator=None,
+          gradient_aggregator=None) -> FederatedAlgorithm:
+    exponent, loss_fn, aggregator = fed_avg_setup(model, client_weighting, loss_fn, aggregator)
     gradient_aggregator = as_aggregator(gradient_aggregator)
 
     def init(params: Params) -> MimeState:
@@ -127,16 +128,15 @@ def _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn,
     def mime_client(client, shared):
         server_params, base_state, control, data = shared
         local_loss = svrg_corrected(loss_fn, server_params, control)
-        params, stats = local_train(local_loss, frozen(client_optimizer, base_state),
-                                    server_params, client, data)
-        return jax.tree.map(jnp.subtract, server_params, params), stats
+        return client_delta(local_loss, frozen(client_optimizer, base_state), server_params,
+                            client, data)
 
     def mime_lite_client(client, shared):
         server_params, base_state, data = shared
         gradient = full_batch_gradient(loss_fn, server_params, client, data)
-        params, stats = local_train(loss_fn, frozen(client_optimizer, base_state),
+        delta, stats = client_delta(loss_fn, frozen(client_optimizer, base_state),
                                     server_params, client, data)
-        return jax.tree.map(jnp.subtract, server_params, params), gradient, stats
+        return delta, gradient, stats
 
     def apply(state: MimeState, cohort: Cohort, map_clients: ClientMap):
         clients = cohort.clients
@@ -153,20 +153,16 @@ def _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn,
                 mime_lite_client, clients, (state.params, state.base_state, cohort.data))
             control, gradient_state, gradient_metrics = gradient_aggregator.apply(
                 state.gradient_aggregator, gradients, weights, key_gradients)
-        mean_delta, aggregator_state, metrics = aggregator.apply(
-            state.aggregator, deltas, weights, key_deltas)
-        updates, opt_state = server_optimizer.update(mean_delta, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        new_state, metrics = server_step(state, server_optimizer, aggregator, deltas, weights,
+                                         key_deltas)
         # s <- V(c, s) at x; a round in which no client trained leaves the statistics alone.
         _, base_state = client_optimizer.update(control, state.base_state, state.params)
         trained = jnp.sum(weights) > 0
         base_state = jax.tree.map(lambda new, old: jnp.where(trained, new, old),
                                   base_state, state.base_state)
-        new_state = state.replace(params=params, opt_state=opt_state, base_state=base_state,
-                                  aggregator=aggregator_state, gradient_aggregator=gradient_state)
-        gradient_metrics = {k.replace("aggregator/", "gradient_aggregator/", 1): v
-                            for k, v in gradient_metrics.items()}
-        return new_state, {**round_metrics(stats, weights), **metrics, **gradient_metrics}
+        new_state = new_state.replace(base_state=base_state, gradient_aggregator=gradient_state)
+        return new_state, {**round_metrics(stats, weights), **metrics,
+                           **second_message_metrics(gradient_metrics, "gradient_aggregator")}
 
     return FederatedAlgorithm(init, apply)
 
@@ -200,26 +196,22 @@ def mime(
     Returns:
       A `FederatedAlgorithm` whose state is a `MimeState`.
     """
-    return _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn, True,
+    return _mime(model, client_optimizer, server_optimizer, True, client_weighting, loss_fn,
                  aggregator, gradient_aggregator)
 
 
+@options_of(mime)
 def mime_lite(
     model: Model,
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
-    *,
-    client_weighting: str | float = "num_examples",
-    loss_fn: LossFn | None = None,
-    aggregator: Aggregator | Stage | None = None,
-    gradient_aggregator: Aggregator | Stage | None = None,
+    **options,
 ) -> FederatedAlgorithm:
     """MimeLite: frozen server statistics, plain local gradients (no control variate).
 
-    Args: as `mime`.
+    Args: as `mime` (``**options``: its keyword options).
 
     Returns:
       A `FederatedAlgorithm` whose state is a `MimeState`.
     """
-    return _mime(model, client_optimizer, server_optimizer, client_weighting, loss_fn, False,
-                 aggregator, gradient_aggregator)
+    return _mime(model, client_optimizer, server_optimizer, False, **options)

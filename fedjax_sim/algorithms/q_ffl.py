@@ -42,18 +42,19 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_sim.aggregators import as_aggregator
 from fedjax_sim.aggregators.base import Stage
 from fedjax_sim.algorithms.fed_avg import (
     ClientSchedules,
+    ServerState,
     client_delta,
     client_weights,
+    fed_avg_setup,
     round_metrics,
     scheduled_hyperparams,
     server_fields,
     server_step,
 )
-from fedjax_sim.algorithms.local import LossFn, gather_batch, model_loss, weight_exponent
+from fedjax_sim.algorithms.local import LossFn, gather_batch
 from fedjax_sim.core import Aggregator, ClientInput, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
@@ -63,25 +64,15 @@ Params = Any
 LOSS_EPSILON = 1e-10
 
 
-@struct.dataclass
-class QFFLState:
-    """q-FedAvg server state.
+@struct.dataclass(kw_only=True)
+class QFFLState(ServerState):
+    """q-FedAvg server state: FedAvg's `ServerState` (its weights are the ``p_k``) and
 
     Attributes:
-      params: the global model parameters.
-      opt_state: the server optimizer's state.
-      client_hyperparams: injected client-optimizer hyperparameters (e.g. ``learning_rate``).
       q: the fairness exponent (an array, so a round can be vmapped over several q).
-      weight_exponent: ``p_k = num_examples ** weight_exponent``.
-      aggregator: the aggregator's state.
     """
 
-    params: Params
-    opt_state: optax.OptState
-    client_hyperparams: dict[str, jax.Array]
     q: jax.Array
-    weight_exponent: jax.Array
-    aggregator: Any = ()
 
 
 def client_loss(
@@ -154,9 +145,7 @@ def q_ffl(
         raise ValueError(f"q must be >= 0, got {q}")
     if lipschitz is not None and not lipschitz > 0:
         raise ValueError(f"lipschitz must be > 0, got {lipschitz}")
-    exponent = weight_exponent(client_weighting)
-    loss_fn = loss_fn or model_loss(model)
-    aggregator = as_aggregator(aggregator)
+    exponent, loss_fn, aggregator = fed_avg_setup(model, client_weighting, loss_fn, aggregator)
 
     def init(params: Params) -> QFFLState:
         fields = server_fields(params, client_optimizer, server_optimizer, exponent, aggregator)

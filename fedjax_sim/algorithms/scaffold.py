@@ -49,13 +49,17 @@ from fedjax_sim.algorithms.client_state import (
 )
 from fedjax_sim.algorithms.fed_avg import (
     ClientSchedules,
+    ServerState,
     client_delta,
     client_weights,
+    fed_avg_setup,
     round_metrics,
     scheduled_hyperparams,
+    second_message_metrics,
     server_fields,
+    server_step,
 )
-from fedjax_sim.algorithms.local import LossFn, model_loss, weight_exponent
+from fedjax_sim.algorithms.local import LossFn, weight_exponent
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
@@ -109,30 +113,21 @@ def check_setting(
     return reasons
 
 
-@struct.dataclass
-class ScaffoldState:
-    """SCAFFOLD server state.
+@struct.dataclass(kw_only=True)
+class ScaffoldState(ServerState):
+    """SCAFFOLD server state: FedAvg's `ServerState` (``params`` is the global model x, its
+    ``aggregator`` combines the model deltas) plus
 
     Attributes:
-      params: the global model x.
-      opt_state: the server optimizer's state.
       control: the server control variate c (shaped like params).
       client_controls: every client's control variate c_i, leaves ``[num_clients, ...]``.
-      client_hyperparams: injected client-optimizer hyperparameters (e.g. ``learning_rate``).
       client_learning_rate: the local learning rate in option II's ``(x - y) / (K * lr)``.
-      weight_exponent: client weight = ``num_examples ** weight_exponent``.
-      aggregator: the state of the aggregator of the model deltas.
       control_aggregator: the state of the aggregator of the control-variate deltas.
     """
 
-    params: Params
-    opt_state: optax.OptState
     control: Params
     client_controls: Params
-    client_hyperparams: dict[str, jax.Array]
     client_learning_rate: jax.Array
-    weight_exponent: jax.Array
-    aggregator: Any = ()
     control_aggregator: Any = ()
 
 
@@ -187,7 +182,7 @@ def scaffold(
     if client_learning_rate is not None and not float(client_learning_rate) > 0:
         raise ValueError(f"scaffold: client_learning_rate must be > 0, got "
                          f"{client_learning_rate!r}")
-    exponent = weight_exponent(client_weighting)
+    exponent, loss_fn, aggregator = fed_avg_setup(model, client_weighting, loss_fn, aggregator)
     reasons = check_setting(client_optimizer, client_weighting, equal_local_steps)
     if reasons:
         warnings.warn(
@@ -195,8 +190,6 @@ def scaffold(
             + "; ".join(reasons) + ". They cancel with equal local steps, uniform client weights "
             "and plain client SGD (the paper's setting); otherwise SCAFFOLD drifts and can lose "
             "to FedAvg.", ScaffoldSettingWarning, stacklevel=2)
-    loss_fn = loss_fn or model_loss(model)
-    aggregator = as_aggregator(aggregator)
     control_aggregator = as_aggregator(control_aggregator)
 
     def init(params: Params) -> ScaffoldState:
@@ -250,10 +243,8 @@ def scaffold(
         weights = client_weights(clients, state.weight_exponent)
         trained = weights > 0  # valid clients with at least one real step
         key_deltas, key_controls = jax.random.split(cohort.server_key())
-        mean_delta, aggregator_state, metrics = aggregator.apply(
-            state.aggregator, deltas, weights, key_deltas)
-        updates, opt_state = server_optimizer.update(mean_delta, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        new_state, metrics = server_step(state, server_optimizer, aggregator, deltas, weights,
+                                         key_deltas)
         # c <- c + 1/N sum_{i in S} (c_i+ - c_i), over the clients that trained.
         summed, control_aggregator_state, control_metrics = control_aggregator.apply(
             state.control_aggregator,
@@ -261,17 +252,13 @@ def scaffold(
             trained.astype(jnp.float32), key_controls)
         fraction = jnp.sum(trained.astype(jnp.float32)) / num_clients
         control = jax.tree.map(lambda c, s: c + fraction * s, state.control, summed)
-        new_state = state.replace(
-            params=params,
-            opt_state=opt_state,
+        new_state = new_state.replace(
             control=control,
             client_controls=scatter_client_state(
                 state.client_controls, clients.client_id, new_controls, trained),
-            aggregator=aggregator_state,
             control_aggregator=control_aggregator_state,
         )
-        control_metrics = {k.replace("aggregator/", "control_aggregator/", 1): v
-                           for k, v in control_metrics.items()}
-        return new_state, {**round_metrics(stats, weights), **metrics, **control_metrics}
+        return new_state, {**round_metrics(stats, weights), **metrics,
+                           **second_message_metrics(control_metrics, "control_aggregator")}
 
     return FederatedAlgorithm(init, apply)
