@@ -15,7 +15,6 @@ checked on the *decompressed* IDX bytes, so any gzip wrapping of the same conten
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -47,59 +46,39 @@ CLASS_NAMES = (
 IMAGE_SHAPE = (28, 28)
 
 
-@dataclasses.dataclass(frozen=True)
-class _IdxFile:
-    """One of the four files: its name and digests.
-
-    ``content_sha256`` is the sha256 of the decompressed IDX bytes (checked on every load);
-    ``gz_sha256`` is that of upstream's ``.gz`` (checked on download; it equals the digest that
-    tensorflow-datasets registers).
-    """
-
-    name: str
-    content_sha256: str
-    gz_sha256: str
-
-    @property
-    def url(self) -> str:
-        return f"{URL_BASE}{self.name}.gz"
-
-
+# gz_sha256: upstream's .gz (checked on download; the digest tensorflow-datasets registers);
+# content_sha256: the decompressed IDX bytes (checked on every load).
 _FILES = {
-    ("train", "images"): _IdxFile(
+    ("train", "images"): idx.IdxFile(
         "train-images-idx3-ubyte",
-        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-        "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-    ),
-    ("train", "labels"): _IdxFile(
+        gz_sha256="3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+        content_sha256="c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    ("train", "labels"): idx.IdxFile(
         "train-labels-idx1-ubyte",
-        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-        "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-    ),
-    ("test", "images"): _IdxFile(
+        gz_sha256="a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+        content_sha256="bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    ("test", "images"): idx.IdxFile(
         "t10k-images-idx3-ubyte",
-        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-        "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-    ),
-    ("test", "labels"): _IdxFile(
+        gz_sha256="346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+        content_sha256="5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    ("test", "labels"): idx.IdxFile(
         "t10k-labels-idx1-ubyte",
-        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-        "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-    ),
+        gz_sha256="67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        content_sha256="0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 }
 
 # The IDX parser lives in `fedjax_sim.datasets.idx` (shared with MNIST and EMNIST).
 read_idx = idx.read_idx
 
 
-def _load_file(folder: Path, spec: _IdxFile, download: bool) -> np.ndarray:
+def _load_file(folder: Path, spec: idx.IdxFile, download: bool) -> np.ndarray:
     """Finds (or downloads) one file, checks its decompressed digest and parses it."""
     gz_path, plain_path = folder / f"{spec.name}.gz", folder / spec.name
     if not gz_path.is_file() and plain_path.is_file():
         path = plain_path
     else:
         path = download_lib.ensure_file(
-            gz_path, url=spec.url, sha256=spec.gz_sha256, download=download
+            gz_path, url=spec.url(URL_BASE), sha256=spec.gz_sha256, download=download
         )
     data = idx.read_bytes(path)
     array = idx.parse_idx(data, path)  # format errors first: they say more than a digest does

@@ -11,6 +11,7 @@ detected from the first bytes, not the name) and names the file in every error.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import zlib
@@ -19,6 +20,25 @@ from pathlib import Path
 import numpy as np
 
 from fedjax_sim.data.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class IdxFile:
+    """One distributed IDX file: its name and the sha256 of its ``.gz``.
+
+    ``shape`` (the parsed array's) and ``content_sha256`` (of the decompressed bytes) are what a
+    loader checks on every load, when it knows them.
+    """
+
+    name: str
+    gz_sha256: str
+    shape: tuple[int, ...] | None = None
+    content_sha256: str | None = None
+
+    def url(self, base: str) -> str:
+        """The ``.gz``'s address under ``base`` (the loader's mirror, read when it downloads)."""
+        return f"{base}{self.name}.gz"
+
 
 # IDX type byte -> big-endian dtype.
 IDX_DTYPES = {

@@ -63,41 +63,24 @@ MNIST_FOLDER = "mnist"
 """Sub-folder of the data folder that holds the four files."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _MnistFile:
-    """One MNIST file: its name, the sha256 of the distributed ``.gz`` and the array shape."""
-
-    name: str
-    gz_sha256: str
-    shape: tuple[int, ...]
-
-    @property
-    def url(self) -> str:
-        return f"{MNIST_URL_BASE}{self.name}.gz"
-
-
 # sha256 of the distributed .gz files: tensorflow_datasets/url_checksums/mnist.txt.
 MNIST_FILES = {
-    ("train", "images"): _MnistFile(
+    ("train", "images"): idx.IdxFile(
         "train-images-idx3-ubyte",
         "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        (60_000, 28, 28),
-    ),
-    ("train", "labels"): _MnistFile(
+        (60_000, 28, 28)),
+    ("train", "labels"): idx.IdxFile(
         "train-labels-idx1-ubyte",
         "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        (60_000,),
-    ),
-    ("test", "images"): _MnistFile(
+        (60_000,)),
+    ("test", "images"): idx.IdxFile(
         "t10k-images-idx3-ubyte",
         "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        (10_000, 28, 28),
-    ),
-    ("test", "labels"): _MnistFile(
+        (10_000, 28, 28)),
+    ("test", "labels"): idx.IdxFile(
         "t10k-labels-idx1-ubyte",
         "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-        (10_000,),
-    ),
+        (10_000,)),
 }
 
 # --- EMNIST ---------------------------------------------------------------------------------------
@@ -182,7 +165,7 @@ def _images_and_labels(
 # --- MNIST loading --------------------------------------------------------------------------------
 
 
-def _load_mnist_file(folder: Path, spec: _MnistFile, download: bool) -> tuple[np.ndarray, str]:
+def _load_mnist_file(folder: Path, spec: idx.IdxFile, download: bool) -> tuple[np.ndarray, str]:
     """Finds (or downloads) one MNIST file, checks it and parses it."""
     gz_path, plain_path = folder / f"{spec.name}.gz", folder / spec.name
     if not gz_path.is_file() and plain_path.is_file():
@@ -190,7 +173,7 @@ def _load_mnist_file(folder: Path, spec: _MnistFile, download: bool) -> tuple[np
         raw = path.read_bytes()
     else:
         path = download_lib.ensure_file(
-            gz_path, url=spec.url, sha256=spec.gz_sha256, download=download
+            gz_path, url=spec.url(MNIST_URL_BASE), sha256=spec.gz_sha256, download=download
         )
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":  # the distributed .gz: its digest is known
