@@ -159,6 +159,16 @@ def resolve_file(explicit: str | os.PathLike | None, folder: Path, member: str, 
     return find_file(folder, member, archive, download)
 
 
+def split_files(archive: str, data_dir: str | os.PathLike | None,
+                train_file: str | os.PathLike | None, test_file: str | os.PathLike | None,
+                download: bool) -> tuple[Path, Path]:
+    """The ``<archive>_train.h5`` and ``<archive>_test.h5`` of one of TFF's `ARCHIVES`
+    (explicit paths win; see `resolve_file`)."""
+    folder, spec = tff_folder(data_dir), ARCHIVES[archive]
+    return (resolve_file(train_file, folder, f"{archive}_train.h5", spec, download),
+            resolve_file(test_file, folder, f"{archive}_test.h5", spec, download))
+
+
 def tff_folder(data_dir: str | os.PathLike | None) -> Path:
     """``<data_dir>/tff``: where the archives and their extracted files go."""
     return download_lib.data_dir(data_dir) / FOLDER

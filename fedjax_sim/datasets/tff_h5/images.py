@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedjax_sim.data.federated_data import FederatedData, FederatedDataset
-from fedjax_sim.datasets.tff_h5.files import ARCHIVES, cached_load, resolve_file, tff_folder
+from fedjax_sim.datasets.tff_h5.files import cached_load, split_files
 from fedjax_sim.datasets.tff_h5.reader import Feature, offsets, test_clients, train_clients
 
 CIFAR_CROP = 24
@@ -82,10 +82,7 @@ def load_tff_emnist(
       1.0 is the background), ``y`` int32 ``[n]``.
     """
     prefix = "fed_emnist_digitsonly" if only_digits else "fed_emnist"
-    archive = ARCHIVES[prefix]
-    folder = tff_folder(data_dir)
-    train_path = resolve_file(train_file, folder, f"{prefix}_train.h5", archive, download)
-    test_path = resolve_file(test_file, folder, f"{prefix}_test.h5", archive, download)
+    train_path, test_path = split_files(prefix, data_dir, train_file, test_file, download)
     features = [Feature("pixels", (28, 28), "f"), Feature("label", (), "iu")]
     num_classes = 10 if only_digits else 62
 
@@ -147,10 +144,7 @@ def load_tff_cifar100(
       ``train`` over 500 clients and ``central_test``: ``x`` float32 ``[n, 24, 24, 3]``,
       ``y`` int32 ``[n]`` in ``[0, 100)``.
     """
-    archive = ARCHIVES["fed_cifar100"]
-    folder = tff_folder(data_dir)
-    train_path = resolve_file(train_file, folder, "fed_cifar100_train.h5", archive, download)
-    test_path = resolve_file(test_file, folder, "fed_cifar100_test.h5", archive, download)
+    train_path, test_path = split_files("fed_cifar100", data_dir, train_file, test_file, download)
     features = [Feature("image", (32, 32, 3), "u"), Feature("label", (), "iu")]
 
     def transform(values):

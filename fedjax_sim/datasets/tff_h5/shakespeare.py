@@ -14,7 +14,7 @@ import numpy as np
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedData, FederatedDataset
-from fedjax_sim.datasets.tff_h5.files import ARCHIVES, cached_load, resolve_file, tff_folder
+from fedjax_sim.datasets.tff_h5.files import cached_load, split_files
 from fedjax_sim.datasets.tff_h5.reader import (
     EXAMPLES_GROUP,
     Feature,
@@ -52,10 +52,7 @@ def load_tff_shakespeare(
     """
     if sequence_length < 1:
         raise ValueError(f"sequence_length must be a positive integer, got {sequence_length}")
-    archive = ARCHIVES["shakespeare"]
-    folder = tff_folder(data_dir)
-    train_path = resolve_file(train_file, folder, "shakespeare_train.h5", archive, download)
-    test_path = resolve_file(test_file, folder, "shakespeare_test.h5", archive, download)
+    train_path, test_path = split_files("shakespeare", data_dir, train_file, test_file, download)
     feature = Feature("snippets", (), "OS")
 
     def windows(split: H5Clients) -> tuple[np.ndarray, np.ndarray]:

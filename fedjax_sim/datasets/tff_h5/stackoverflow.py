@@ -16,7 +16,13 @@ import numpy as np
 
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedData, FederatedDataset
-from fedjax_sim.datasets.tff_h5.files import ARCHIVES, cached_load, resolve_file, tff_folder
+from fedjax_sim.datasets.tff_h5.files import (
+    ARCHIVES,
+    cached_load,
+    resolve_file,
+    split_files,
+    tff_folder,
+)
 from fedjax_sim.datasets.tff_h5.reader import Feature, offsets, test_clients, train_clients
 from fedjax_sim.datasets.vocab import Vocabulary, lookup_words
 
@@ -120,9 +126,8 @@ def load_tff_stackoverflow(
     if task not in ("word", "tag"):
         raise ValueError(f"task must be 'word' or 'tag', got {task!r}")
     folder = tff_folder(data_dir)
-    archive = ARCHIVES["stackoverflow"]
-    train_path = resolve_file(train_file, folder, "stackoverflow_train.h5", archive, download)
-    test_path = resolve_file(test_file, folder, "stackoverflow_test.h5", archive, download)
+    train_path, test_path = split_files("stackoverflow", data_dir, train_file, test_file,
+                                        download)
     words_path = resolve_file(word_count_file, folder, "stackoverflow.word_count",
                           ARCHIVES["stackoverflow.word_count"], download)
     files = [train_path, test_path, words_path]
