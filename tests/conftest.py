@@ -12,6 +12,18 @@ import pytest  # noqa: E402
 from helpers import MISSING_DATA, SHARED_DATA, require_shared_data  # noqa: E402
 
 import fedjax_sim  # noqa: E402,F401
+import jax  # noqa: E402
+
+# Tests build the same small programs again and again (the same round on tiny data under
+# several algorithms, aggregators and checks): JAX's persistent compilation cache compiles each
+# once per run (keys hash the program, jax version and flags, so a stale entry never matches).
+# FEDJAX_SIM_TEST_JAX_CACHE=off turns it off.
+_CACHE = os.environ.get("FEDJAX_SIM_TEST_JAX_CACHE",
+                        os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
+if _CACHE != "off":
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def pytest_configure(config):
