@@ -24,7 +24,7 @@ from typing import Any
 
 import optax
 
-from fedjax_sim.config import ConfigError, OptimizerConfig
+from fedjax_sim.config import ConfigError
 
 # Common optax optimizers, for did-you-mean hints (any optax optimizer function is accepted).
 KNOWN = ("sgd", "adam", "adamw", "adagrad", "yogi", "rmsprop", "lamb", "lion", "nadam", "adafactor")
@@ -105,12 +105,21 @@ def make_schedule(spec: Mapping[str, Any], init_value: float,
 
 
 def make_optimizer(
-    config: OptimizerConfig, path: str = "optimizer", *, inject_schedule: bool = True
+    name: str,
+    learning_rate: float,
+    options: Mapping[str, Any] | None = None,
+    schedule: Mapping[str, Any] | None = None,
+    *,
+    path: str = "optimizer",
+    inject_schedule: bool = True,
 ) -> tuple[optax.GradientTransformation, dict[str, Schedule]]:
     """``optax.<name>(learning_rate, **options)`` with injected (traceable) hyperparameters.
 
     Args:
-      config: the optimizer's name, learning rate, options and optional schedule.
+      name: an optax optimizer function, e.g. ``"sgd"``, ``"adam"``.
+      learning_rate: its learning rate (the schedule's initial value when ``schedule`` is set).
+      options: its other keyword arguments, e.g. ``{"momentum": 0.9}``.
+      schedule: ``{"name": <optax schedule>, <its options>}`` (see `make_schedule`), or None.
       path: the config key, for error messages.
       inject_schedule: where a schedule goes. True (server optimizers): into
         ``optax.inject_hyperparams``, following the optimizer's update count (the round, for a
@@ -122,40 +131,41 @@ def make_optimizer(
       ``(optimizer, schedules)``: ``schedules`` is ``{"learning_rate": round -> value}`` for a
       schedule that is not injected, else ``{}``.
     """
-    factory = getattr(optax, config.name, None)
-    if not callable(factory) or config.name.startswith("_") or inspect.isclass(factory):
-        close = difflib.get_close_matches(config.name, KNOWN, n=1)
+    options = dict(options or {})
+    factory = getattr(optax, name, None)
+    if not callable(factory) or name.startswith("_") or inspect.isclass(factory):
+        close = difflib.get_close_matches(name, KNOWN, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; e.g. one of {list(KNOWN)}"
         raise ConfigError(
-            f"config key '{path}.name': unknown optax optimizer {config.name!r}{hint}"
+            f"config key '{path}.name': unknown optax optimizer {name!r}{hint}"
         )
     parameters = inspect.signature(factory).parameters
     if "learning_rate" not in parameters:
         raise ConfigError(
-            f"config key '{path}.name': optax.{config.name} is not an optimizer taking a "
+            f"config key '{path}.name': optax.{name} is not an optimizer taking a "
             "learning_rate"
         )
-    for key in config.options:
+    for key in options:
         if key not in parameters or key == "learning_rate":
             valid = sorted(p for p in parameters if p != "learning_rate")
             raise ConfigError(
-                f"config key '{path}.options.{key}': optax.{config.name} has no option {key!r}; "
+                f"config key '{path}.options.{key}': optax.{name} has no option {key!r}; "
                 f"valid options: {valid}"
             )
-    learning_rate: float | Schedule = config.learning_rate
+    rate: float | Schedule = learning_rate
     schedules: dict[str, Schedule] = {}
-    if config.schedule is not None:
-        schedule = make_schedule(config.schedule, config.learning_rate, f"{path}.schedule")
+    if schedule is not None:
+        scheduled = make_schedule(schedule, learning_rate, f"{path}.schedule")
         if inject_schedule:
-            learning_rate = schedule
+            rate = scheduled
         else:
-            schedules["learning_rate"] = schedule
+            schedules["learning_rate"] = scheduled
     try:
         optimizer = optax.inject_hyperparams(factory)(
-            learning_rate=learning_rate, **config.options
+            learning_rate=rate, **options
         )
     except (TypeError, ValueError) as error:
         raise ConfigError(
-            f"config key '{path}': optax.{config.name} rejected it: {error}"
+            f"config key '{path}': optax.{name} rejected it: {error}"
         ) from None
     return optimizer, schedules

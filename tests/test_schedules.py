@@ -10,7 +10,7 @@ import pytest
 from helpers import tiny_data, tiny_model
 
 from fedjax_sim.algorithms.fed_avg import fed_avg
-from fedjax_sim.config import ConfigError, OptimizerConfig, config_from_dict
+from fedjax_sim.config import ConfigError, config_from_dict
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.sampling import full_participation
 from fedjax_sim.optimizers import make_optimizer, make_schedule
@@ -63,8 +63,7 @@ def test_client_learning_rate_of_round_r_is_the_schedule_at_r():
     """1 client x 1 full-batch step per round: round r moves params by lr(r) * gradient."""
     model, data = tiny_model(), tiny_data((8,))
     spec = {"name": "exponential_decay", "transition_steps": 1, "decay_rate": 0.5}
-    client_optimizer, schedules = make_optimizer(
-        OptimizerConfig("sgd", LR, schedule=spec), inject_schedule=False)
+    client_optimizer, schedules = make_optimizer("sgd", LR, schedule=spec, inject_schedule=False)
     assert list(schedules) == ["learning_rate"]
     algorithm, round_step = one_client_round(model, data, client_optimizer, optax.sgd(1.0),
                                              client_schedules=schedules)
@@ -82,7 +81,7 @@ def test_client_learning_rate_of_round_r_is_the_schedule_at_r():
 def test_server_learning_rate_of_round_r_is_the_schedule_at_r():
     model, data = tiny_model(), tiny_data((8,))
     spec = {"name": "cosine_decay_schedule", "decay_steps": 6}
-    server_optimizer, schedules = make_optimizer(OptimizerConfig("sgd", LR, schedule=spec))
+    server_optimizer, schedules = make_optimizer("sgd", LR, schedule=spec)
     assert schedules == {}  # injected: the server's update count is the round
     algorithm, round_step = one_client_round(model, data, optax.sgd(0.5), server_optimizer)
     params = model.init(jax.random.key(0))
@@ -109,7 +108,7 @@ def test_server_learning_rate_of_round_r_is_the_schedule_at_r():
 ])
 def test_bad_schedules_name_the_key(schedule, match):
     with pytest.raises(ConfigError, match=match):
-        make_optimizer(OptimizerConfig("sgd", 0.1, schedule=schedule), "client.optimizer")
+        make_optimizer("sgd", 0.1, schedule=schedule, path="client.optimizer")
 
 
 def test_config_schedules_reach_the_round(tmp_path):

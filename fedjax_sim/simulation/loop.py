@@ -172,8 +172,10 @@ def build_experiment(config: Config) -> Experiment:
     # A client schedule follows the round (client optimizer state is fresh every round); a
     # server schedule is injected into the server optimizer, whose update count is the round.
     client_optimizer, client_schedules = make_optimizer(
-        config.client.optimizer, "client.optimizer", inject_schedule=False)
-    server_optimizer, _ = make_optimizer(config.server.optimizer, "server.optimizer")
+        **dataclasses.asdict(config.client.optimizer), path="client.optimizer",
+        inject_schedule=False)
+    server_optimizer, _ = make_optimizer(**dataclasses.asdict(config.server.optimizer),
+                                         path="server.optimizer")
     train = dataset.train
     aggregator, privacy = _build_aggregator(config, train.num_clients, model)
     schedule = ClientSchedule.from_sizes(
