@@ -94,7 +94,8 @@ class Experiment:
         params = self.model.init(jax.random.PRNGKey(self.config.seed))
         # The model init and the rounds draw from different keys of the same seed.
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)
-        return init_simulation_state(self.algorithm.init(params), key)
+        # Committed where the step runs, so round 2 does not compile the step again.
+        return self.round_step.place(init_simulation_state(self.algorithm.init(params), key))
 
     def evaluate(self, algorithm_state) -> dict[str, float]:
         """Every evaluator on the algorithm state (its ``params`` unless it personalizes)."""

@@ -133,6 +133,7 @@ class RoundStep:
       offsets: ``[num_clients + 1]`` int32 on the device.
       cohort_size: C (before padding for devices).
       feeder: the host data path (None when the data is on the device).
+      target: where the step's inputs live (a device, or a replicated sharding over the mesh).
     """
 
     fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]]
@@ -141,6 +142,15 @@ class RoundStep:
     offsets: jax.Array
     cohort_size: int
     feeder: HostFeeder | None = None
+    target: Any = None
+
+    def place(self, state: SimulationState) -> SimulationState:
+        """``state`` committed to where the step runs.
+
+        A fresh state (`init_simulation_state`) is not committed to a device while the step's
+        outputs are, so without this the second round compiles the step a second time.
+        """
+        return state if self.target is None else jax.device_put(state, self.target)
 
     def __call__(self, state: SimulationState) -> tuple[SimulationState, dict[str, jax.Array]]:
         if self.feeder is None:
@@ -269,9 +279,9 @@ def build_round_step(
     donate_argnums = (0,) if donate else ()
     if not on_host:
         jitted = jax.jit(round_fn, donate_argnums=donate_argnums)
-        return RoundStep(round_fn, jitted, data, offsets, cohort_size)
+        return RoundStep(round_fn, jitted, data, offsets, cohort_size, target=target)
     if prefetch is None:
         prefetch = 0 if jax.default_backend() == "cpu" else 2
     feeder = HostFeeder(plan_fn, train.arrays, train.offsets, target, prefetch)
     jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums)
-    return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder)
+    return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder, target)

@@ -173,6 +173,20 @@ def test_no_retrace_across_rounds():
     assert int(state.round) == 4
 
 
+@pytest.mark.parametrize("execution", [{}, {"mesh": "mesh4"}])
+def test_a_placed_state_compiles_the_step_once(execution):
+    """A fresh state placed where the step runs: rounds 1..3 use one compiled program."""
+    model, data = tiny_model(), tiny_data(SIZES)
+    algorithm = fed_avg(model, optax.sgd(0.1), optax.sgd(1.0))
+    kwargs = {"mesh": client_mesh(4)} if execution else {}
+    round_step = make_round(data, algorithm, **kwargs)
+    state = init_simulation_state(algorithm.init(model.init(jax.random.key(0))), 0)
+    state = round_step.place(state)
+    for _ in range(3):
+        state, _ = round_step(state)
+    assert round_step.jitted._cache_size() == 1
+
+
 def test_state_is_donated():
     model, data = tiny_model(), tiny_data(SIZES)
     algorithm = fed_avg(model, optax.sgd(0.1), optax.sgd(1.0))
