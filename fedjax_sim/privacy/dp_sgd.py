@@ -126,7 +126,8 @@ _CHUNK = 256
 
 
 def _counter(sampler: Callable, num_clients: int) -> Callable:
-    """Jitted ``(key, first, stop) -> [num_clients]`` counts of rounds [first, min(first+256, stop))."""
+    """Jitted ``(key, first, stop) -> [num_clients]``: participations in rounds
+    ``[first, min(first + 256, stop))``."""
 
     @jax.jit
     def count(key, first, stop):
