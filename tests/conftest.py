@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (the import order sets XLA flags before JAX starts)
 """Test-wide set-up: 4 fake CPU devices (sharding tests) before JAX starts; the real-data gate."""
 
 import os
@@ -12,7 +13,8 @@ import pytest  # noqa: E402
 from helpers import MISSING_DATA, SHARED_DATA, require_shared_data  # noqa: E402
 
 import fedjax_sim  # noqa: E402,F401
-import jax  # noqa: E402
+
+import jax  # noqa: E402  (after fedjax_sim: its XLA flags come first)
 
 # Tests build the same small programs again and again (the same round on tiny data under
 # several algorithms, aggregators and checks): JAX's persistent compilation cache compiles each

@@ -111,7 +111,7 @@ def test_round_cost_bounds_the_real_stream(local_epochs, local_steps, batch):
         for slot, client in enumerate(metrics["ids"]):
             rows, mask = metrics["indices"][slot], metrics["mask"][slot]
             per_step = [np.bincount(r[m], minlength=data.offsets[-1])
-                        for r, m in zip(rows, mask)]
+                        for r, m in zip(rows, mask, strict=True)]
             cost = (np.stack(per_step) ** 2).sum(0)
             worst[client] = max(worst[client], cost.max())
     assert (worst <= bound).all(), (worst, bound)
