@@ -33,8 +33,8 @@ Writes ``benchmarks/results/privacy-<YYYY-MM-DD>-<machine>.json`` and the ``.png
 from __future__ import annotations
 
 import argparse
-import logging
 import datetime
+import logging
 import os
 import pathlib
 import sys
@@ -258,7 +258,8 @@ def main() -> None:
             run = run_arm(arm, dataset, model, args, seed)
             runs.append(run)
             print(f"{arm['name']:34s} seed {seed} acc {run['accuracy']:.4f} "
-                  f"eps {run['epsilon']} z {arm['noise_multiplier']} {run['seconds']} s (first round {run['first_round_s']} s) "
+                  f"eps {run['epsilon']} z {arm['noise_multiplier']} {run['seconds']} s "
+                  f"(first round {run['first_round_s']} s) "
                   f"{run['last_round_metrics']}", flush=True)
         accuracies = [r["accuracy"] for r in runs]
         epsilons = [r["epsilon"] for r in runs if isinstance(r["epsilon"], float)]
@@ -285,7 +286,8 @@ def main() -> None:
             "q": args.expected_cohort / population,
             "cohort_cap": poisson_cap(population, args.expected_cohort / population),
             "model": args.model, "rounds": args.rounds, "eval_every": args.eval_every,
-            "batch_size": args.batch_size, "client_execution": args.client_execution, "local_epochs": 1,
+            "batch_size": args.batch_size, "client_execution": args.client_execution,
+            "local_epochs": 1,
             "local_steps": int(np.ceil(sizes.max() / args.batch_size)),
             "client_optimizer": f"sgd(lr={args.client_lr})",
             "server_optimizer": f"sgd(lr={args.server_lr}, momentum={args.server_momentum})",
