@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -100,16 +101,17 @@ class PrivacyLedger:
         if (self.accountant != "rdp" or rounds <= 0
                 or isinstance(inner, (events.NonPrivateDpEvent, events.NoOpDpEvent))):
             return epsilon_of(event, rounds, self.delta, self.accountant, self.sampling)
-        curve = self.__dict__.get("_rdp_curve")
-        if curve is None:  # frozen dataclass: cache through __dict__
-            account = _accountant(self.accountant, self.sampling)
-            with _quiet_absl():
-                account.compose(event, 1)
-            curve = (account._orders, account._rdp)  # noqa: SLF001 (one round's RDP curve)
-            self.__dict__["_rdp_curve"] = curve
-        orders, rdp = curve
+        orders, rdp = self._round_rdp
         return float(rdp_privacy_accountant.compute_epsilon(orders, rdp * rounds,
                                                             self.delta)[0])
+
+    @functools.cached_property
+    def _round_rdp(self):
+        """``(orders, rdp)`` of one round (RDP accountant)."""
+        account = _accountant(self.accountant, self.sampling)
+        with _quiet_absl():
+            account.compose(self.round_event(), 1)
+        return account._orders, account._rdp  # noqa: SLF001 (one round's RDP curve)
 
     def description(self) -> str:
         relation = "add/remove one client" if self.sampling == "poisson" else "replace one client"

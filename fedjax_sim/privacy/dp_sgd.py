@@ -107,21 +107,6 @@ def round_cost(client_sizes: np.ndarray, batch_size: int, num_steps: int,
     return np.where(n > 0, per_batch * appearances, 0)
 
 
-def participation_counts(sampler: Callable, key: jax.Array, start: int, stop: int,
-                         num_clients: int) -> np.ndarray:
-    """``[num_clients]`` how often each client is sampled in rounds ``[start, stop)``.
-
-    Replays the round step's sampling key (``split(fold_in(key, round), 4)[0]``); a Poisson
-    sampler's padding slots are not counted. Dropped clients (system model) are counted: an
-    upper bound.
-    """
-    count = _counter(sampler, num_clients)
-    counts = np.zeros(num_clients, np.int64)
-    for first in range(start, stop, _CHUNK):
-        counts += np.asarray(count(key, jnp.int32(first), jnp.int32(stop)))
-    return counts
-
-
 _CHUNK = 256
 
 
@@ -197,7 +182,12 @@ class ExampleLedger:
                    accountant)
 
     def count(self, key: jax.Array, rounds: int) -> None:
-        """Adds the participations of rounds ``[rounds_counted, rounds)`` (root ``key``)."""
+        """Adds the participations of rounds ``[rounds_counted, rounds)`` (root ``key``).
+
+        Replays the round step's sampling key (``split(fold_in(key, round), 4)[0]``); a
+        Poisson sampler's padding slots are not counted. Dropped clients (system model) are
+        counted: an upper bound.
+        """
         for first in range(self.rounds_counted, rounds, _CHUNK):
             self.participation += np.asarray(self._count(key, jnp.int32(first),
                                                          jnp.int32(rounds)))

@@ -554,7 +554,8 @@ def _train(
                     history.append(row)
                 if evaluate_now:
                     history[-1].update(experiment.evaluate(state.algorithm))
-                    if experiment.privacy is not None:  # epsilon spent so far, at delta
+                    if experiment.privacy is not None and "privacy/epsilon" not in history[-1]:
+                        # PLD: epsilon spent so far only at evaluations (RDP has it every row)
                         history[-1]["privacy/epsilon"] = experiment.privacy.epsilon(round_index)
                     if experiment.example_privacy is not None:  # DP-SGD's, worst client
                         experiment.example_privacy.count(state.key, round_index)
