@@ -6,16 +6,18 @@ embedding, two LSTM layers of 256 units and a dense layer giving next-character 
 timestep. The TFF vocabulary has 86 characters plus padding, out-of-vocabulary, beginning- and
 end-of-sequence tokens: 90 in all. ``hidden=128, num_layers=1`` is a narrower model for CPUs.
 
-The recurrence is `flax.linen.RNN` over `flax.linen.OptimizedLSTMCell` (one fused matmul per
-gate set). Measured on a 2-core CPU inside an outer `lax.scan` of 5 SGD steps on [4, 80] batches
-it was the fastest of `OptimizedLSTMCell`, `LSTMCell` and a variant hoisting the input projection
-out of the time loop (124 vs 144 vs 134 ms at 256x2; 15 vs 28 vs 21 ms at 128x1).
+The recurrence is `fedjax_sim.models.lstm.FusedLSTM`: the parameters, initialization and outputs
+of `flax.linen.RNN` over `flax.linen.OptimizedLSTMCell`, with every step's input projection in
+one matmul and a hand-written VJP whose recurrent-kernel gradient is one matmul over all steps
+(`benchmarks/lstm_recurrence.py` measures both, in one run). ``cell="flax"`` builds flax's RNN.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+
+from fedjax_sim.models.lstm import LSTMParams, fused_lstm
 
 
 class CharLSTM(nn.Module):
@@ -26,17 +28,26 @@ class CharLSTM(nn.Module):
       embed_dim: embedding width.
       hidden: LSTM units per layer.
       num_layers: stacked LSTM layers.
+      cell: ``"fused"`` (`fedjax_sim.models.lstm`) or ``"flax"`` (``nn.RNN(nn.OptimizedLSTMCell)``): the
+        same parameters and function, computed differently.
     """
 
     vocab_size: int = 90
     embed_dim: int = 8
     hidden: int = 256
     num_layers: int = 2
+    cell: str = "fused"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout
         h = nn.Embed(self.vocab_size, self.embed_dim)(x)
-        for _ in range(self.num_layers):
-            h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)
+        if self.cell not in ("fused", "flax"):
+            raise ValueError(f"cell={self.cell!r}: expected 'fused' or 'flax'")
+        for layer in range(self.num_layers):
+            if self.cell == "fused":  # the same parameter names as flax's
+                params = LSTMParams(self.hidden, name=f"OptimizedLSTMCell_{layer}")
+                h = fused_lstm(h, *params(h.shape[-1]))
+            else:
+                h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)
         return nn.Dense(self.vocab_size)(h)
