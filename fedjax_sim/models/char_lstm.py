@@ -17,7 +17,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from fedjax_sim.models.lstm import LSTMParams, fused_lstm
+from fedjax_sim.models.lstm import lstm_layer
 
 
 class CharLSTM(nn.Module):
@@ -28,8 +28,8 @@ class CharLSTM(nn.Module):
       embed_dim: embedding width.
       hidden: LSTM units per layer.
       num_layers: stacked LSTM layers.
-      cell: ``"fused"`` (`fedjax_sim.models.lstm`) or ``"flax"`` (``nn.RNN(nn.OptimizedLSTMCell)``): the
-        same parameters and function, computed differently.
+      cell: ``"fused"`` (`fedjax_sim.models.lstm`) or ``"flax"``
+        (``nn.RNN(nn.OptimizedLSTMCell)``): the same parameters and function.
     """
 
     vocab_size: int = 90
@@ -42,12 +42,6 @@ class CharLSTM(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout
         h = nn.Embed(self.vocab_size, self.embed_dim)(x)
-        if self.cell not in ("fused", "flax"):
-            raise ValueError(f"cell={self.cell!r}: expected 'fused' or 'flax'")
         for layer in range(self.num_layers):
-            if self.cell == "fused":  # the same parameter names as flax's
-                params = LSTMParams(self.hidden, name=f"OptimizedLSTMCell_{layer}")
-                h = fused_lstm(h, *params(h.shape[-1]))
-            else:
-                h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)
+            h = lstm_layer(h, self.hidden, layer, self.cell)
         return nn.Dense(self.vocab_size)(h)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from fedjax_sim.models.classifiers import max_pool_2x2
 from fedjax_sim.models.conv import canonical_conv
+from fedjax_sim.models.lstm import lstm_layer
 
 NORMS = ("group", "none")
 """`CelebaCNN`'s normalization choices."""
@@ -90,6 +91,7 @@ class Sent140LSTM(nn.Module):
     dense: int = 128
     pad_id: int = 0
     oov_id: int = 1
+    cell: str = "fused"  # or "flax": the same LSTM (`fedjax_sim.models.lstm`)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -98,8 +100,8 @@ class Sent140LSTM(nn.Module):
             raise ValueError(f"Sent140LSTM expects word ids [B, T], got shape {x.shape}")
         ids = jnp.where((x >= 0) & (x < self.vocab_size), x, self.oov_id)
         h = nn.Embed(self.vocab_size, self.embed_dim)(ids)
-        for _ in range(self.num_layers):
-            h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)  # [B, T, hidden]
+        for layer in range(self.num_layers):
+            h = lstm_layer(h, self.hidden, layer, self.cell)  # [B, T, hidden]
         # The output at the last real word: later (padding) steps never reach the logits.
         positions = jnp.arange(x.shape[1])
         last = jnp.max(jnp.where(x != self.pad_id, positions, 0), axis=1)  # [B]

@@ -103,3 +103,20 @@ def fused_lstm(x: jax.Array, wi: jax.Array, bias: jax.Array, wh: jax.Array) -> j
     """``[B, T, F] -> [B, T, H]`` with `LSTMParams`' concatenated kernels."""
     xp = jnp.einsum("btf,fg->tbg", x, wi) + bias  # every step's input projection at once
     return jnp.swapaxes(lstm_recurrence(xp, wh), 0, 1)
+
+
+CELLS = ("fused", "flax")
+
+
+def lstm_layer(h: jax.Array, hidden: int, layer: int, cell: str = "fused") -> jax.Array:
+    """One LSTM layer ``[B, T, F] -> [B, T, hidden]`` inside a compact module's ``__call__``.
+
+    ``cell="fused"``: `fused_lstm` on parameters named ``OptimizedLSTMCell_<layer>``, the names
+    ``nn.RNN(nn.OptimizedLSTMCell(hidden))`` gets there, so both cells share parameters;
+    ``"flax"``: flax's RNN itself.
+    """
+    if cell not in CELLS:
+        raise ValueError(f"cell={cell!r}: expected one of {CELLS}")
+    if cell == "flax":
+        return nn.RNN(nn.OptimizedLSTMCell(hidden))(h)
+    return fused_lstm(h, *LSTMParams(hidden, name=f"OptimizedLSTMCell_{layer}")(h.shape[-1]))

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim.models.lstm import lstm_layer
+
 # TFF's next-word layout: pad, 10,000 words, one oov bucket, bos, eos.
 WORD_VOCAB_SIZE = 10_000
 NUM_SPECIAL_AFTER_WORDS = 3  # oov, bos, eos
@@ -73,6 +75,7 @@ class StackOverflowLSTM(nn.Module):
     hidden: int = 670
     num_layers: int = 1
     shared_embedding: bool = False
+    cell: str = "fused"  # or "flax": the same LSTM (`fedjax_sim.models.lstm`)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -83,8 +86,8 @@ class StackOverflowLSTM(nn.Module):
             embedding_init=_uniform(0.05),  # Keras's default
         )
         h = embed(x)
-        for _ in range(self.num_layers):
-            h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)
+        for layer in range(self.num_layers):
+            h = lstm_layer(h, self.hidden, layer, self.cell)
             h = nn.Dense(self.embed_dim, kernel_init=nn.initializers.glorot_uniform())(h)
         if self.shared_embedding:
             return embed.attend(h)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from fedjax_sim.models.char_lstm import CharLSTM
+from fedjax_sim.models.leaf_models import Sent140LSTM
 from fedjax_sim.models.lstm import FusedLSTM, lstm_recurrence
+from fedjax_sim.models.stackoverflow import StackOverflowLSTM
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
@@ -68,3 +70,19 @@ def test_recurrence_gradient_equals_autodiff_in_float64():
         ours = jax.grad(lambda a, b: jnp.sum(jnp.sin(lstm_recurrence(a, b)) * w), (0, 1))(xp, wh)
         ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(plain(a, b)) * w), (0, 1))(xp, wh)
         _close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [
+    lambda cell: StackOverflowLSTM(vocab_size=50, embed_dim=6, hidden=10, cell=cell),
+    lambda cell: Sent140LSTM(vocab_size=40, embed_dim=6, hidden=7, num_layers=2, cell=cell),
+])
+def test_other_lstm_models_fused_equal_flax_cell(make):
+    x = jax.random.randint(jax.random.PRNGKey(1), (3, 9), 1, 40)
+    fused, flax_cell = make("fused"), make("flax")
+    params = fused.init(jax.random.PRNGKey(0), x)
+    np.testing.assert_equal(jax.device_get(params),
+                            jax.device_get(flax_cell.init(jax.random.PRNGKey(0), x)))
+    _close(fused.apply(params, x), flax_cell.apply(params, x))
+    grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params)
+             for m in (fused, flax_cell)]
+    _close(*grads, rtol=1e-4, atol=1e-6)
