@@ -103,12 +103,14 @@ class Aggregator(NamedTuple):
     """How the server combines one client-to-server message of the cohort, as a pure pair.
 
       init(example) -> state            ``example``: one client's message (no client axis)
-      apply(state, values, weights, key) -> (aggregate, state, metrics)
+      apply(state, values, weights, key, client_ids=None) -> (aggregate, state, metrics)
 
     ``values`` has a leading client axis ``[C, ...]``; ``weights`` ``[C]`` are the algorithm's
-    aggregation weights (0 for padding and dropped clients). The default, `aggregators.mean`,
-    is the weighted mean. Stages (clipping, noise, compression, robust reducers) compose with
-    `aggregators.chain` like ``optax.chain``.
+    aggregation weights (0 for padding and dropped clients); ``client_ids`` ``[C]`` int32 say
+    whose messages they are (every algorithm passes them, as a keyword; stages that keep
+    per-client state, such as error feedback, or model an attack on chosen clients read them).
+    The default, `aggregators.mean`, is the weighted mean. Stages (clipping, noise, compression,
+    robust reducers) compose with `aggregators.chain` like ``optax.chain``.
 
     ``noise_multipliers(state) -> {name: z}`` (optional) names every Gaussian mechanism the
     aggregator applies per round with its noise multiplier (noise std / L2 sensitivity), for
@@ -116,6 +118,5 @@ class Aggregator(NamedTuple):
     """
 
     init: Callable[[PyTree], PyTree]
-    apply: Callable[[PyTree, PyTree, jax.Array, jax.Array],
-                    tuple[PyTree, PyTree, dict[str, jax.Array]]]
+    apply: Callable[..., tuple[PyTree, PyTree, dict[str, jax.Array]]]
     noise_multipliers: Callable[[PyTree], dict[str, jax.Array]] | None = None

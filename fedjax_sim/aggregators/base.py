@@ -16,7 +16,9 @@ can calibrate to what an earlier one guaranteed:
 * ``sensitivity``: an L2 bound on one client's value (set by `clip`);
 * ``weight_bound``: a bound on one client's weight in the reducer's sum (1 when uniform);
 * ``scale``: the factor the reducer multiplied the weighted sum by (1 / denominator);
-* ``denominator``: that denominator (the expected cohort size for a fixed-denominator mean).
+* ``denominator``: that denominator (the expected cohort size for a fixed-denominator mean);
+* ``client_ids``: ``[C]`` int32, whose messages the values are (when the algorithm passes them,
+  as every built-in one does): per-client state (error feedback) and attacks key on them.
 
 Gaussian noise of multiplier z then has std ``z * sensitivity * weight_bound * scale`` on the
 aggregate: ``z * sensitivity`` on the sum, as DP-FedAvg prescribes (McMahan et al. 2018).
@@ -131,9 +133,10 @@ def chain(*stages: Stage | Aggregator) -> Aggregator:
     def init(example: PyTree) -> tuple:
         return tuple(stage.init(example) for stage in stages)
 
-    def apply(state: tuple, values: PyTree, weights: jax.Array, key: jax.Array):
+    def apply(state: tuple, values: PyTree, weights: jax.Array, key: jax.Array,
+              client_ids: jax.Array | None = None):
         keys = jax.random.split(key, len(stages)) if len(stages) > 1 else [key]
-        context: Context = {}
+        context: Context = {} if client_ids is None else {"client_ids": client_ids}
         metrics: dict[str, jax.Array] = {}
         new_state = []
         aggregate = None

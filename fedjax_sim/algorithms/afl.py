@@ -161,7 +161,8 @@ def afl(
         active = clients.valid & (clients.num_steps > 0)
         weights = jnp.where(active, state.mixture[clients.client_id], 0.0)
         new_state, aggregator_metrics = server_step(state, server_optimizer, aggregator, deltas,
-                                                    weights, cohort.server_key())
+                                                    weights, cohort.server_key(),
+                                                    client_ids=cohort.clients.client_id)
 
         num_active = jnp.maximum(jnp.sum(active), 1).astype(jnp.float32)
         target = jnp.where(active, clients.client_id, num_clients)  # inactive: dropped

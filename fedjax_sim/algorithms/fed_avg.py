@@ -117,15 +117,17 @@ def fed_avg_client(loss_fn: LossFn, client_optimizer,
 
 
 def server_step(state, server_optimizer, aggregator: Aggregator, deltas, weights: jax.Array,
-                key: jax.Array, transform: Callable[[Params], Params] | None = None):
+                key: jax.Array, transform: Callable[[Params], Params] | None = None,
+                client_ids: jax.Array | None = None):
     """Aggregates the clients' ``deltas`` and steps the server optimizer on the result.
 
     ``state`` has ``params``, ``opt_state`` and ``aggregator`` fields; ``transform`` (optional)
-    maps the aggregate to the pseudo-gradient. Returns the new state and the aggregator's
-    metrics.
+    maps the aggregate to the pseudo-gradient; ``client_ids`` (``[C]``) tell per-client stages
+    (error feedback, attacks) whose messages these are. Returns the new state and the
+    aggregator's metrics.
     """
     aggregate, aggregator_state, metrics = aggregator.apply(state.aggregator, deltas, weights,
-                                                            key)
+                                                            key, client_ids=client_ids)
     pseudo_gradient = aggregate if transform is None else transform(aggregate)
     updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -280,7 +282,7 @@ def averaging_algorithm(model: Model, client_optimizer, server_optimizer,
             else reweight(weights, cohort.clients, hyperparams))
         new_state, aggregator_metrics = server_step(
             state, server_optimizer, aggregator, deltas, aggregation_weights,
-            cohort.server_key(), transform=transform)
+            cohort.server_key(), transform=transform, client_ids=cohort.clients.client_id)
         return new_state, {**round_metrics(stats, weights), **metrics, **aggregator_metrics}
 
     return FederatedAlgorithm(init, apply)

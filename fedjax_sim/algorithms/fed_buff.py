@@ -70,6 +70,7 @@ class FedBuffState(ServerState):
       slot_finish: ``[M]`` float32 simulated time at which the client reports (inf: empty slot).
       slot_version: ``[M]`` int32 server version the client started from.
       slot_weight: ``[M]`` float32 aggregation weight (0: dropped or padding client).
+      slot_client: ``[M]`` int32 the in-flight client's id (for per-client aggregation stages).
       slot_sequence: ``[M]`` int32 dispatch order (breaks ties between equal finish times).
       slot_filled: ``[M]`` bool, False for an empty slot.
       clock: float32 simulated seconds of the last server update.
@@ -81,6 +82,7 @@ class FedBuffState(ServerState):
     slot_finish: jax.Array
     slot_version: jax.Array
     slot_weight: jax.Array
+    slot_client: jax.Array
     slot_sequence: jax.Array
     slot_filled: jax.Array
     clock: jax.Array
@@ -143,6 +145,7 @@ def fed_buff(
             slot_finish=jnp.full((slots,), jnp.inf, jnp.float32),
             slot_version=jnp.zeros((slots,), jnp.int32),
             slot_weight=jnp.zeros((slots,), jnp.float32),
+            slot_client=jnp.zeros((slots,), jnp.int32),
             slot_sequence=jnp.zeros((slots,), jnp.int32),
             slot_filled=jnp.zeros((slots,), bool),
             clock=jnp.zeros((), jnp.float32),
@@ -170,7 +173,8 @@ def fed_buff(
             lambda d: d[arrived] * scale.astype(d.dtype).reshape((-1,) + (1,) * (d.ndim - 1)),
             state.slot_deltas)
         pseudo_gradient, aggregator_state, aggregator_metrics = aggregator.apply(
-            state.aggregator, messages, jnp.where(full, weights, 0.0), cohort.server_key())
+            state.aggregator, messages, jnp.where(full, weights, 0.0), cohort.server_key(),
+            client_ids=state.slot_client[arrived])
         updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state,
                                                      state.params)
         params, opt_state = jax.tree.map(
@@ -199,6 +203,7 @@ def fed_buff(
                 clock + cohort.clients.duration.astype(jnp.float32)),
             slot_version=state.slot_version.at[free].set(version),
             slot_weight=state.slot_weight.at[free].set(new_weights),
+            slot_client=state.slot_client.at[free].set(cohort.clients.client_id),
             slot_sequence=state.slot_sequence.at[free].set(
                 state.dispatched + jnp.arange(k, dtype=jnp.int32)),
             slot_filled=filled.at[free].set(True),

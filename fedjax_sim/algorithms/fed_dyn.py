@@ -158,7 +158,8 @@ def fed_dyn(
         # h <- h - alpha / N * sum_i (w_i - theta), over the clients that trained.
         key_model, key_h = jax.random.split(cohort.server_key())
         mean_drift, drift_aggregator_state, drift_metrics = drift_aggregator.apply(
-            state.drift_aggregator, drifts, trained.astype(jnp.float32), key_h)
+            state.drift_aggregator, drifts, trained.astype(jnp.float32), key_h,
+            client_ids=clients.client_id)
         h = jax.tree.map(lambda h, d: h - (alpha * count / num_clients) * d, state.h, mean_drift)
 
         def pseudo_gradient(weighted_drift):
@@ -168,7 +169,8 @@ def fed_dyn(
                                 weighted_drift, h)
 
         new_state, metrics = server_step(state, server_optimizer, aggregator, drifts, weights,
-                                         key_model, transform=pseudo_gradient)
+                                         key_model, transform=pseudo_gradient,
+                                         client_ids=clients.client_id)
         new_state = new_state.replace(
             h=h,
             client_gradients=scatter_client_state(

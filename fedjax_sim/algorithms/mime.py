@@ -145,16 +145,18 @@ def _mime(model, client_optimizer, server_optimizer, corrected: bool,
         if corrected:
             gradients = map_clients(full_gradient, clients, (state.params, cohort.data))
             control, gradient_state, gradient_metrics = gradient_aggregator.apply(
-                state.gradient_aggregator, gradients, weights, key_gradients)
+                state.gradient_aggregator, gradients, weights, key_gradients,
+                client_ids=clients.client_id)
             deltas, stats = map_clients(
                 mime_client, clients, (state.params, state.base_state, control, cohort.data))
         else:
             deltas, gradients, stats = map_clients(
                 mime_lite_client, clients, (state.params, state.base_state, cohort.data))
             control, gradient_state, gradient_metrics = gradient_aggregator.apply(
-                state.gradient_aggregator, gradients, weights, key_gradients)
+                state.gradient_aggregator, gradients, weights, key_gradients,
+                client_ids=clients.client_id)
         new_state, metrics = server_step(state, server_optimizer, aggregator, deltas, weights,
-                                         key_deltas)
+                                         key_deltas, client_ids=clients.client_id)
         # s <- V(c, s) at x; a round in which no client trained leaves the statistics alone.
         _, base_state = client_optimizer.update(control, state.base_state, state.params)
         trained = jnp.sum(weights) > 0

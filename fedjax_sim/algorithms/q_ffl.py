@@ -185,7 +185,8 @@ def q_ffl(
         scale = jnp.sum(numerator_weights) / denominator
         new_state, aggregator_metrics = server_step(
             state, server_optimizer, aggregator, deltas, numerator_weights, cohort.server_key(),
-            transform=lambda mean: jax.tree.map(lambda x: x * scale.astype(x.dtype), mean))
+            transform=lambda mean: jax.tree.map(lambda x: x * scale.astype(x.dtype), mean),
+            client_ids=cohort.clients.client_id)
         active = weights > 0
         metrics = {**round_metrics(stats, weights), **aggregator_metrics}
         metrics["q_ffl/initial_loss"] = (

@@ -92,7 +92,7 @@ def test_poisson_sampler_rejects_bad_arguments():
 def _weights_spy() -> Aggregator:
     """The weighted mean that also reports the weights it was given."""
 
-    def apply(state, values, weights, key):
+    def apply(state, values, weights, key, client_ids=None):
         total = jnp.maximum(jnp.sum(weights), 1e-30)
         mean = jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / total, values)
         return mean, state, {"spy/weights": weights}
