@@ -2,6 +2,8 @@
 
   fedjax-sim demo [overrides...]            FedAvg on Shakespeare by role (the defaults)
   fedjax-sim run CONFIG [overrides...]      e.g. rounds=50 client.optimizer.learning_rate=0.1
+  fedjax-sim sweep CONFIG [--grid key=v1,v2 ...] [--seeds N] [overrides...]
+                                            many configurations in one compiled program
   fedjax-sim data stats CONFIG [overrides...] [--out DIR]     clients, sizes, labels, plots
   fedjax-sim data convert CONFIG [overrides...] [--out DIR]   build the memory-mapped cache
 
@@ -34,6 +36,19 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
         sub.add_argument("--overwrite", action="store_true",
                          help="replace a run of another config in --workdir (default: refuse)")
+    sweep = commands.add_parser(
+        "sweep", help="train many configurations of a config in one compiled program")
+    sweep.add_argument("config", help="a sweep config (a run config with a sweep: section), "
+                                      "e.g. configs/sweeps/fashion_mnist_fedavg_lr.yaml")
+    sweep.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="sweep KEY over the values (repeatable; adds to sweep.grid)")
+    sweep.add_argument("--seeds", type=int, help="seeds per configuration (replaces "
+                                                  "sweep.seeds)")
+    sweep.add_argument("--workdir", help="output folder (default: runs/<name>-sweep-<time>)")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="replace another sweep in --workdir (default: refuse)")
+    sweep.add_argument("--debug", action="store_true", help="show tracebacks")
     data = commands.add_parser("data", help="inspect or convert a config's dataset")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     stats = data_commands.add_parser(
@@ -88,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedjax_sim.simulation.loop import DivergenceError, run
 
     try:
+        if args.command == "sweep":
+            from fedjax_sim.sweeps import sweep
+
+            sweep(args.config, args.overrides, grid=args.grid, seeds=args.seeds,
+                  workdir=args.workdir, overwrite=args.overwrite)
+            return 0
         config = load_config(getattr(args, "config", None), args.overrides)
         if args.command == "data":
             _data_command(args, config)

@@ -543,6 +543,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             ) from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+        if "sweep" in data:
+            raise ConfigError(f"config file {str(path)!r}: config key 'sweep': this is a sweep "
+                              f"config; run it with `fedjax-sim sweep {path}` (or remove the "
+                              f"sweep section to run one configuration)")
     return config_from_dict(data, overrides)
 
 

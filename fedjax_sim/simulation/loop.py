@@ -150,10 +150,15 @@ def build_dataset_cache(config: Config, cache_dir: str | os.PathLike | None = No
         return convert_dataset(config.dataset.name, config.dataset.options, cache_dir)
 
 
-def build_experiment(config: Config) -> Experiment:
-    """Loads the data and builds the model, algorithm, round step and evaluators."""
-    dataset = build_dataset(config)
-    validate_dataset(dataset)
+def build_experiment(config: Config, dataset: FederatedDataset | None = None) -> Experiment:
+    """Loads the data and builds the model, algorithm, round step and evaluators.
+
+    ``dataset``: the config's dataset when already loaded (a sweep loads it once for all its
+    configurations); None loads it from the ``dataset:`` section.
+    """
+    if dataset is None:
+        dataset = build_dataset(config)
+        validate_dataset(dataset)
     info = dataset.info
     if config.model.name in MODELS:
         module, classes_field = MODELS[config.model.name]
