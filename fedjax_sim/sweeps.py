@@ -24,9 +24,10 @@ only in arrays of the state: learning rates and other injected hyperparameters, 
 exponents, noise multipliers, ... and the seed, which sets the initial parameters and the root
 key of cohorts, batches and client randomness) form a *group*: their states are stacked along
 a leading sweep axis and one jitted step trains them all (``jax.vmap`` of the round, or
-``lax.map`` over the configurations). Keys that change shapes or code (model, cohort size,
-algorithm, a hyperparameter the algorithm keeps as a Python constant) split the sweep into
-groups, each its own program. The grouping is checked, not assumed: a key that a user believes
+``lax.map`` over the configurations: ``sweep.execution``). Keys that change shapes or code
+(model, cohort size, algorithm, a hyperparameter the algorithm keeps as a Python constant)
+split the sweep into groups, each its own program. The grouping is checked, not assumed: a key
+that a user believes
 is an array but is a constant only costs another group.
 
 Each configuration's ``metrics.jsonl`` has the rows `run` writes for it (same seed, same
@@ -337,11 +338,15 @@ def build_groups(points: Sequence[SweepPoint]) -> list[_Group]:
 
 
 def resolve_execution(execution: str) -> str:
-    """``auto``: vmap (one wide program) on every backend; measured faster on XLA:CPU as well
-    for the Fashion-MNIST MLP by `benchmarks/sweep_throughput.py`."""
+    """``auto``: ``vmap`` on GPU/TPU (one wide program); ``map`` on XLA:CPU, where the vmapped
+    round measured slower than configurations one after another (the clients' local loops
+    stop at each client's own step count, a while loop that vmap turns into every step of the
+    longest client under a select: `benchmarks/sweep_throughput.py`)."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution={execution!r}: expected one of {EXECUTIONS}")
-    return "vmap" if execution == "auto" else execution
+    if execution == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return execution
 
 
 def stacked_step(round_fn, execution: str = "vmap", mesh=None):

@@ -15,7 +15,7 @@ import yaml
 from fedjax_sim.cli import main
 from fedjax_sim.config import ConfigError, load_config
 from fedjax_sim.simulation.loop import run
-from fedjax_sim.sweeps import expand, load_sweep, sweep, sweep_spec
+from fedjax_sim.sweeps import build_groups, expand, load_sweep, sweep, sweep_spec
 
 # The demo (Shakespeare by role, shipped in the repo) made tiny.
 TINY = {"name": "tiny_sweep", "rounds": 4, "cohort": {"size": 3},
@@ -159,3 +159,15 @@ def test_sweep_bad_input_exits_2(tmp_path, capsys):
     assert "empty value" in capsys.readouterr().err
     assert main(["sweep", str(path), "--seeds", "0", "--workdir", str(tmp_path / "y")]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_grouping_follows_what_the_program_holds_as_arrays():
+    # FedProx keeps mu in its state (one program for two mus); FedDyn's alpha is a constant of
+    # its program (two programs): the grouping is checked, never assumed from the key's name.
+    def programs(algorithm, key):
+        spec = sweep_spec({"grid": {key: [0.01, 0.1]}})
+        points = expand({**TINY, "algorithm": {"name": algorithm}}, spec)
+        return len(build_groups(points))
+
+    assert programs("fed_prox", "algorithm.mu") == 1
+    assert programs("fed_dyn", "algorithm.alpha") == 2

@@ -59,6 +59,8 @@ class ServerState:
       client_hyperparams: injected client-optimizer hyperparameters (e.g. ``learning_rate``).
       weight_exponent: client weight = ``num_examples ** weight_exponent``.
       aggregator: the aggregator's state (clip norms, noise multipliers, ...; () for the mean).
+      algorithm_hyperparams: the algorithm's own numeric hyperparameters as arrays (FedProx's
+        ``mu``), so a sweep can vary them in one program ({} for FedAvg).
     """
 
     params: Params
@@ -66,6 +68,7 @@ class ServerState:
     client_hyperparams: dict[str, jax.Array]
     weight_exponent: jax.Array
     aggregator: Any = ()
+    algorithm_hyperparams: dict[str, jax.Array] = struct.field(default_factory=dict)
 
 
 def fed_avg_setup(model: Model, client_weighting: str | float, loss_fn: LossFn | None,
@@ -101,15 +104,19 @@ def client_delta(loss_fn: LossFn, client_optimizer, server_params: Params, clien
 
 
 def fed_avg_client(loss_fn: LossFn, client_optimizer,
-                   correction: Callable[[Params], GradCorrection] | None = None):
-    """``client_update(client, (server_params, data, hyperparams)) -> (delta, stats)``.
+                   correction: Callable[..., GradCorrection] | None = None):
+    """``client_update(client, (server_params, data, hyperparams[, algorithm_hyperparams]))
+    -> (delta, stats)``.
 
-    ``correction`` maps the server params to a gradient correction (FedProx's proximal term).
+    ``correction(server_params, algorithm_hyperparams)`` is a gradient correction (FedProx's
+    proximal term, whose ``mu`` is an algorithm hyperparameter of the state).
     """
 
     def client_update(client, shared):
-        server_params, data, hyperparams = shared
-        grad_correction = None if correction is None else correction(server_params)
+        server_params, data, hyperparams, *rest = shared
+        algorithm_hyperparams = rest[0] if rest else {}
+        grad_correction = (None if correction is None
+                           else correction(server_params, algorithm_hyperparams))
         return client_delta(loss_fn, client_optimizer, server_params, client, data, hyperparams,
                             grad_correction)
 
@@ -246,18 +253,22 @@ def options_of(base: Factory) -> Callable[[Factory], Factory]:
 def averaging_algorithm(model: Model, client_optimizer, server_optimizer,
                         client_weighting: str | float = "num_examples", loss_fn=None,
                         client_schedules=None, aggregator=None, *,
-                        correction: Callable[[Params], GradCorrection] | None = None,
-                        reweight: Reweight | None = None) -> FederatedAlgorithm:
+                        correction: Callable[..., GradCorrection] | None = None,
+                        reweight: Reweight | None = None,
+                        algorithm_hyperparams: Mapping[str, float] | None = None
+                        ) -> FederatedAlgorithm:
     """FedAvg's round, with the two places where FedProx and FedNova differ from it.
 
     Args:
       model, client_optimizer, server_optimizer, client_weighting, loss_fn, client_schedules,
         aggregator: as `fed_avg` (positional or by name).
-      correction: ``server_params -> grad_correction`` for local training (FedProx's proximal
-        term); None: plain local steps.
+      correction: ``(server_params, algorithm_hyperparams) -> grad_correction`` for local
+        training (FedProx's proximal term); None: plain local steps.
       reweight: ``(weights, clients, hyperparams) -> (aggregation weights, transform, metrics)``:
         the aggregate of the deltas under those weights, mapped by ``transform`` (None: as is),
         is the pseudo-gradient (FedNova's normalized averaging); None: the weighted mean.
+      algorithm_hyperparams: ``{name: value}`` kept in the state as float32 arrays (sweepable)
+        and handed to ``correction``.
 
     Returns:
       A `FederatedAlgorithm` whose state is a `ServerState`.
@@ -265,16 +276,20 @@ def averaging_algorithm(model: Model, client_optimizer, server_optimizer,
     exponent, loss_fn, aggregator = fed_avg_setup(model, client_weighting, loss_fn, aggregator)
     client_update = fed_avg_client(loss_fn, client_optimizer, correction)
 
+    own = {name: jnp.asarray(value, jnp.float32)
+           for name, value in (algorithm_hyperparams or {}).items()}
+
     def init(params: Params) -> ServerState:
         return ServerState(**server_fields(params, client_optimizer, server_optimizer, exponent,
-                                           aggregator))
+                                           aggregator), algorithm_hyperparams=dict(own))
 
     def apply(state: ServerState, cohort: Cohort, map_clients: ClientMap):
         # client learning-rate schedules follow the round (client state is fresh each round)
         hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
                                             cohort.round)
         deltas, stats = map_clients(
-            client_update, cohort.clients, (state.params, cohort.data, hyperparams)
+            client_update, cohort.clients,
+            (state.params, cohort.data, hyperparams, state.algorithm_hyperparams)
         )
         weights = client_weights(cohort.clients, state.weight_exponent)
         aggregation_weights, transform, metrics = (

@@ -48,18 +48,22 @@ def fed_prox(
         ``client_schedules``, ``aggregator``).
 
     Returns:
-      A `FederatedAlgorithm` whose state is FedAvg's `ServerState`.
+      A `FederatedAlgorithm` whose state is FedAvg's `ServerState`, ``mu`` in its
+      ``algorithm_hyperparams``.
     """
     if not mu >= 0:
         raise ValueError(f"fed_prox: mu must be >= 0, got {mu!r}")
 
-    def proximal_to(server_params: Params):
+    def proximal_to(server_params: Params, hyperparams):
+        mu_ = hyperparams["mu"]  # an array of the state: sweepable in one program
+
         def proximal(grads, params):  # d/dw of mu/2 ||w - w_server||^2
             return jax.tree.map(
-                lambda g, w, w0: g + mu * (w - w0), grads, params, server_params
+                lambda g, w, w0: g + mu_.astype(g.dtype) * (w - w0), grads, params,
+                server_params
             )
 
         return proximal
 
     return averaging_algorithm(model, client_optimizer, server_optimizer, **options,
-                               correction=proximal_to)
+                               correction=proximal_to, algorithm_hyperparams={"mu": mu})

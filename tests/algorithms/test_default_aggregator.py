@@ -28,9 +28,11 @@ def test_default_aggregator_reproduces_the_state_before_the_seam(name):
     for key, value in expected.items():
         assert key in got, f"{name}: state leaf {key} disappeared"
         np.testing.assert_array_equal(got[key], value, err_msg=f"{name}: {key}")
-    # The only new leaves belong to the aggregator (empty for the default mean), or are the ids
-    # of FedBuff's in-flight clients, which its aggregator receives.
+    # The only new leaves belong to the aggregator (empty for the default mean), are the ids
+    # of FedBuff's in-flight clients, which its aggregator receives, or hyperparameters moved
+    # from constants into the state for sweeps (FedProx's mu).
     assert all("aggregator" in key or key.endswith("slot_client")
+               or "algorithm_hyperparams" in key
                for key in set(got) - set(expected)), set(got) - set(expected)
 
 

@@ -1,0 +1,119 @@
+"""A 16-configuration sweep in one program vs the same 16 configurations run one by one.
+
+The sweep is ``configs/sweeps/fashion_mnist_fedavg_lr.yaml`` (FedAvg on Fashion-MNIST, 100
+clients by Dirichlet(0.5), the MLP, 10 clients a round; client lr {0.01, 0.03, 0.1, 0.3} x server
+lr {0.5, 1.0} x 2 seeds) cut to ``--rounds`` rounds. Measured in one process, wall clock
+including data loading and compilation:
+
+* ``sequential``: ``fedjax_sim.run`` of each of the 16 configurations (what a user does with
+  16 ``fedjax-sim run`` commands, minus 16 Python and JAX start-ups);
+* ``sweep_map`` / ``sweep_vmap``: ``fedjax_sim.sweeps.sweep`` with ``sweep.execution`` map
+  (configurations one after another inside one jitted step) or vmap (one batched program).
+
+It also checks that the sweep reproduced every run: the largest difference of the final test
+accuracy and train loss between a sweep's configuration and the same configuration run alone.
+
+  FEDJAX_SIM_DATA=../shared/data python benchmarks/sweep_throughput.py [--rounds 30]
+      [--modes sequential map vmap]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax starts)
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402
+
+from fedjax_sim.simulation.loop import run  # noqa: E402
+from fedjax_sim.sweeps import expand, load_sweep, sweep  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "sweeps" / "fashion_mnist_fedavg_lr.yaml"
+
+
+def _finals(rows: list[dict]) -> dict[str, float]:
+    last = rows[-1]
+    return {k: last[k] for k in ("test/accuracy", "train/loss") if k in last}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--modes", nargs="+", default=["sequential", "map", "vmap"],
+                        choices=["sequential", "map", "vmap"])
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    if "FEDJAX_SIM_DATA" not in os.environ:
+        shared = ROOT.parent / "shared" / "data"
+        if shared.is_dir():
+            os.environ["FEDJAX_SIM_DATA"] = str(shared)
+    overrides = [f"rounds={args.rounds}", "eval.every=10", "log.progress=false",
+                 "log.plot=false", "checkpoint.every=null"]
+    data, spec = load_sweep(CONFIG, overrides)
+    points = expand(data, spec, overrides)
+    report = {
+        "benchmark": "sweep_throughput",
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/sweep_throughput.py " + " ".join(sys.argv[1:]),
+        "machine": machine_info(),
+        "matmul_before": matmul_peak(),
+        "setting": {"config": str(CONFIG.relative_to(ROOT)), "overrides": overrides,
+                    "configurations": len(points)},
+        "results": {},
+    }
+    print(f"machine: {report['machine']['cpu']}, f32 matmul "
+          f"{report['matmul_before']['median_gflops']:.1f} GFLOP/s; {len(points)} "
+          f"configurations x {args.rounds} rounds", flush=True)
+    finals: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes:
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                if mode == "sequential":
+                    finals[mode] = {}
+                    for point in points:
+                        result = run(point.config, workdir=pathlib.Path(tmp) / point.label)
+                        finals[mode][point.label] = _finals(result.history)
+                else:
+                    result = sweep(CONFIG, [*overrides, f"sweep.execution={mode}"],
+                                   workdir=pathlib.Path(tmp) / f"sweep_{mode}")
+                    finals[mode] = {
+                        p.label: _finals([json.loads(line) for line in (
+                            result.workdir / "configs" / p.label / "metrics.jsonl"
+                        ).read_text().splitlines()]) for p in points}
+            seconds = time.perf_counter() - start
+            report["results"][mode] = {"seconds": round(seconds, 2)}
+            if mode != "sequential":
+                report["results"][mode]["programs"] = result.summary["programs"]
+            print(f"{mode}: {seconds:.1f} s", flush=True)
+    if "sequential" in finals:
+        base = report["results"]["sequential"]["seconds"]
+        for mode in args.modes:
+            if mode == "sequential":
+                continue
+            entry = report["results"][mode]
+            entry["speedup_vs_sequential"] = round(base / entry["seconds"], 2)
+            entry["max_abs_difference_vs_sequential"] = {
+                key: max(abs(finals[mode][label][key] - finals["sequential"][label][key])
+                         for label in finals["sequential"])
+                for key in ("test/accuracy", "train/loss")}
+            print(f"{mode}: {entry['speedup_vs_sequential']}x the sequential runs; largest "
+                  f"difference {entry['max_abs_difference_vs_sequential']}", flush=True)
+    report["matmul_after"] = matmul_peak()
+    path = write_report(report, args.out, "sweep_throughput-")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
