@@ -27,8 +27,7 @@ a leading sweep axis and one jitted step trains them all (``jax.vmap`` of the ro
 ``lax.map`` over the configurations: ``sweep.execution``). Keys that change shapes or code
 (model, cohort size, algorithm, a hyperparameter the algorithm keeps as a Python constant)
 split the sweep into groups, each its own program. The grouping is checked, not assumed: a key
-that a user believes
-is an array but is a constant only costs another group.
+that a user believes is an array but is a constant only costs another group.
 
 Each configuration's ``metrics.jsonl`` has the rows `run` writes for it (same seed, same
 numbers within float tolerance); a configuration that diverges (NaN/inf) is frozen and reported
