@@ -85,9 +85,10 @@ def test_a_sweep_config_given_to_run_says_to_use_sweep(tmp_path):
 def test_sweep_equals_separate_runs_and_masks_a_diverging_configuration(tmp_path):
     # Three learning rates x 2 seeds: one program (the rates and seeds are arrays of the state);
     # the rate 3e38 diverges in round 1 and is frozen and reported, the others go on.
-    # vmap here (a batched program); the resume test below runs auto, lax.map on CPU.
+    # vmap here (a batched program), its 6 configurations sharded over 4 (fake CPU) devices,
+    # padded to 8; the resume test below runs auto: lax.map on CPU, one device.
     path = _write(tmp_path, {"grid": {"client.optimizer.learning_rate": [0.5, 2.0, 3.0e38]},
-                             "seeds": 2, "execution": "vmap"})
+                             "seeds": 2, "execution": "vmap", "devices": 4})
     result = sweep(path, workdir=tmp_path / "sweep")
     assert result.summary["programs"] == 1 and result.summary["configurations"] == 6
     status = {row["config"]: row["status"] for row in result.rows}
