@@ -35,7 +35,7 @@ def _rounds(client_execution, mesh):
     state = init_simulation_state(algorithm.init(model.init(jax.random.key(0))), 11)
     compiled = jax.jit(step.fn).lower(state, step.data, step.offsets).compile()
     history = []
-    for _ in range(3):
+    for _ in range(2):
         state, metrics = compiled(state, step.data, step.offsets)
         history.append(jax.device_get(metrics))
     return jax.device_get(state.algorithm), history

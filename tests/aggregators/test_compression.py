@@ -38,7 +38,7 @@ def _apply(stage, values, weights, key=0, client_ids=None, state=None):
 @pytest.mark.parametrize("n", [1, 2, 16, 128])
 def test_walsh_hadamard_is_scipy_hadamard(n):
     x = np.random.default_rng(n).normal(size=(3, n)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(walsh_hadamard(jnp.asarray(x))),
+    np.testing.assert_allclose(np.asarray(jax.jit(walsh_hadamard)(jnp.asarray(x))),
                                x @ scipy.linalg.hadamard(n), rtol=1e-5, atol=1e-5)
 
 
@@ -48,15 +48,16 @@ def test_rotation_is_orthogonal_and_inverted():
     assert n == 16
     signs = jnp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], n).astype(np.float32))
     # the rotation's matrix, from the images of the basis vectors
-    full = np.asarray(rotate(jnp.eye(n, dtype=jnp.float32), jnp.asarray(signs)))
+    rotate_jit, unrotate_jit = jax.jit(rotate), jax.jit(unrotate, static_argnums=2)
+    full = np.asarray(rotate_jit(jnp.eye(n, dtype=jnp.float32), signs))
     reference = scipy.linalg.hadamard(n) * np.asarray(signs)[None, :] / math.sqrt(n)
     np.testing.assert_allclose(full, reference.T, atol=1e-6)  # rows: H D e_i / sqrt(n)
     np.testing.assert_allclose(full @ full.T, np.eye(n), atol=1e-6)
     x = np.random.default_rng(1).normal(size=(4, d)).astype(np.float32)
-    z = rotate(jnp.asarray(x), signs)
+    z = rotate_jit(jnp.asarray(x), signs)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(z), axis=1), np.linalg.norm(x, axis=1),
                                rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(unrotate(z, signs, d)), x, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(unrotate_jit(z, signs, d)), x, atol=1e-5)
 
 
 def _exact_variance(x, levels):
@@ -71,8 +72,9 @@ def _exact_variance(x, levels):
 def test_stochastic_quantization_is_unbiased_with_the_closed_form_variance(bits):
     draws, d = 4000, 40
     x = np.random.default_rng(bits).normal(size=d).astype(np.float32)
-    decoded = np.asarray(stochastic_quantize(jnp.tile(jnp.asarray(x), (draws, 1)), 2 ** bits,
-                                             jax.random.key(bits)), np.float64)
+    quantize = jax.jit(stochastic_quantize, static_argnums=1)
+    decoded = np.asarray(quantize(jnp.tile(jnp.asarray(x), (draws, 1)), 2 ** bits,
+                                  jax.random.key(bits)), np.float64)
     variance = _exact_variance(x.astype(np.float64), 2 ** bits)
     # unbiased: within 5 standard errors (plus float32 rounding) in every coordinate
     assert np.all(np.abs(decoded.mean(0) - x) <= 5 * np.sqrt(variance / draws) + 1e-5)
@@ -83,7 +85,7 @@ def test_stochastic_quantization_is_unbiased_with_the_closed_form_variance(bits)
     assert np.all(np.min(np.abs(decoded[..., None] - levels), axis=-1) < 1e-5)
 
 
-@pytest.mark.parametrize("bits", [1, 3])
+@pytest.mark.parametrize("bits", [2])
 def test_quantize_stage_error_is_under_the_papers_bounds(bits):
     """Theorem 2 (no rotation) and Theorem 3 (rotation) bound E||x_hat - x||^2; on a spiky vector
     the rotation's error is far below the unrotated one's."""
