@@ -190,8 +190,8 @@ def _secure(name: str, mean: bool, bits: int, scale: float | None, clip: float |
         if "scale" in state:
             step = state["scale"]
         else:
-            if "clip" in state:
-                bound = state["clip"] * (1.0 if uniform else weight_bound)
+            if "clip" in state:  # clips the (weighted) value itself
+                bound = state["clip"]
             elif "sensitivity" in context:  # an L2 bound bounds every coordinate
                 bound = context["sensitivity"] * weight_bound
             else:
@@ -296,7 +296,8 @@ def secure_sum(bits: int = 32, *, scale: float | None = None, clip: float | None
       scale: integers per unit. Default: the largest scale that cannot overflow for C clients
         at the bound (``clip``, or the L2 clip norm of a `clip` stage before it, times the
         weight bound), with 6 standard deviations of headroom for the distributed noise.
-      clip: clip every coordinate to ``[-clip, clip]`` before scaling.
+      clip: clip every coordinate (of the weighted value with ``weighting="given"``) to
+        ``[-clip, clip]`` before scaling.
       weighting: ``"uniform"`` (each surviving client counts once) or ``"given"`` (the
         algorithm's weights multiply the values before encoding).
       dropout: the probability that a participating client drops out after masking.
