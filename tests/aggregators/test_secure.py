@@ -152,3 +152,17 @@ def test_clip_secure_sum_then_central_noise():
     assert float(metrics["aggregator/gaussian_noise/noise_stddev"]) == pytest.approx(2.0 / 4.0)
     assert float(np.std(noise)) == pytest.approx(0.5, rel=0.05)
     assert float(metrics["aggregator/secure_mean/overflow"]) == 0.0
+
+
+def test_weighted_secure_mean_is_the_weighted_mean_of_the_quantized_values():
+    rng = np.random.default_rng(7)
+    scale = 32.0
+    x = _lattice_values(rng, 5, 6, scale, 40)
+    weights = np.array([2.0, 0.0, 1.0, 3.0, 1.0], np.float32)  # integer weights: on the lattice
+    aggregator = agg.chain(secure_mean(32, scale=scale, weighting="given"))
+    out, _, _ = jax.jit(aggregator.apply)(aggregator.init({"w": jnp.zeros(6)}),
+                                          {"w": jnp.asarray(x)}, jnp.asarray(weights),
+                                          jax.random.key(8))
+    integers = np.round(x * scale).astype(np.int64)
+    expected = (weights[:, None].astype(np.int64) * integers).sum(0) / scale / weights.sum()
+    np.testing.assert_allclose(np.asarray(out["w"]), expected, rtol=1e-6)
