@@ -1,5 +1,6 @@
-"""Compression and secure aggregation inside the jitted round: vmapped clients, a sequential map
-and 4 fake CPU devices (cohort 3 padded to 4 on the mesh) give the same states and metrics.
+"""Compression and secure aggregation inside the jitted round: a sequential map on one device and
+vmapped clients sharded over 4 fake CPU devices (cohort 5 padded to 8 on the mesh: 2 vmapped
+clients per device) give the same states and metrics (two compilations keep the test short).
 
 One chain exercises every new stage: clip -> top-k with error feedback (per-client residuals) ->
 4-bit quantization after a Hadamard rotation -> secure mean with dropouts -> central noise.
@@ -30,7 +31,7 @@ def _rounds(client_execution, mesh):
     algorithm = create_algorithm("fed_avg", model, optax.sgd(0.1), optax.sgd(1.0),
                                  aggregator=aggregator)
     schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=1)
-    step = build_round_step(algorithm, data, schedule, uniform_sampler(data.num_clients, 3), 3,
+    step = build_round_step(algorithm, data, schedule, uniform_sampler(data.num_clients, 5), 5,
                             client_execution=client_execution, mesh=mesh)
     state = init_simulation_state(algorithm.init(model.init(jax.random.key(0))), 11)
     compiled = jax.jit(step.fn).lower(state, step.data, step.offsets).compile()
@@ -41,11 +42,11 @@ def _rounds(client_execution, mesh):
     return jax.device_get(state.algorithm), history
 
 
-def test_compressed_secure_round_is_the_same_under_vmap_map_and_four_devices():
+def test_compressed_secure_round_is_the_same_under_map_and_vmap_on_four_devices():
     reference, reference_metrics = _rounds("map", None)
     residual = np.asarray(reference.aggregator[1]["residual"])
     assert residual.shape[0] == 5 and np.any(residual != 0)  # error feedback ran
-    for execution, mesh in (("vmap", None), ("map", client_mesh(4))):
+    for execution, mesh in (("vmap", client_mesh(4)),):
         state, metrics = _rounds(execution, mesh)
         for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
