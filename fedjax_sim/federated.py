@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_sim.aggregators import weighted_mean
+from fedjax_sim.aggregators import masked_modular_sum, weighted_mean
 from fedjax_sim.core import ClientMap
 from fedjax_sim.simulation.client_map import (
     local_client_map,
@@ -837,8 +837,10 @@ def federated_secure_sum(value: FederatedValue, bitwidth: int | PyTree) -> Feder
     TFF's ``tff.federated_secure_sum_bitwidth`` semantics: the clients' values are integers in
     ``[0, 2**bitwidth - 1]`` (a value outside is taken modulo ``2**bitwidth``, as a secure
     aggregator's modular arithmetic would) and the server learns only the sum modulo
-    ``2**bitwidth``. Here the sum is computed in the clear (a simulation of the result, not of
-    the protocol).
+    ``2**bitwidth``. The sum is computed as the secure-aggregation server would (Bonawitz et
+    al. 2017; `fedjax_sim.aggregators.masked_modular_sum`): every client's input carries
+    pairwise masks that cancel in the sum, and padding clients are dropouts whose masks the
+    server reconstructs.
 
     Args:
       value: a CLIENTS value with integer members.
@@ -863,7 +865,7 @@ def federated_secure_sum(value: FederatedValue, bitwidth: int | PyTree) -> Feder
                 f"structure of the member {value.type}"
             )
     results = []
-    for leaf, width in zip(leaves, widths, strict=True):
+    for index, (leaf, width) in enumerate(zip(leaves, widths, strict=True)):
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.integer):
             raise TypeError(
@@ -884,8 +886,14 @@ def federated_secure_sum(value: FederatedValue, bitwidth: int | PyTree) -> Feder
         unsigned = _unsigned_for(dtype)
         modulus_mask = jnp.asarray((1 << int(width)) - 1, unsigned)
         residues = leaf.astype(unsigned) & modulus_mask
-        residues = _where_valid(value.mask, residues, jnp.asarray(0, unsigned))
-        results.append((jnp.sum(residues, axis=0, dtype=unsigned) & modulus_mask).astype(dtype))
+        num_clients = residues.shape[0]
+        survivors = (jnp.ones((num_clients,), bool) if value.mask is None
+                     else jnp.asarray(value.mask, bool))
+        # The secure-aggregation server's computation (pairwise-masked inputs, padding clients
+        # as dropouts whose masks it reconstructs): the same code as the secure_sum reducer.
+        total, _ = masked_modular_sum(residues.reshape(num_clients, -1), survivors,
+                                      int(width), jax.random.fold_in(jax.random.key(0), index))
+        results.append(total.reshape(residues.shape[1:]).astype(dtype))
     return FederatedValue(jax.tree.unflatten(treedef, results), SERVER, True)
 
 

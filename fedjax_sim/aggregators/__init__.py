@@ -31,10 +31,12 @@ from fedjax_sim.aggregators.base import (
     weighted_sum,
 )
 from fedjax_sim.aggregators.clipping import clip
+from fedjax_sim.aggregators.compression import quantize, random_k, top_k
 from fedjax_sim.aggregators.dp import dp_fedavg_aggregator, split_noise_multiplier
 from fedjax_sim.aggregators.noise import gaussian_noise
 from fedjax_sim.aggregators.reducers import as_aggregator, mean
 from fedjax_sim.aggregators.reducers import sum as sum  # noqa: A004 - a reducer named like jnp.sum
+from fedjax_sim.aggregators.secure import masked_modular_sum, secure_mean, secure_sum
 from fedjax_sim.core import Aggregator
 
 # Stage factories a config's ``aggregator:`` list may name.
@@ -43,6 +45,11 @@ STAGES: dict[str, Callable[..., Stage]] = {
     "mean": mean,
     "sum": sum,
     "gaussian_noise": gaussian_noise,
+    "quantize": quantize,
+    "top_k": top_k,
+    "random_k": random_k,
+    "secure_sum": secure_sum,
+    "secure_mean": secure_mean,
 }
 
 
@@ -56,12 +63,14 @@ def stage_options(name: str) -> list[str]:
     return sorted(inspect.signature(STAGES[name]).parameters)
 
 
-def create_aggregator(specs: Sequence[Mapping[str, Any]], where: str = "aggregator"
-                      ) -> Aggregator:
+def create_aggregator(specs: Sequence[Mapping[str, Any]], where: str = "aggregator",
+                      num_clients: int | None = None) -> Aggregator:
     """An aggregator from a list of ``{name: stage, option: value, ...}`` mappings.
 
     A list without a reducer gets the default ``mean`` after its client stages. Errors name the
-    list position, the stage and the option, with a did-you-mean.
+    list position, the stage and the option, with a did-you-mean. ``num_clients`` (the
+    population size) is passed to every stage that takes a ``num_clients`` option and was not
+    given one (per-client stores: error feedback).
     """
     stages = []
     for position, spec in enumerate(specs):
@@ -83,6 +92,8 @@ def create_aggregator(specs: Sequence[Mapping[str, Any]], where: str = "aggregat
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{key}.{option}: stage {name!r} has no option {option!r} "
                                  f"(options: {allowed}){hint}")
+        if num_clients is not None and "num_clients" in allowed and "num_clients" not in options:
+            options["num_clients"] = int(num_clients)
         try:
             stages.append(STAGES[name](**options))
         except (TypeError, ValueError) as error:
@@ -99,6 +110,7 @@ def create_aggregator(specs: Sequence[Mapping[str, Any]], where: str = "aggregat
 __all__ = [
     "CLIENT", "REDUCE", "SERVER", "STAGES", "Aggregator", "Stage", "as_aggregator", "chain",
     "client_norms", "clip", "create_aggregator", "dp_fedavg_aggregator", "gaussian_noise",
-    "mean", "no_state", "participating", "register_stage", "split_noise_multiplier",
-    "stage_options", "sum", "weighted_mean", "weighted_sum",
+    "masked_modular_sum", "mean", "no_state", "participating", "quantize", "random_k",
+    "register_stage", "secure_mean", "secure_sum", "split_noise_multiplier", "stage_options",
+    "sum", "top_k", "weighted_mean", "weighted_sum",
 ]

@@ -300,7 +300,7 @@ def _build_aggregator(config: Config, num_clients: int, model: Model):
             raise ConfigError(f"config key 'privacy': {error}") from None
     elif config.aggregator:
         try:
-            aggregator = create_aggregator(config.aggregator)
+            aggregator = create_aggregator(config.aggregator, num_clients=num_clients)
         except ValueError as error:  # "aggregator[i].option: what is wrong"
             key, _, problem = str(error).partition(": ")
             raise ConfigError(f"config key {key.split(' ')[0]!r}: {problem}") from None
