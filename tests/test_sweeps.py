@@ -164,12 +164,13 @@ def test_sweep_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_grouping_follows_what_the_program_holds_as_arrays():
-    # FedProx keeps mu in its state (one program for two mus); FedDyn's alpha is a constant of
-    # its program (two programs): the grouping is checked, never assumed from the key's name.
-    def programs(algorithm, key):
-        spec = sweep_spec({"grid": {key: [0.01, 0.1]}})
+    # FedProx's mu and FedDyn's alpha live in their states (one program for two values); the
+    # client batch size is a shape (two programs): the grouping is checked from the programs.
+    def programs(algorithm, key, values=(0.01, 0.1)):
+        spec = sweep_spec({"grid": {key: list(values)}})
         points = expand({**TINY, "algorithm": {"name": algorithm}}, spec)
         return len(build_groups(points))
 
     assert programs("fed_prox", "algorithm.mu") == 1
-    assert programs("fed_dyn", "algorithm.alpha") == 2
+    assert programs("fed_dyn", "algorithm.alpha") == 1
+    assert programs("fed_avg", "client.batch_size", (4, 8)) == 2

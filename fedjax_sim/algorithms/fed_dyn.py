@@ -123,11 +123,13 @@ def fed_dyn(
             h=zeros,
             client_gradients=init_client_state(zeros, int(num_clients)),
             drift_aggregator=drift_aggregator.init(params),
+            # alpha as an array of the state: a sweep over it is one program
+            algorithm_hyperparams={"alpha": jnp.asarray(alpha, jnp.float32)},
         )
 
     def client_update(inputs, shared):
         client, client_gradient = inputs
-        server_params, data, hyperparams = shared
+        server_params, data, hyperparams, alpha = shared
 
         # g - h_i + alpha (w - theta) = g + alpha w - offset, with the offset fixed per round
         offset = jax.tree.map(lambda hi, w0: hi + alpha * w0, client_gradient, server_params)
@@ -146,11 +148,12 @@ def fed_dyn(
         hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
                                             cohort.round)
         clients = cohort.clients
+        alpha = state.algorithm_hyperparams["alpha"]
         client_gradients = gather_client_state(state.client_gradients, clients.client_id)
         drifts, new_gradients, stats = map_clients(
             client_update,
             (clients, client_gradients),
-            (state.params, cohort.data, hyperparams),
+            (state.params, cohort.data, hyperparams, alpha),
         )
         weights = client_weights(clients, state.weight_exponent)
         trained = weights > 0
@@ -165,7 +168,9 @@ def fed_dyn(
         def pseudo_gradient(weighted_drift):
             # theta - (mean w_i - h / alpha) = -(weighted mean drift) + h / alpha
             # (a round in which no client trained leaves theta where it is)
-            return jax.tree.map(lambda d, h: jnp.where(count > 0, h / alpha - d, 0.0),
+            # h * (1 / alpha): what XLA made of h / alpha when alpha was a constant (bit for bit)
+            inverse = 1.0 / alpha
+            return jax.tree.map(lambda d, h: jnp.where(count > 0, h * inverse - d, 0.0),
                                 weighted_drift, h)
 
         new_state, metrics = server_step(state, server_optimizer, aggregator, drifts, weights,
