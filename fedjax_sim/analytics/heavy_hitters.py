@@ -53,6 +53,7 @@ from fedjax_sim.data.federated_data import FederatedData
 from fedjax_sim.federated import (
     at_clients,
     at_server,
+    execution_context,
     federated_aggregate,
     federated_broadcast,
     federated_map,
@@ -79,14 +80,17 @@ def tokenize(line: str) -> list[str]:
 def encode_words(words: Sequence[str], max_length: int) -> np.ndarray:
     """``[N, max_length + 1]`` int32: letters 1..26, then ``END`` (0), then ``PAD`` (-1).
 
-    Words longer than ``max_length`` are truncated to it.
+    Words longer than ``max_length`` are truncated to it. Each distinct word is encoded once.
     """
-    out = np.full((len(words), max_length + 1), PAD, np.int32)
-    for row, word in enumerate(words):
+    ids: dict[str, int] = {}
+    index = np.fromiter((ids.setdefault(w, len(ids)) for w in words), np.int64, len(words))
+    distinct = list(ids)
+    table = np.full((len(distinct), max_length + 1), PAD, np.int32)
+    for row, word in enumerate(distinct):
         codes = [ALPHABET.index(c) + 1 for c in word[:max_length]]
-        out[row, :len(codes)] = codes
-        out[row, len(codes)] = END
-    return out
+        table[row, :len(codes)] = codes
+        table[row, len(codes)] = END
+    return table[index]
 
 
 def decode_word(codes: Sequence[int]) -> str:
@@ -108,9 +112,23 @@ def words_per_client_data(client_words: Sequence[Sequence[str]], client_ids: Seq
                          np.concatenate([[0], np.cumsum(sizes)]), np.asarray(client_ids))
 
 
+def _row_keys(rows: np.ndarray) -> np.ndarray:
+    """One sortable key per encoded word: an int64 in base 28 (up to 13 codes), else bytes."""
+    rows = np.ascontiguousarray(rows)
+    if rows.shape[1] <= 13:
+        powers = (ALPHABET_SIZE + 1) ** np.arange(rows.shape[1], dtype=np.int64)
+        return (rows.astype(np.int64) + 1) @ powers
+    return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+
+
 def exact_counts(data: FederatedData) -> collections.Counter:
     """Occurrences of every (truncated) word over all clients: the reference."""
-    return collections.Counter(decode_word(row) for row in data.arrays["word"])
+    rows = np.ascontiguousarray(data.arrays["word"])
+    if rows.shape[0] == 0:
+        return collections.Counter()
+    _, first, counts = np.unique(_row_keys(rows), return_index=True, return_counts=True)
+    return collections.Counter({decode_word(rows[i]): int(c) for i, c in
+                                zip(first, counts, strict=True)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +162,10 @@ class HeavyHitters:
 
 
 def _delta_condition(theta: int, delta: float) -> bool:
-    return (theta - 3) / (theta - 2) * math.factorial(theta) >= 1.0 / delta
+    """``((theta - 3) / (theta - 2)) theta! >= 1 / delta``, in logarithms (no overflow)."""
+    if theta <= 3:
+        return False
+    return math.log((theta - 3) / (theta - 2)) + math.lgamma(theta + 1) >= -math.log(delta)
 
 
 def triehh_parameters(epsilon: float, delta: float, num_clients: int, levels: int
@@ -196,7 +217,8 @@ def _triehh_level(words, offsets, sizes, table, valid, level, clients_per_round,
         ok = votes & (size > 0) & jnp.any(match) & (char >= 0)
         return jnp.where(ok, jnp.argmax(match) * ALPHABET_SIZE + char, -1)
 
-    ballots = federated_map(lambda c, t: vote(c, t), [clients, shared])
+    with execution_context("vmap"):  # a few gathers and compares per client: vmap them
+        ballots = federated_map(lambda c, t: vote(c, t), [clients, shared])
     bins = rows * ALPHABET_SIZE
 
     def accumulate(counts, ballot):
@@ -321,8 +343,7 @@ def _client_top_words(data: FederatedData, count: int) -> np.ndarray:
     out = np.full((data.num_clients, count, words.shape[1]), PAD, np.int32)
     if words.shape[0] == 0:
         return out
-    rows = words.view(np.dtype((np.void, words.dtype.itemsize * words.shape[1]))).ravel()
-    _, word_id = np.unique(rows, return_inverse=True)
+    _, word_id = np.unique(_row_keys(words), return_inverse=True)
     client = np.repeat(np.arange(data.num_clients), data.client_sizes)
     pair = client.astype(np.int64) * (int(word_id.max()) + 1) + word_id.reshape(-1)
     pairs, first, frequency = np.unique(pair, return_index=True, return_counts=True)
@@ -356,7 +377,9 @@ def _sketch_sum(top_words, depth, width, bound, noise_multiplier, key):
             jnp.where(index[:, None] == index[None, :], value[None, :], 0.0), axis=1)))
         return index, value * jnp.minimum(1.0, bound / jnp.maximum(norm, 1e-12))
 
-    messages = federated_map(message, at_clients(top_words))
+    # each message builds a [K, K] collision matrix: map the clients in chunks of 64
+    with execution_context("map", client_batch_size=64):
+        messages = federated_map(message, at_clients(top_words))
 
     def accumulate(sketch, entry):
         index, value = entry

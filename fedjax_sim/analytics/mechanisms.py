@@ -19,6 +19,7 @@ denominator of DP-FedAvg is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -154,13 +155,19 @@ def _check(values: Any, clip_norm: float, noise_multiplier: float) -> np.ndarray
     return values
 
 
+@functools.partial(jax.jit, static_argnames=("clip_norm", "noise_multiplier", "mean"))
+def _released(values, key, *, clip_norm, noise_multiplier, mean):
+    release = private_mean if mean else private_sum
+    return release(at_clients(values), clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                   key=key).value
+
+
 def dp_sum(values: Any, *, clip_norm: float, noise_multiplier: float, key: jax.Array,
            delta: float = 1e-6, accountant: str = "rdp") -> Release:
     """The client-level DP sum of ``values [C, ...]`` (one value per client): `private_sum`."""
     values = _check(values, clip_norm, noise_multiplier)
-    total = jax.jit(lambda v, k: private_sum(at_clients(v), clip_norm=clip_norm,
-                                             noise_multiplier=noise_multiplier, key=k).value
-                    )(values, key)
+    total = _released(values, key, clip_norm=float(clip_norm),
+                      noise_multiplier=float(noise_multiplier), mean=False)
     return _release(total, (1, delta, accountant), noise_multiplier,
                     noise_multiplier * clip_norm, {"clip_norm": clip_norm})
 
@@ -170,9 +177,8 @@ def dp_mean(values: Any, *, clip_norm: float, noise_multiplier: float, key: jax.
     """The client-level DP mean of ``values [C, ...]`` over the C clients: `private_mean`."""
     values = _check(values, clip_norm, noise_multiplier)
     n = values.shape[0]
-    mean = jax.jit(lambda v, k: private_mean(at_clients(v), clip_norm=clip_norm,
-                                             noise_multiplier=noise_multiplier, key=k).value
-                   )(values, key)
+    mean = _released(values, key, clip_norm=float(clip_norm),
+                     noise_multiplier=float(noise_multiplier), mean=True)
     return _release(mean, (1, delta, accountant), noise_multiplier,
                     noise_multiplier * clip_norm / n, {"clip_norm": clip_norm,
                                                        "denominator": n})
@@ -236,6 +242,27 @@ def private_count_at_most(values: FederatedValue, threshold: jax.Array, *,
     return private_sum(below, clip_norm=1.0, noise_multiplier=noise_multiplier, key=key).value
 
 
+@functools.partial(jax.jit, static_argnames=("steps", "noise_multiplier"))
+def _quantile_search(values, levels, keys, grid, *, steps, noise_multiplier):
+    clients = at_clients(values)
+    target = levels * values.shape[0]
+
+    def search(level_target, level_key):
+        def step(bounds, step_key):
+            lo, hi = bounds
+            mid = (lo + hi) // 2
+            count = private_count_at_most(clients, grid[mid], noise_multiplier=noise_multiplier,
+                                          key=step_key)
+            enough = count >= level_target
+            return (jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)), count
+
+        (lo, _), counts = jax.lax.scan(step, (jnp.int32(0), jnp.int32(grid.size - 1)),
+                                       jax.random.split(level_key, steps))
+        return grid[lo], counts
+
+    return jax.vmap(search)(target, keys)
+
+
 def dp_quantiles(values: Any, levels: Any, *, low: float, high: float,
                  resolution: float = 1.0, noise_multiplier: float, key: jax.Array,
                  delta: float = 1e-6, accountant: str = "rdp") -> Release:
@@ -256,27 +283,10 @@ def dp_quantiles(values: Any, levels: Any, *, low: float, high: float,
     if np.any((levels <= 0) | (levels > 1)):
         raise ValueError(f"quantile levels must be in (0, 1], got {levels.tolist()}")
     grid, steps = quantile_grid(low, high, resolution)
-    n = values.shape[0]
-    grid_j = jnp.asarray(grid, jnp.float32)
-
-    def search(level, level_key):
-        target = jnp.float32(level) * n
-
-        def step(bounds, step_key):
-            lo, hi = bounds
-            mid = (lo + hi) // 2
-            count = private_count_at_most(at_clients(jnp.asarray(values)), grid_j[mid],
-                                          noise_multiplier=noise_multiplier, key=step_key)
-            enough = count >= target
-            lo, hi = jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-            return (lo, hi), count
-
-        (lo, _), counts = jax.lax.scan(step, (jnp.int32(0), jnp.int32(grid.size - 1)),
-                                       jax.random.split(level_key, steps))
-        return grid_j[lo], counts
-
     keys = jax.random.split(key, levels.size)
-    result, counts = jax.jit(jax.vmap(search))(jnp.asarray(levels, jnp.float32), keys)
+    result, counts = _quantile_search(jnp.asarray(values), jnp.asarray(levels, jnp.float32),
+                                      keys, jnp.asarray(grid, jnp.float32), steps=steps,
+                                      noise_multiplier=float(noise_multiplier))
     return _release(result, (levels.size * steps, delta, accountant), noise_multiplier,
                     noise_multiplier, {"levels": levels.tolist(), "steps": steps,
                                        "grid": [float(low), float(high), float(resolution)],
