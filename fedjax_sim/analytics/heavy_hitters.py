@@ -387,11 +387,13 @@ def _sketch_sum(top_words, depth, width, bound, noise_multiplier, key):
 
     total = federated_aggregate(messages, jnp.zeros((size,), jnp.float32), accumulate, jnp.add,
                                 lambda s: s).value
-    if noise_multiplier > 0:
-        stage = agg.gaussian_noise(noise_multiplier)
-        total, _, _, _ = stage.apply(stage.init(total), total, key,
-                                     {"sensitivity": jnp.float32(bound)})
+    stage = agg.gaussian_noise(1.0)  # z as an array in its state: one compilation for all z
+    state = {**stage.init(total), "noise_multiplier": noise_multiplier}
+    total, _, _, _ = stage.apply(state, total, key, {"sensitivity": jnp.float32(bound)})
     return total.reshape(length, depth, width)
+
+
+_sketch_sum_jit = jax.jit(_sketch_sum, static_argnums=(1, 2, 3))
 
 
 @jax.jit
@@ -432,8 +434,8 @@ def count_sketch_heavy_hitters(
     sigma = noise_multiplier * bound
     if threshold is None:
         threshold = 3.0 * sigma if sigma > 0 else 0.5
-    sketch = jax.jit(_sketch_sum, static_argnums=(1, 2, 3, 4))(
-        jnp.asarray(top_words), depth, width, bound, float(noise_multiplier), key)
+    sketch = _sketch_sum_jit(jnp.asarray(top_words), depth, width, bound,
+                             jnp.float32(noise_multiplier), key)
     kept = np.full((1, length), PAD, np.int32)
     found: dict[str, float] = {}
     history = []

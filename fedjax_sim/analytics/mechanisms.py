@@ -23,14 +23,17 @@ import functools
 import math
 from typing import Any
 
+import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
 from dp_accounting import dp_event as events
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedjax_sim import aggregators as agg
 from fedjax_sim.federated import CLIENTS, SERVER, FederatedValue, at_clients, federated_map
-from fedjax_sim.privacy import calibrate_noise_multiplier, epsilon_of
+from fedjax_sim.privacy import epsilon_of
 
 PyTree = Any
 
@@ -80,53 +83,67 @@ def gaussian_epsilon(noise_multiplier: float, queries: int = 1, delta: float = 1
     return epsilon_of(event, int(queries), delta, accountant)
 
 
-def noise_for_epsilon(epsilon: float, queries: int, delta: float, num_clients: int,
+def noise_for_epsilon(epsilon: float, queries: int, delta: float,
                       accountant: str = "rdp") -> float:
     """The smallest z whose ``queries`` Gaussian queries on all clients spend ``epsilon``.
 
-    `fedjax_sim.privacy.calibrate_noise_multiplier` with every client in every query
-    (sampling probability 1); 0 (no noise) for epsilon = inf.
+    ``dp_accounting.calibrate_dp_mechanism`` over ``GaussianDpEvent(z)`` composed ``queries``
+    times (every client in every query: no sampling); 0 (no noise) for epsilon = inf.
     """
     if math.isinf(epsilon):
         return 0.0
-    return calibrate_noise_multiplier(epsilon, queries, num_clients, num_clients, delta,
-                                      "poisson", accountant)
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+
+    def make_event(z: float) -> events.DpEvent:
+        return events.SelfComposedDpEvent(events.GaussianDpEvent(z), int(queries))
+
+    def make_accountant():
+        if accountant == "pld":
+            return pld_privacy_accountant.PLDAccountant()
+        return rdp_privacy_accountant.RdpAccountant()
+
+    return float(dp_accounting.calibrate_dp_mechanism(
+        make_accountant, make_event, epsilon, delta,
+        dp_accounting.LowerEndpointAndGuess(1e-2, 1.0), tol=1e-4))
 
 
-def _aggregator(clip_norm: float, noise_multiplier: float, reducer: agg.Stage) -> Any:
-    stages = [agg.clip(clip_norm), reducer]
-    if noise_multiplier > 0:
-        stages.append(agg.gaussian_noise(noise_multiplier))
-    return agg.chain(*stages)
-
-
-def _aggregate(value: FederatedValue, clip_norm: float, noise_multiplier: float,
-               reducer: agg.Stage, key: jax.Array) -> FederatedValue:
+def _aggregate(value: FederatedValue, clip_norm, noise_multiplier, reducer: agg.Stage,
+               key: jax.Array) -> FederatedValue:
+    """``chain(clip, reducer, gaussian_noise)`` with the clip norm and z put into the stages'
+    states as arrays (so one compilation serves every value of them; z = 0: no noise)."""
     if not isinstance(value, FederatedValue) or value.placement is not CLIENTS:
         raise TypeError(f"expected a CLIENTS value (at_clients(...)), got {value!r}")
     num_clients = value.num_clients
     weights = (jnp.ones((num_clients,), jnp.float32) if value.mask is None
                else value.mask.astype(jnp.float32))  # padding clients send nothing
     members = jax.tree.map(lambda x: x.astype(jnp.float32), value.value)
-    aggregator = _aggregator(clip_norm, noise_multiplier, reducer)
-    state = aggregator.init(jax.tree.map(lambda x: x[0], members))
+    aggregator = agg.chain(agg.clip(1.0), reducer, agg.gaussian_noise(1.0))
+    clip_state, reduce_state, noise_state = aggregator.init(jax.tree.map(lambda x: x[0],
+                                                                         members))
+    # inf (no clipping) as the largest float: the noise std z * C stays 0 when z = 0
+    norm = jnp.minimum(jnp.asarray(clip_norm, jnp.float32), jnp.finfo(jnp.float32).max)
+    state = ({**clip_state, "norm": norm}, reduce_state,
+             {**noise_state, "noise_multiplier": jnp.asarray(noise_multiplier, jnp.float32)})
     total, _, _ = aggregator.apply(state, members, weights, key)
     return FederatedValue(total, SERVER, True)
 
 
-def private_sum(value: FederatedValue, *, clip_norm: float, noise_multiplier: float,
-                key: jax.Array) -> FederatedValue:
+def private_sum(value: FederatedValue, *, clip_norm: float | jax.Array,
+                noise_multiplier: float | jax.Array, key: jax.Array) -> FederatedValue:
     """CLIENTS -> SERVER: ``sum_c clip(x_c) + N(0, (z * clip_norm)^2)`` per coordinate.
 
     ``chain(clip(clip_norm), sum(uniform), gaussian_noise(z))`` over the clients' members (any
     pytree; the clip is over the whole member). z = 0 adds no noise; ``clip_norm = inf`` does
-    not clip (then there is no privacy). Traceable: use it inside a `federated_computation`.
+    not clip (then there is no privacy). Traceable (the clip norm and z may be traced arrays):
+    use it inside a `federated_computation`.
     """
     return _aggregate(value, clip_norm, noise_multiplier, agg.sum(weighting="uniform"), key)
 
 
-def private_mean(value: FederatedValue, *, clip_norm: float, noise_multiplier: float,
-                 key: jax.Array, denominator: float | None = None) -> FederatedValue:
+def private_mean(value: FederatedValue, *, clip_norm: float | jax.Array,
+                 noise_multiplier: float | jax.Array, key: jax.Array,
+                 denominator: float | None = None) -> FederatedValue:
     """CLIENTS -> SERVER: the private sum divided by a fixed ``denominator`` (default: C).
 
     The fixed-denominator estimator of DP-FedAvg (``mean(uniform, denominator)``): unbiased for
@@ -155,8 +172,8 @@ def _check(values: Any, clip_norm: float, noise_multiplier: float) -> np.ndarray
     return values
 
 
-@functools.partial(jax.jit, static_argnames=("clip_norm", "noise_multiplier", "mean"))
-def _released(values, key, *, clip_norm, noise_multiplier, mean):
+@functools.partial(jax.jit, static_argnames=("mean",))
+def _released(values, key, clip_norm, noise_multiplier, *, mean):
     release = private_mean if mean else private_sum
     return release(at_clients(values), clip_norm=clip_norm, noise_multiplier=noise_multiplier,
                    key=key).value
@@ -166,8 +183,7 @@ def dp_sum(values: Any, *, clip_norm: float, noise_multiplier: float, key: jax.A
            delta: float = 1e-6, accountant: str = "rdp") -> Release:
     """The client-level DP sum of ``values [C, ...]`` (one value per client): `private_sum`."""
     values = _check(values, clip_norm, noise_multiplier)
-    total = _released(values, key, clip_norm=float(clip_norm),
-                      noise_multiplier=float(noise_multiplier), mean=False)
+    total = _released(values, key, clip_norm, noise_multiplier, mean=False)
     return _release(total, (1, delta, accountant), noise_multiplier,
                     noise_multiplier * clip_norm, {"clip_norm": clip_norm})
 
@@ -177,8 +193,7 @@ def dp_mean(values: Any, *, clip_norm: float, noise_multiplier: float, key: jax.
     """The client-level DP mean of ``values [C, ...]`` over the C clients: `private_mean`."""
     values = _check(values, clip_norm, noise_multiplier)
     n = values.shape[0]
-    mean = _released(values, key, clip_norm=float(clip_norm),
-                     noise_multiplier=float(noise_multiplier), mean=True)
+    mean = _released(values, key, clip_norm, noise_multiplier, mean=True)
     return _release(mean, (1, delta, accountant), noise_multiplier,
                     noise_multiplier * clip_norm / n, {"clip_norm": clip_norm,
                                                        "denominator": n})
@@ -242,7 +257,7 @@ def private_count_at_most(values: FederatedValue, threshold: jax.Array, *,
     return private_sum(below, clip_norm=1.0, noise_multiplier=noise_multiplier, key=key).value
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "noise_multiplier"))
+@functools.partial(jax.jit, static_argnames=("steps",))
 def _quantile_search(values, levels, keys, grid, *, steps, noise_multiplier):
     clients = at_clients(values)
     target = levels * values.shape[0]
@@ -286,7 +301,7 @@ def dp_quantiles(values: Any, levels: Any, *, low: float, high: float,
     keys = jax.random.split(key, levels.size)
     result, counts = _quantile_search(jnp.asarray(values), jnp.asarray(levels, jnp.float32),
                                       keys, jnp.asarray(grid, jnp.float32), steps=steps,
-                                      noise_multiplier=float(noise_multiplier))
+                                      noise_multiplier=jnp.float32(noise_multiplier))
     return _release(result, (levels.size * steps, delta, accountant), noise_multiplier,
                     noise_multiplier, {"levels": levels.tolist(), "steps": steps,
                                        "grid": [float(low), float(high), float(resolution)],

@@ -239,13 +239,13 @@ def config_yaml(config: AnalyticsConfig) -> str:
 # --- the query -------------------------------------------------------------------------------
 
 
-def _noise(config: AnalyticsConfig, queries: int, num_clients: int) -> float:
+def _noise(config: AnalyticsConfig, queries: int) -> float:
     privacy = config.privacy
     if privacy.noise_multiplier is not None:
         return float(privacy.noise_multiplier)
     try:
         return mechanisms.noise_for_epsilon(float(privacy.epsilon), queries, privacy.delta,
-                                            num_clients, privacy.accountant)
+                                            privacy.accountant)
     except ValueError as error:
         raise ConfigError(f"config key 'privacy.epsilon': {error}") from None
 
@@ -294,12 +294,11 @@ def compute(config: AnalyticsConfig, values: Mapping[str, Any], on_round=None
             ) -> tuple[dict[str, Any], list[dict]]:
     """Runs the statistic; returns ``(result for summary.json, per-round rows)``."""
     key = jax.random.PRNGKey(config.seed)
-    n = int(values["num_clients"])
     privacy = config.privacy
     statistic = config.statistic
     if statistic in ("mean", "sum"):
         x = values["client_values"]
-        z = _noise(config, 1, n)
+        z = _noise(config, 1)
         function = mechanisms.dp_mean if statistic == "mean" else mechanisms.dp_sum
         release = function(x, clip_norm=privacy.clip_norm, noise_multiplier=z, key=key,
                            delta=privacy.delta, accountant=privacy.accountant)
@@ -313,7 +312,7 @@ def compute(config: AnalyticsConfig, values: Mapping[str, Any], on_round=None
         edges = np.linspace(section.low, section.high, section.bins + 1)
         counts = mechanisms.client_histograms(values["examples"], values["offsets"], edges,
                                               normalize=section.normalize)
-        z = _noise(config, 1, n)
+        z = _noise(config, 1)
         release = mechanisms.dp_histogram(counts, clip_norm=privacy.clip_norm,
                                           noise_multiplier=z, key=key, mean=section.mean,
                                           delta=privacy.delta, accountant=privacy.accountant)
@@ -326,7 +325,7 @@ def compute(config: AnalyticsConfig, values: Mapping[str, Any], on_round=None
         section = config.quantiles
         levels = quantile_levels(config)
         _, steps = mechanisms.quantile_grid(section.low, section.high, section.resolution)
-        z = _noise(config, len(levels) * steps, n)
+        z = _noise(config, len(levels) * steps)
         x = values["client_values"]
         release = mechanisms.dp_quantiles(x, levels, low=section.low, high=section.high,
                                           resolution=section.resolution, noise_multiplier=z,
@@ -372,7 +371,7 @@ def _heavy_hitters(config, values, key, on_round):
                           max_prefixes=section.max_prefixes, key=key, delta=privacy.delta,
                           on_round=on_round)
     else:
-        z = _noise(config, 1, n)
+        z = _noise(config, 1)
         found = hh.count_sketch_heavy_hitters(
             data, words_per_client=section.words_per_client, depth=section.depth,
             width=section.width, noise_multiplier=z, threshold=section.threshold,

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -49,8 +50,15 @@ def shakespeare_folder(data_dir_option: str | os.PathLike | None = None) -> Path
 
 
 def shakespeare_roles(data_dir_option: str | os.PathLike | None = None) -> Roles:
-    """Every role's lines, from the data folder (or the packaged plays when none is set)."""
-    folder = shakespeare_folder(data_dir_option)
+    """Every role's lines, from the data folder (or the packaged plays when none is set).
+
+    Parsed once per folder and process (the plays are checked and parsed in about a second).
+    """
+    return _roles(shakespeare_folder(data_dir_option))
+
+
+@functools.lru_cache(maxsize=4)
+def _roles(folder: Path | None) -> Roles:
     texts: dict[str, str] = {}
     try:
         if folder is None:

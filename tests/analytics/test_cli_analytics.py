@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
+from helpers import SHARED_DATA, needs_shared_data
 
 from fedjax_sim.analytics import tokenize
+from fedjax_sim.analytics.sources import shakespeare_roles
 from fedjax_sim.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "analytics"
@@ -21,14 +22,16 @@ def shared_data(monkeypatch):
     monkeypatch.setenv("FEDJAX_SIM_DATA", str(SHARED_DATA))
 
 
-def exact_word_counts():
-    """Word counts straight from the play files (the parser is the dataset's, the counting
-    here is independent of the analytics code)."""
-    from fedjax_sim.datasets.shakespeare import parse_play
+def role_lines():
+    """The roles' lines (parsed by the dataset's parser, once per process)."""
+    return shakespeare_roles(str(SHARED_DATA)).lines
 
+
+def exact_word_counts():
+    """Word counts of every line, counted here independently of the analytics code."""
     counts = collections.Counter()
-    for path in sorted((SHARED_DATA / "shakespeare" / "plays").glob("*_gut.txt")):
-        for _, line in parse_play(path.read_text()):
+    for lines in role_lines():
+        for line in lines:
             counts.update(w[:6] for w in tokenize(line))
     return counts
 
@@ -62,28 +65,12 @@ def test_line_length_histogram_matches_numpy(tmp_path, shared_data):
     args = ["analytics", str(CONFIGS / "shakespeare_line_lengths.yaml"), "log.progress=false",
             "privacy.epsilon=.inf", "log.plot=false", "--workdir", str(workdir)]
     assert main(args) == 0
-    from fedjax_sim.datasets.shakespeare import lines_by_role
-
     edges = np.linspace(0, 80, 17)
-    shares = []
-    for path in sorted((SHARED_DATA / "shakespeare" / "plays").glob("*_gut.txt")):
-        for lines in lines_by_role(path.read_text()).values():
-            shares.append(np.histogram([len(x) for x in lines], edges)[0] / len(lines))
+    shares = [np.histogram([len(x) for x in lines], edges)[0] / len(lines)
+              for lines in role_lines()]
+    assert len(shares) == 1390
     result = json.loads((workdir / "summary.json").read_text())["result"]
     np.testing.assert_allclose(result["value"], np.mean(shares, axis=0), atol=1e-6)
-
-
-@needs_shared_data(*FASHION_MNIST_FILES)
-def test_fashion_mnist_label_histogram(tmp_path, shared_data):
-    workdir = tmp_path / "labels"
-    args = ["analytics", str(CONFIGS / "fashion_mnist_label_histogram.yaml"),
-            "log.progress=false", "--workdir", str(workdir)]
-    assert main(args) == 0
-    result = json.loads((workdir / "summary.json").read_text())["result"]
-    assert result["exact"] == pytest.approx([0.1] * 10, abs=0.05)  # balanced classes
-    assert np.sum(result["exact"]) == pytest.approx(1.0)
-    assert result["epsilon"] == pytest.approx(1.0, abs=1e-3)
-    assert (workdir / "result.png").exists()
 
 
 @pytest.mark.parametrize("override, message", [

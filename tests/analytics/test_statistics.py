@@ -29,6 +29,7 @@ from fedjax_sim.federated import (
 )
 
 KEY = jax.random.PRNGKey(0)
+LEVELS = [0.05, 0.25, 0.5, 0.75, 0.99, 1.0]
 
 
 def rdp_epsilon(z, count, delta):
@@ -85,11 +86,11 @@ def test_epsilon_equals_dp_accounting():
     x = np.ones((10, 2), np.float32)
     release = dp_sum(x, clip_norm=1.0, noise_multiplier=1.3, key=KEY, delta=1e-5)
     assert release.epsilon == pytest.approx(rdp_epsilon(1.3, 1, 1e-5), rel=1e-9)
-    q = dp_quantiles(np.arange(10.0), [0.5, 0.9], low=0, high=15, noise_multiplier=3.0,
+    q = dp_quantiles(np.arange(150.0), LEVELS, low=0, high=100, noise_multiplier=3.0,
                      key=KEY, delta=1e-6)
-    assert q.queries == 2 * 4  # 16 grid points: 4 steps per level
-    assert q.epsilon == pytest.approx(rdp_epsilon(3.0, 8, 1e-6), rel=1e-9)
-    z = noise_for_epsilon(2.0, 8, 1e-6, 1000)
+    assert q.queries == 6 * 7  # 101 grid points: 7 steps per level
+    assert q.epsilon == pytest.approx(rdp_epsilon(3.0, 42, 1e-6), rel=1e-9)
+    z = noise_for_epsilon(2.0, 8, 1e-6)
     assert rdp_epsilon(z, 8, 1e-6) == pytest.approx(2.0, abs=1e-3)
     assert gaussian_epsilon(z, 8, 1e-6) == pytest.approx(2.0, abs=1e-3)
 
@@ -126,8 +127,9 @@ def test_noised_histogram_is_unbiased():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_quantiles_without_noise_equal_numpy(seed):
     rng = np.random.default_rng(seed)
-    x = rng.integers(0, 90, size=rng.integers(5, 200)).astype(np.float32)
-    levels = [0.05, 0.25, 0.5, 0.75, 0.99, 1.0]
+    x = rng.integers(0, 90, size=150).astype(np.float32)  # one shape: one compilation
+    x[:rng.integers(1, 40)] = rng.integers(0, 3)  # a heavy repeated value
+    levels = LEVELS
     release = dp_quantiles(x, levels, low=0, high=100, noise_multiplier=0.0, key=KEY)
     np.testing.assert_array_equal(release.value, np.quantile(x, levels, method="inverted_cdf"))
     halves = dp_quantiles(x / 2, levels, low=0, high=50, resolution=0.5, noise_multiplier=0.0,
