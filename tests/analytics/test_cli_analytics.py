@@ -91,3 +91,11 @@ def test_bad_input_exits_2_with_one_line(override, message, capsys, tmp_path, mo
     assert len(err.splitlines()) == 1, err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_analytics_config_loads(path):
+    from fedjax_sim.analytics.runner import load_analytics_config
+
+    config = load_analytics_config(path)
+    assert config.name == path.stem
