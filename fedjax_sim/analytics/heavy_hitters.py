@@ -59,11 +59,11 @@ from fedjax_sim.federated import (
     federated_map,
 )
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-END = 0  # the terminator "$"; letters are 1..26
+ALPHABET = "abcdefghijklmnopqrstuvwxyz'"  # the apostrophe of "lov'd" and "king's" too
+END = 0  # the terminator "$"; letters are 1..27
 PAD = -1  # after the terminator
 ALPHABET_SIZE = len(ALPHABET) + 1
-_WORD = re.compile(r"[a-z]+")
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 
 __all__ = [
     "ALPHABET", "HeavyHitters", "count_sketch_heavy_hitters", "decode_word", "encode_words",
@@ -73,12 +73,13 @@ __all__ = [
 
 
 def tokenize(line: str) -> list[str]:
-    """Lower-case runs of letters a-z (``"O, 'tis true!"`` -> ``["o", "tis", "true"]``)."""
+    """Lower-case words: runs of letters a-z joined by inner apostrophes (``"O, 'tis lov'd!"``
+    -> ``["o", "tis", "lov'd"]``)."""
     return _WORD.findall(line.lower())
 
 
 def encode_words(words: Sequence[str], max_length: int) -> np.ndarray:
-    """``[N, max_length + 1]`` int32: letters 1..26, then ``END`` (0), then ``PAD`` (-1).
+    """``[N, max_length + 1]`` int32: letters 1..27, then ``END`` (0), then ``PAD`` (-1).
 
     Words longer than ``max_length`` are truncated to it. Each distinct word is encoded once.
     """
@@ -113,9 +114,9 @@ def words_per_client_data(client_words: Sequence[Sequence[str]], client_ids: Seq
 
 
 def _row_keys(rows: np.ndarray) -> np.ndarray:
-    """One sortable key per encoded word: an int64 in base 28 (up to 13 codes), else bytes."""
+    """One sortable key per encoded word: an int64 in base 29 (up to 12 codes), else bytes."""
     rows = np.ascontiguousarray(rows)
-    if rows.shape[1] <= 13:
+    if rows.shape[1] <= 12:
         powers = (ALPHABET_SIZE + 1) ** np.arange(rows.shape[1], dtype=np.int64)
         return (rows.astype(np.int64) + 1) @ powers
     return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()

@@ -442,6 +442,9 @@ def run_analytics(config: AnalyticsConfig | str | os.PathLike | None = None, *,
                                       if k in ("prefixes", "words")})
         try:
             result, _ = compute(config, values, on_round)
+            if progress is not None and progress.n < total:  # TrieHH's trie stopped growing
+                progress.total = progress.n
+                progress.refresh()
         finally:
             if progress is not None:
                 progress.close()
@@ -465,9 +468,21 @@ def _epsilon_text(result) -> str:
         f"epsilon {eps:.3g} at delta {result['delta']:g}")
 
 
+def values_note(result) -> str:
+    return f"{round(result['clients_per_round'] / result['sampling_rate'])}"
+
+
 def _print_result(config, result) -> None:
     print(f"fedjax_sim: {config.statistic} of {config.value}: {_epsilon_text(result)}")
     if config.statistic == "heavy_hitters":
+        if result["method"] == "triehh":
+            print(f"  TrieHH, theta {result['theta']}, {result['clients_per_round']} of "
+                  f"{values_note(result)} clients a round; estimate = votes x n / m (each "
+                  "sampled client votes for one of its words), exact = occurrences")
+        else:
+            print(f"  count sketch, noise std {result['noise_stddev']:.3g}, threshold "
+                  f"{result['threshold']:.3g}; estimate = clients with the word among their "
+                  f"{result['words_per_client']} most frequent, exact = occurrences")
         print(f"  {'word':12s} {'estimate':>10s} {'exact':>8s}")
         for word, count, exact in zip(result["words"], result["counts"],
                                       result["exact_counts"], strict=True):

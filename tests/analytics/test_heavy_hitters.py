@@ -59,7 +59,9 @@ def test_encoding_round_trip_and_tokenizer():
     assert codes.shape == (3, 6)
     assert [decode_word(c) for c in codes] == ["the", "a", "toolo"]
     assert codes[0].tolist() == [20, 8, 5, 0, -1, -1]
-    assert tokenize("O, 'tis TRUE!  Good-night.") == ["o", "tis", "true", "good", "night"]
+    assert tokenize("O, 'tis TRUE!  Good-night, lov'd king's.") == [
+        "o", "tis", "true", "good", "night", "lov'd", "king's"]
+    assert decode_word(encode_words(["lov'd"], 6)[0]) == "lov'd"
 
 
 def test_triehh_without_privacy_recovers_the_exact_top_k(zipf):
