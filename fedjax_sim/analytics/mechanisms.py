@@ -38,7 +38,8 @@ from fedjax_sim.privacy import epsilon_of
 PyTree = Any
 
 __all__ = [
-    "Release", "client_histograms", "dp_histogram", "dp_mean", "dp_quantiles", "dp_sum",
+    "Release", "adaptive_quantiles", "client_histograms", "dp_histogram", "dp_mean",
+    "dp_quantiles", "dp_sum",
     "gaussian_epsilon", "noise_for_epsilon", "private_mean", "private_sum",
 ]
 
@@ -306,3 +307,58 @@ def dp_quantiles(values: Any, levels: Any, *, low: float, high: float,
                     noise_multiplier, {"levels": levels.tolist(), "steps": steps,
                                        "grid": [float(low), float(high), float(resolution)],
                                        "counts": np.asarray(counts).tolist()})
+
+
+@functools.partial(jax.jit, static_argnames=("rounds",))
+def _adaptive_search(values, levels, keys, initial, learning_rate, count_stddev, *, rounds):
+    clients = at_clients(values[:, None])  # each client's value as a 1-d message: its norm
+
+    def estimate(level, level_key):
+        stage = agg.clip(1.0, target_quantile=0.5, count_stddev=0.0)
+        state = {**stage.init(None), "norm": jnp.float32(initial),
+                 "target_quantile": level, "learning_rate": jnp.float32(learning_rate),
+                 "count_stddev": jnp.float32(count_stddev)}
+        weights = jnp.ones((values.shape[0],), jnp.float32)
+
+        def one_round(state, round_key):
+            _, _, state, metrics, _ = stage.apply(state, clients.value, weights, round_key, {})
+            return state, state["norm"]
+
+        state, norms = jax.lax.scan(one_round, state, jax.random.split(level_key, rounds))
+        return state["norm"], norms
+
+    return jax.vmap(estimate)(levels, keys)
+
+
+def adaptive_quantiles(values: Any, levels: Any, *, rounds: int, initial: float,
+                       learning_rate: float = 0.2, count_stddev: float, key: jax.Array,
+                       delta: float = 1e-6, accountant: str = "rdp") -> Release:
+    """Quantiles of |one scalar per client| by adaptive clipping's estimator.
+
+    Andrew, Thakkar, McMahan and Ramaswamy 2021 (arXiv:1905.03871), run as an analytics query:
+    the `fedjax_sim.aggregators.clip` stage with ``target_quantile = q`` sees each client's
+    value as its message, and every round moves its norm C geometrically,
+    ``C <- C exp(-eta (b - q))``, with b the noised fraction of clients at most C (noise std
+    ``count_stddev`` on the count, centred so that its sensitivity is 1/2). After ``rounds``
+    rounds C estimates the q-th quantile (up to the step's oscillation, a factor
+    ``exp(eta / C)`` at worst without noise). Epsilon: ``len(levels) * rounds`` Gaussian queries
+    of multiplier ``2 * count_stddev`` (every client every round).
+    """
+    values = np.abs(_check(values, 1.0, 0.0))
+    if values.ndim != 1:
+        raise ValueError(f"quantiles take one scalar per client [C], got shape {values.shape}")
+    levels = np.atleast_1d(np.asarray(levels, np.float64))
+    if np.any((levels <= 0) | (levels >= 1)):
+        raise ValueError(f"adaptive clipping estimates levels in (0, 1), got {levels.tolist()}")
+    if rounds < 1 or not initial > 0 or not learning_rate > 0 or not count_stddev >= 0:
+        raise ValueError("adaptive quantiles need rounds >= 1, initial > 0, learning_rate > 0 "
+                         f"and count_stddev >= 0, got {rounds}, {initial}, {learning_rate}, "
+                         f"{count_stddev}")
+    result, norms = _adaptive_search(
+        jnp.asarray(values), jnp.asarray(levels, jnp.float32),
+        jax.random.split(key, levels.size), initial, learning_rate, count_stddev,
+        rounds=int(rounds))
+    z = 2.0 * float(count_stddev)
+    return _release(result, (levels.size * int(rounds), delta, accountant), z,
+                    float(count_stddev), {"levels": levels.tolist(), "rounds": int(rounds),
+                                          "trajectory": np.asarray(norms).tolist()})

@@ -16,7 +16,8 @@ Config keys (``configs/analytics/*.yaml``)::
   privacy: {epsilon (.inf: no noise), noise_multiplier (instead of epsilon), delta,
             clip_norm, accountant}
   histogram: {low, high, bins, normalize, mean}
-  quantiles: {levels: "0.1,0.5,0.9", low, high, resolution}
+  quantiles: {levels: "0.1,0.5,0.9", method: binary_search | adaptive_clipping, low, high,
+              resolution, rounds, learning_rate, initial}
   heavy_hitters: {method: triehh | count_sketch, k, max_word_length, theta,
                   clients_per_round, max_prefixes, words_per_client, depth, width, beam,
                   threshold}
@@ -87,12 +88,18 @@ class HistogramSection:
 
 @dataclasses.dataclass(frozen=True)
 class QuantilesSection:
-    """Quantile ``levels`` (comma-separated) searched on the grid ``low:resolution:high``."""
+    """Quantile ``levels`` (comma-separated). ``binary_search`` on the grid
+    ``low:resolution:high``, or ``adaptive_clipping`` (Andrew et al. 2021's estimator: ``rounds``
+    geometric steps of ``learning_rate`` from ``initial``)."""
 
     levels: str | float = "0.1,0.25,0.5,0.75,0.9"
+    method: str = "binary_search"
     low: float = 0.0
     high: float = 100.0
     resolution: float = 1.0
+    rounds: int = 200
+    learning_rate: float = 0.2
+    initial: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +209,14 @@ def validate(config: AnalyticsConfig) -> AnalyticsConfig:
             raise ConfigError(f"config key 'quantiles.high': must exceed quantiles.low "
                               f"({config.quantiles.low}), got {config.quantiles.high}")
         _positive("quantiles.resolution", config.quantiles.resolution)
+        _choice("quantiles.method", config.quantiles.method,
+                ("binary_search", "adaptive_clipping"))
+        _positive("quantiles.rounds", config.quantiles.rounds, True)
+        _positive("quantiles.initial", config.quantiles.initial)
+        if config.quantiles.method == "adaptive_clipping" and any(
+                q >= 1 for q in quantile_levels(config)):
+            raise ConfigError("config key 'quantiles.levels': adaptive_clipping estimates "
+                              "levels in (0, 1), not 1 (use binary_search for the maximum)")
     section = config.heavy_hitters
     _choice("heavy_hitters.method", section.method, ("triehh", "count_sketch"))
     for key in ("k", "max_word_length", "theta", "clients_per_round", "max_prefixes",
@@ -324,20 +339,31 @@ def compute(config: AnalyticsConfig, values: Mapping[str, Any], on_round=None
     elif statistic == "quantiles":
         section = config.quantiles
         levels = quantile_levels(config)
-        _, steps = mechanisms.quantile_grid(section.low, section.high, section.resolution)
-        z = _noise(config, len(levels) * steps)
         x = values["client_values"]
-        release = mechanisms.dp_quantiles(x, levels, low=section.low, high=section.high,
-                                          resolution=section.resolution, noise_multiplier=z,
-                                          key=key, delta=privacy.delta,
-                                          accountant=privacy.accountant)
+        if section.method == "adaptive_clipping":
+            steps = section.rounds
+            z = _noise(config, len(levels) * steps)
+            release = mechanisms.adaptive_quantiles(
+                x, levels, rounds=section.rounds, initial=section.initial,
+                learning_rate=section.learning_rate, count_stddev=z / 2, key=key,
+                delta=privacy.delta, accountant=privacy.accountant)
+        else:
+            _, steps = mechanisms.quantile_grid(section.low, section.high, section.resolution)
+            z = _noise(config, len(levels) * steps)
+            release = mechanisms.dp_quantiles(x, levels, low=section.low, high=section.high,
+                                              resolution=section.resolution,
+                                              noise_multiplier=z, key=key,
+                                              delta=privacy.delta,
+                                              accountant=privacy.accountant)
         exact = np.quantile(np.clip(x, section.low, section.high), levels,
                             method="inverted_cdf")
         # the search answers on the grid: the exact quantile rounded up to a grid point
         on_grid = section.low + section.resolution * np.ceil(
             np.round((exact - section.low) / section.resolution, 6))
         result = {"levels": levels, "value": release.value.tolist(), "exact": exact.tolist(),
-                  "exact_on_grid": on_grid.tolist(), "steps": steps}
+                  "method": section.method, "steps": steps}
+        if section.method == "binary_search":
+            result["exact_on_grid"] = on_grid.tolist()
         rows = [{"round": 1, **{f"q{q:g}": float(v) for q, v in zip(
             levels, release.value, strict=True)}}]
     else:
@@ -493,9 +519,11 @@ def _print_result(config, result) -> None:
         print(f"  released {result['value']:.4f}; exact {result['exact']:.4f} (clipped "
               f"{result['exact_clipped']:.4f})")
     elif config.statistic == "quantiles":
-        for q, v, e, g in zip(result["levels"], result["value"], result["exact"],
-                              result["exact_on_grid"], strict=True):
-            print(f"  q{q:g}: released {v:g}, exact {e:.4g} (on the grid {g:g})")
+        grid = result.get("exact_on_grid", [None] * len(result["levels"]))
+        for q, v, e, g in zip(result["levels"], result["value"], result["exact"], grid,
+                              strict=True):
+            print(f"  q{q:g}: released {v:.4g}, exact {e:.4g}"
+                  + ("" if g is None else f" (on the grid {g:g})"))
     else:
         print(f"  {len(result['value'])} bins, released total {sum(result['value']):.4g}, "
               f"exact total {sum(result['exact']):.4g}")

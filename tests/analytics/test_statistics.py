@@ -11,6 +11,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedjax_sim.analytics import (
+    adaptive_quantiles,
     client_histograms,
     dp_histogram,
     dp_mean,
@@ -136,3 +137,24 @@ def test_quantiles_without_noise_equal_numpy(seed):
                           key=KEY)
     np.testing.assert_array_equal(halves.value,
                                   np.quantile(x / 2, levels, method="inverted_cdf"))
+
+
+def adaptive_reference(x, q, rounds, initial, learning_rate):
+    """Andrew et al.'s update, noise-free, in plain numpy."""
+    norm = initial
+    for _ in range(rounds):
+        unclipped = np.mean(x <= norm)
+        norm = norm * np.exp(-learning_rate * (unclipped - q))
+    return norm
+
+
+def test_adaptive_quantiles_follow_the_paper_and_converge():
+    x = np.random.default_rng(5).gamma(3.0, 10.0, size=400).astype(np.float32)
+    levels = [0.1, 0.5, 0.9]
+    release = adaptive_quantiles(x, levels, rounds=300, initial=1.0, count_stddev=0.0, key=KEY)
+    reference = [adaptive_reference(x.astype(np.float64), q, 300, 1.0, 0.2) for q in levels]
+    np.testing.assert_allclose(release.value, reference, rtol=1e-4)
+    np.testing.assert_allclose(release.value, np.quantile(x, levels), rtol=0.02)
+    noisy = adaptive_quantiles(x, [0.5], rounds=50, initial=20.0, count_stddev=4.0, key=KEY,
+                               delta=1e-6)
+    assert noisy.epsilon == pytest.approx(rdp_epsilon(8.0, 50, 1e-6), rel=1e-9)
