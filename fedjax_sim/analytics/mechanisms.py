@@ -204,26 +204,25 @@ def client_histograms(values: Any, offsets: Any, edges: Any, *, normalize: bool 
                       ) -> np.ndarray:
     """``[C, B]`` each client's histogram of its examples' ``values`` over ``edges [B + 1]``.
 
-    Each client's local computation (a ``segment_sum`` over the flat CSR examples, client
+    Each client's local computation (on the host: a ``bincount`` over the flat CSR examples, client
     ``c`` owning ``values[offsets[c]:offsets[c + 1]]``): bins are ``[e_b, e_{b+1})``, the last
     one closed, values outside all bins are not counted (numpy's ``histogram`` rule).
     ``normalize``: each row divided by the client's number of examples (its distribution).
     """
-    values = jnp.asarray(values, jnp.float32)
+    values = np.asarray(values, np.float64)
     offsets = np.asarray(offsets, np.int64)
-    edges = jnp.asarray(edges, jnp.float32)
+    edges = np.asarray(edges, np.float64)
     num_clients, bins = offsets.size - 1, edges.size - 1
-    client_of = jnp.asarray(np.repeat(np.arange(num_clients), np.diff(offsets)))
-    index = jnp.searchsorted(edges, values, side="right") - 1
-    index = jnp.where(values == edges[-1], bins - 1, index)  # the last bin is closed
+    client_of = np.repeat(np.arange(num_clients), np.diff(offsets))
+    index = np.searchsorted(edges, values, side="right") - 1
+    index = np.where(values == edges[-1], bins - 1, index)  # the last bin is closed
     inside = (index >= 0) & (index < bins)
-    flat = jnp.where(inside, client_of * bins + index, num_clients * bins)
-    counts = jax.ops.segment_sum(jnp.ones_like(values), flat, num_clients * bins + 1)
-    counts = counts[:-1].reshape(num_clients, bins)
+    counts = np.bincount(client_of[inside] * bins + index[inside],
+                         minlength=num_clients * bins).reshape(num_clients, bins)
+    counts = counts.astype(np.float32)
     if normalize:
-        sizes = jnp.asarray(np.maximum(np.diff(offsets), 1), jnp.float32)
-        counts = counts / sizes[:, None]
-    return np.asarray(counts)
+        counts /= np.maximum(np.diff(offsets), 1).astype(np.float32)[:, None]
+    return counts
 
 
 def dp_histogram(histograms: Any, *, clip_norm: float, noise_multiplier: float,
