@@ -201,21 +201,21 @@ def _triehh_level(words, offsets, sizes, table, valid, level, clients_per_round,
     num_clients = sizes.shape[0]
     rows, length = table.shape
     sample_key, choice_key = jax.random.split(key)
+    # the round's cohort: m clients uniformly without replacement; only they compute
     chosen = jax.random.permutation(sample_key, num_clients)[:clients_per_round]
-    voting = jnp.zeros((num_clients,), bool).at[chosen].set(True)
-    client_keys = jax.random.split(choice_key, num_clients)
-    clients = at_clients((offsets, sizes, client_keys, voting))
+    client_keys = jax.random.split(choice_key, clients_per_round)
+    clients = at_clients((offsets[chosen], sizes[chosen], client_keys))
     shared = federated_broadcast(at_server((words, table, valid, level)))
 
     def vote(client, trie):
-        offset, size, client_key, votes = client
+        offset, size, client_key = client
         all_words, prefixes, prefix_valid, position = trie
         pick = jnp.floor(jax.random.uniform(client_key) * size).astype(jnp.int32)
         word = all_words[offset + jnp.minimum(pick, jnp.maximum(size - 1, 0))]
         before = jnp.arange(length) < position - 1
         match = jnp.all((prefixes == word[None]) | ~before[None], axis=1) & prefix_valid
         char = word[position - 1]
-        ok = votes & (size > 0) & jnp.any(match) & (char >= 0)
+        ok = (size > 0) & jnp.any(match) & (char >= 0)
         return jnp.where(ok, jnp.argmax(match) * ALPHABET_SIZE + char, -1)
 
     with execution_context("vmap"):  # a few gathers and compares per client: vmap them
