@@ -196,8 +196,8 @@ def validate(config: AnalyticsConfig) -> AnalyticsConfig:
         raise ConfigError(f"config key 'privacy.delta': expected a number in (0, 1), got "
                           f"{privacy.delta!r}")
     if not privacy.clip_norm > 0:
-        raise ConfigError(f"config key 'privacy.clip_norm': expected a number > 0 (.inf: no "
-                          f"clipping), got {privacy.clip_norm!r}")
+        raise ConfigError(f"config key 'privacy.clip_norm': expected a number > 0, got "
+                          f"{privacy.clip_norm!r}")
     _choice("privacy.accountant", privacy.accountant, ("rdp", "pld"))
     if config.histogram.high <= config.histogram.low:
         raise ConfigError(f"config key 'histogram.high': must exceed histogram.low "

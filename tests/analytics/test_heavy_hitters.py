@@ -135,3 +135,19 @@ def test_count_sketch_noise_and_epsilon_equal_dp_accounting(zipf):
     assert found.extra["sensitivity"] == pytest.approx(math.sqrt(3 * 7 * 3))
     users = collections.Counter(w for words in clients for w in set(words))
     assert found.top(2) == top_k(users, 5)[:2]  # the head stands far above 3 noise stds
+
+
+def test_private_triehh_finds_the_head_of_a_large_population():
+    """Corollary 1's theta and sampling at epsilon 8 on 50,000 one-word clients."""
+    clients = zipf_clients(num_clients=50_000, seed=6)
+    data = words_per_client_data(clients, np.arange(len(clients)), max_length=6)
+    theta, m = triehh_parameters(8.0, 1e-6, len(clients), levels=7)
+    assert (theta, m) == (10, 3405)
+    found = triehh(data, theta=theta, clients_per_round=m, max_prefixes=256, key=KEY)
+    assert found.epsilon == pytest.approx(triehh_epsilon(10, 3405, 50_000, 7)) and \
+        found.epsilon <= 8.0
+    exact = collections.Counter(w for words in clients for w in words)
+    assert found.top(5) == top_k(exact, 5)
+    # an estimate is the votes scaled by n / m: within 25% for the head
+    for word, estimate in zip(found.top(5), found.counts[:5], strict=True):
+        assert estimate == pytest.approx(exact[word], rel=0.25)
