@@ -219,6 +219,10 @@ def validate(config: AnalyticsConfig) -> AnalyticsConfig:
                               "levels in (0, 1), not 1 (use binary_search for the maximum)")
     section = config.heavy_hitters
     _choice("heavy_hitters.method", section.method, ("triehh", "count_sketch"))
+    if (config.statistic == "heavy_hitters" and section.method == "triehh"
+            and privacy.noise_multiplier is not None):
+        raise ConfigError("config key 'privacy.noise_multiplier': TrieHH adds no noise (its "
+                          "privacy is sampling and a threshold); set privacy.epsilon instead")
     for key in ("k", "max_word_length", "theta", "clients_per_round", "max_prefixes",
                 "words_per_client", "depth", "width", "beam"):
         _positive(f"heavy_hitters.{key}", getattr(section, key), True)
@@ -383,7 +387,7 @@ def _heavy_hitters(config, values, key, on_round):
     levels = section.max_word_length + 1
     exact = hh.exact_counts(data)
     if section.method == "triehh":
-        private = privacy.noise_multiplier is None and math.isfinite(privacy.epsilon)
+        private = math.isfinite(privacy.epsilon)
         if private:
             theta, m = hh.triehh_parameters(privacy.epsilon, privacy.delta, n, levels)
         else:
@@ -509,6 +513,9 @@ def _print_result(config, result) -> None:
             print(f"  count sketch, noise std {result['noise_stddev']:.3g}, threshold "
                   f"{result['threshold']:.3g}; estimate = clients with the word among their "
                   f"{result['words_per_client']} most frequent, exact = occurrences")
+        if result.get("delta_condition") is False and math.isfinite(result["epsilon"]):
+            print(f"  warning: theta {result['theta']} is below what delta {result['delta']:g} "
+                  "needs ((theta-3)/(theta-2) theta! >= 1/delta): the bound does not hold")
         print(f"  {'word':12s} {'estimate':>10s} {'exact':>8s}")
         for word, count, exact in zip(result["words"], result["counts"],
                                       result["exact_counts"], strict=True):

@@ -81,6 +81,7 @@ def test_line_length_histogram_matches_numpy(tmp_path, shared_data):
     ("privacy.delta=2", "'privacy.delta'"),
     ("quantiles.levels=0,1.5", "'quantiles.levels'"),
     ("dataset.data_dir=/nonexistent", "SOURCES.tsv"),
+    ("privacy.noise_multiplier=1.0", "TrieHH adds no noise"),
 ])
 def test_bad_input_exits_2_with_one_line(override, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
