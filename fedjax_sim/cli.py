@@ -6,6 +6,8 @@
                                             many configurations in one compiled program
   fedjax-sim data stats CONFIG [overrides...] [--out DIR]     clients, sizes, labels, plots
   fedjax-sim data convert CONFIG [overrides...] [--out DIR]   build the memory-mapped cache
+  fedjax-sim analytics CONFIG [overrides...]   a private statistic, e.g.
+                                               configs/analytics/shakespeare_heavy_hitters.yaml
 
 Bad input gives one line on stderr naming the file, key or value and exit code 2 (add
 ``--debug`` for the traceback); a diverged run exits with code 3.
@@ -63,7 +65,29 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     stats.add_argument("--sample", type=int, default=30,
                        help="clients in the label-distribution heatmap (default 30)")
+    _add_analytics_parser(commands)
     return parser
+
+
+def _add_analytics_parser(commands) -> None:
+    """``fedjax-sim analytics CONFIG [overrides...]`` (`fedjax_sim.analytics.runner`)."""
+    analytics = commands.add_parser(
+        "analytics", help="a private statistic of a federated dataset (heavy hitters, "
+                          "histograms, quantiles, means)")
+    analytics.add_argument("config", help="path to an analytics YAML config, e.g. "
+                                          "configs/analytics/shakespeare_heavy_hitters.yaml")
+    analytics.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    analytics.add_argument("--workdir", help="output folder (default: runs/<name>-<time>)")
+    analytics.add_argument("--overwrite", action="store_true",
+                           help="replace a query of another config in --workdir")
+    analytics.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _analytics_command(args) -> None:
+    from fedjax_sim.analytics.runner import run_analytics
+
+    run_analytics(args.config, overrides=args.overrides, workdir=args.workdir,
+                  overwrite=args.overwrite)
 
 
 class _ArgumentError(Exception):
@@ -108,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             sweep(args.config, args.overrides, grid=args.grid, seeds=args.seeds,
                   workdir=args.workdir, overwrite=args.overwrite)
+            return 0
+        if args.command == "analytics":
+            _analytics_command(args)
             return 0
         config = load_config(getattr(args, "config", None), args.overrides)
         if args.command == "data":

@@ -1,0 +1,102 @@
+"""``fedjax-sim analytics`` end to end on the real Shakespeare plays (and Fashion-MNIST), and its
+one-line errors."""
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import SHARED_DATA, needs_shared_data
+
+from fedjax_sim.analytics import tokenize
+from fedjax_sim.analytics.sources import shakespeare_roles
+from fedjax_sim.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "analytics"
+PLAYS = "shakespeare/SOURCES.tsv"
+
+
+@pytest.fixture
+def shared_data(monkeypatch):
+    monkeypatch.setenv("FEDJAX_SIM_DATA", str(SHARED_DATA))
+
+
+def role_lines():
+    """The roles' lines (parsed by the dataset's parser, once per process)."""
+    return shakespeare_roles(str(SHARED_DATA)).lines
+
+
+def exact_word_counts():
+    """Word counts of every line, counted here independently of the analytics code."""
+    counts = collections.Counter()
+    for lines in role_lines():
+        for line in lines:
+            counts.update(w[:6] for w in tokenize(line))
+    return counts
+
+
+@needs_shared_data(PLAYS)
+def test_heavy_hitters_config_runs_on_real_shakespeare(tmp_path, capsys, shared_data):
+    workdir = tmp_path / "hh"
+    args = ["analytics", str(CONFIGS / "shakespeare_heavy_hitters.yaml"), "log.progress=false",
+            "heavy_hitters.max_word_length=6", "heavy_hitters.k=10",
+            "heavy_hitters.max_prefixes=256", "--workdir", str(workdir)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((workdir / "summary.json").read_text())
+    result = summary["result"]
+    assert summary["clients"] == 1390 and result["epsilon"] == float("inf")
+    exact = exact_word_counts()
+    assert result["exact_top"] == [w for w, _ in exact.most_common(10)]
+    assert result["exact_counts"] == [exact[w] for w in result["words"]]
+    assert {"the", "and", "i"} <= set(result["words"])
+    for word, count in zip(result["words"], result["counts"], strict=True):
+        assert f"{word:12s} {count:10.1f}" in out  # printed with its estimated count
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["round"] == 1 and rows[0]["votes"] == 1390  # every role votes a letter
+    assert (workdir / "result.png").stat().st_size > 1000
+    assert (workdir / "config.yaml").exists()
+
+
+@needs_shared_data(PLAYS)
+def test_line_length_histogram_matches_numpy(tmp_path, shared_data):
+    workdir = tmp_path / "lines"
+    args = ["analytics", str(CONFIGS / "shakespeare_line_lengths.yaml"), "log.progress=false",
+            "privacy.epsilon=.inf", "log.plot=false", "--workdir", str(workdir)]
+    assert main(args) == 0
+    edges = np.linspace(0, 80, 17)
+    shares = [np.histogram([len(x) for x in lines], edges)[0] / len(lines)
+              for lines in role_lines()]
+    assert len(shares) == 1390
+    result = json.loads((workdir / "summary.json").read_text())["result"]
+    np.testing.assert_allclose(result["value"], np.mean(shares, axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("statistic=histogramm", "did you mean 'histogram'"),
+    ("heavy_hitters.methd=triehh", "did you mean 'heavy_hitters.method'"),
+    ("value=label", "'value': 'label' is not one of"),
+    ("statistic=mean", "does not fit statistic 'mean'"),
+    ("privacy.delta=2", "'privacy.delta'"),
+    ("quantiles.levels=0,1.5", "'quantiles.levels'"),
+    ("dataset.data_dir=/nonexistent", "SOURCES.tsv"),
+    ("privacy.noise_multiplier=1.0", "TrieHH adds no noise"),
+])
+def test_bad_input_exits_2_with_one_line(override, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS / ("shakespeare_line_length_quantiles.yaml" if "levels" in override
+                        else "shakespeare_heavy_hitters.yaml")
+    assert main(["analytics", str(config), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_analytics_config_loads(path):
+    from fedjax_sim.analytics.runner import load_analytics_config
+
+    config = load_analytics_config(path)
+    assert config.name == path.stem
