@@ -42,6 +42,10 @@ class ClientInput:
       own_trip_count: static; True when clients run one at a time (a sequential map), so the
         local loop can stop after ``num_steps``; False under ``vmap``, where a fixed loop over
         all S steps (padded steps masked) is cheaper than a loop with a batched trip count.
+      trip_count_axis: static; the name of a ``vmap`` axis over configurations (a sweep), or
+        None. With own trip counts, the local loop then runs the largest step count over that
+        axis (a ``pmax``: one unbatched trip count, so vmap adds no select to every step), the
+        steps past a client's own count masked.
     """
 
     client_id: jax.Array
@@ -53,6 +57,17 @@ class ClientInput:
     key: jax.Array
     duration: jax.Array
     own_trip_count: bool = struct.field(pytree_node=False, default=True)
+    trip_count_axis: str | None = struct.field(pytree_node=False, default=None)
+
+    def trip_count(self, steps: jax.Array | None = None) -> jax.Array | int:
+        """The local loop's trip count: ``steps`` (default ``num_steps``) when the client runs
+        its own count, its maximum over `trip_count_axis` in a sweep, else all S steps."""
+        if not self.own_trip_count:
+            return self.indices.shape[-2]
+        steps = self.num_steps if steps is None else steps
+        if self.trip_count_axis is not None:
+            return jax.lax.pmax(steps, self.trip_count_axis)
+        return steps
 
 
 @struct.dataclass

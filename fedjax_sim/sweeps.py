@@ -65,6 +65,7 @@ from fedjax_sim.config import (
     parse_override,
     safe_load,
 )
+from fedjax_sim.simulation.round_step import SWEEP_AXIS
 
 EXECUTIONS = ("auto", "vmap", "map")
 MODES = ("max", "min")
@@ -350,16 +351,17 @@ def resolve_execution(execution: str) -> str:
 
 def stacked_step(round_fn, execution: str = "vmap", mesh=None):
     """``(states, alive, data, offsets) -> (states, metrics)`` over a leading sweep axis, jitted
-    with the states donated. A configuration whose ``alive`` is False keeps its state."""
+    with the states donated. A configuration whose ``alive`` is False keeps its state.
 
-    def one(state, data, offsets):
-        return round_fn(state, data, offsets)
+    ``round_fn``: `RoundStep.fn` for ``map``, `RoundStep.sweep_fn` for ``vmap`` (vmapped with
+    the axis name `SWEEP_AXIS`)."""
 
     def step(states, alive, data, offsets):
         if execution == "map":
-            new, metrics = jax.lax.map(lambda s: one(s, data, offsets), states)
+            new, metrics = jax.lax.map(lambda s: round_fn(s, data, offsets), states)
         else:
-            new, metrics = jax.vmap(one, in_axes=(0, None, None))(states, data, offsets)
+            new, metrics = jax.vmap(round_fn, in_axes=(0, None, None),
+                                    axis_name=SWEEP_AXIS)(states, data, offsets)
 
         def keep(n, o):
             return jnp.where(alive.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
@@ -511,7 +513,9 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
     states += [states[-1]] * (padded - count)
     states = stack_states(states)
     alive = np.array([True] * count + [False] * (padded - count))
-    step = stacked_step(experiment.round_step.fn, execution, mesh)
+    round_step = experiment.round_step
+    step = stacked_step(round_step.sweep_fn if execution == "vmap" else round_step.fn,
+                        execution, mesh)
     folders = [workdir / "configs" / m.point.label for m in members]
     checkpointer = Checkpointer(workdir / "checkpoints" / f"group_{number:02d}",
                                 keep=config.checkpoint.keep)

@@ -115,8 +115,8 @@ def local_train(
         return params, opt_state, totals
 
     # A static bound makes the loop a scan (vmap-friendly); a traced one a while loop.
-    trip_count = client.num_steps if client.own_trip_count else client.indices.shape[0]
-    params, _, totals = jax.lax.fori_loop(0, trip_count, step, (params, opt_state, zero_stats))
+    params, _, totals = jax.lax.fori_loop(0, client.trip_count(), step,
+                                          (params, opt_state, zero_stats))
     return params, totals
 
 
@@ -145,9 +145,8 @@ def full_batch_gradient(
         return total, count + stats["count"]
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    trip_count = client.num_steps if client.own_trip_count else client.indices.shape[0]
     total, count = jax.lax.fori_loop(
-        0, trip_count, step, (zeros, jnp.zeros((), jnp.float32))
+        0, client.trip_count(), step, (zeros, jnp.zeros((), jnp.float32))
     )
     return jax.tree.map(lambda t: t / jnp.maximum(count, 1.0).astype(t.dtype), total)
 

@@ -96,7 +96,7 @@ def client_loss(
         _, stats = loss_fn(params, batch, first_pass[s], jax.random.fold_in(key, s))
         return totals[0] + stats["loss_sum"], totals[1] + stats["count"]
 
-    trip_count = steps if client.own_trip_count else num_steps
+    trip_count = client.trip_count(steps) if client.own_trip_count else num_steps
     zero = jnp.zeros((), jnp.float32)
     loss_sum, count = jax.lax.fori_loop(0, trip_count, step, (zero, zero))
     return loss_sum / jnp.maximum(count, 1.0)

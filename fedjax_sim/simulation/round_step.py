@@ -109,6 +109,8 @@ def _server_key(key: jax.Array, round_index: jax.Array) -> jax.Array:
 
 
 PLACEMENTS = ("auto", "device", "host")
+SWEEP_AXIS = "sweep"
+"""The vmap axis name `RoundStep.sweep_fn` expects (configurations of a sweep)."""
 DEVICE_BYTES_LIMIT = 4 << 30
 """``data_placement="auto"`` keeps arrays larger than this (in total) on the host."""
 
@@ -134,6 +136,10 @@ class RoundStep:
       cohort_size: C (before padding for devices).
       feeder: the host data path (None when the data is on the device).
       target: where the step's inputs live (a device, or a replicated sharding over the mesh).
+      sweep_fn: ``fn`` to ``vmap`` over a sweep axis of states named `SWEEP_AXIS` (device data
+        only): the same rounds, with the clients' loops bounded by one trip count for all
+        configurations (a vmapped while loop with a batched bound would select every carried
+        value at every step).
     """
 
     fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]]
@@ -143,6 +149,7 @@ class RoundStep:
     cohort_size: int
     feeder: HostFeeder | None = None
     target: Any = None
+    sweep_fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
 
     def place(self, state: SimulationState) -> SimulationState:
         """``state`` committed to where the step runs.
@@ -237,7 +244,8 @@ def build_round_step(
         sizes = jnp.where(valid, sizes, 0)
         return CohortPlan(cohort_ids, indices, mask, sizes, valid, jnp.asarray(drawn, jnp.int32))
 
-    def train_fn(state: SimulationState, data, plan: CohortPlan, indices: jax.Array):
+    def train_fn(state: SimulationState, data, plan: CohortPlan, indices: jax.Array,
+                 trip_count_axis: str | None = None):
         _, _, key_clients, key_system = _round_keys(state.key, state.round)
         num_steps = schedule.steps_for(plan.sizes)
         clients = ClientInput(
@@ -250,6 +258,7 @@ def build_round_step(
             key=jax.random.split(key_clients, padded_size),
             duration=num_steps.astype(jnp.float32),
             own_trip_count=sequential,
+            trip_count_axis=trip_count_axis,
         )
         if system is not None:  # dropout, stragglers, durations; metrics of the simulated clock
 
@@ -270,6 +279,12 @@ def build_round_step(
         plan = plan_fn(state.key, state.round, offsets)
         return train_fn(state, data, plan, plan.indices)
 
+    def sweep_round_fn(state: SimulationState, data, offsets):
+        # Under vmap(axis_name=SWEEP_AXIS): the clients' local loops run the largest step count
+        # over the configurations, one unbatched trip count (see `ClientInput.trip_count`).
+        plan = plan_fn(state.key, state.round, offsets)
+        return train_fn(state, data, plan, plan.indices, trip_count_axis=SWEEP_AXIS)
+
     def host_round_fn(state: SimulationState, batch, plan: CohortPlan):
         # The cohort's rows were gathered on the host in [C, S, B] order: row i of the batch is
         # slot i of the plan, so the clients read their batches by position.
@@ -279,7 +294,8 @@ def build_round_step(
     donate_argnums = (0,) if donate else ()
     if not on_host:
         jitted = jax.jit(round_fn, donate_argnums=donate_argnums)
-        return RoundStep(round_fn, jitted, data, offsets, cohort_size, target=target)
+        return RoundStep(round_fn, jitted, data, offsets, cohort_size, target=target,
+                         sweep_fn=sweep_round_fn)
     if prefetch is None:
         prefetch = 0 if jax.default_backend() == "cpu" else 2
     feeder = HostFeeder(plan_fn, train.arrays, train.offsets, target, prefetch)
