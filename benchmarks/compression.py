@@ -27,6 +27,12 @@ Writes ``benchmarks/results/compression-<YYYY-MM-DD>-<machine>.json`` and the ``
 
 from __future__ import annotations
 
+if __name__ != "__main__":  # noqa: SIM102
+    # Another benchmark runs with this folder first on sys.path, and jax's compilation cache
+    # tries ``from compression import zstd`` (the Python 3.14 package): this script is not it,
+    # and an ImportError makes jax fall back to zlib as it would without that package.
+    raise ImportError("benchmarks/compression.py is a script, not the compression package")
+
 import argparse
 import datetime
 import os
