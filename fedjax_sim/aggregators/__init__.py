@@ -35,6 +35,13 @@ from fedjax_sim.aggregators.dp import dp_fedavg_aggregator, split_noise_multipli
 from fedjax_sim.aggregators.noise import gaussian_noise
 from fedjax_sim.aggregators.reducers import as_aggregator, mean
 from fedjax_sim.aggregators.reducers import sum as sum  # noqa: A004 - a reducer named like jnp.sum
+from fedjax_sim.aggregators.robust import (
+    geometric_median,
+    krum,
+    median,
+    norm_bound,
+    trimmed_mean,
+)
 from fedjax_sim.core import Aggregator
 
 # Stage factories a config's ``aggregator:`` list may name.
@@ -43,6 +50,12 @@ STAGES: dict[str, Callable[..., Stage]] = {
     "mean": mean,
     "sum": sum,
     "gaussian_noise": gaussian_noise,
+    # robust reducers and norm bounding (robust.py)
+    "median": median,
+    "trimmed_mean": trimmed_mean,
+    "krum": krum,
+    "geometric_median": geometric_median,
+    "norm_bound": norm_bound,
 }
 
 
@@ -101,4 +114,6 @@ __all__ = [
     "client_norms", "clip", "create_aggregator", "dp_fedavg_aggregator", "gaussian_noise",
     "mean", "no_state", "participating", "register_stage", "split_noise_multiplier",
     "stage_options", "sum", "weighted_mean", "weighted_sum",
+    # robust.py
+    "geometric_median", "krum", "median", "norm_bound", "trimmed_mean",
 ]
