@@ -103,7 +103,11 @@ def gaussian_update(malicious: np.ndarray, stddev: float = 1.0) -> Stage:
 
 
 def little_is_enough_z(num_clients: jax.Array, num_malicious: jax.Array) -> jax.Array:
-    """The paper's z: ``s = floor(n/2 + 1) - m``, ``z = Phi^-1((n - s) / n)``, floored at 0."""
+    """The paper's z: ``s = floor(n/2 + 1) - m``, ``z = Phi^-1((n - s) / n)``.
+
+    Kept in [0, Phi^-1(1 - 1e-6)] (about 4.75): z < 0 when m = 0, and z = inf when the attackers
+    are half or more of the round (s <= 0), where the paper's formula does not apply.
+    """
     n = jnp.maximum(num_clients.astype(jnp.float32), 1.0)
     supporters = jnp.floor(n / 2.0 + 1.0) - num_malicious.astype(jnp.float32)
     quantile = jnp.clip((n - supporters) / n, 0.5, 1.0 - 1e-6)
