@@ -22,6 +22,7 @@ from fedjax_sim.attacks import (
     add_trigger,
     boosted_update,
     choose_malicious,
+    create_attack,
     flip_labels,
     gaussian_update,
     little_is_enough,
@@ -31,6 +32,7 @@ from fedjax_sim.attacks import (
     sign_flip,
     trigger_set,
 )
+from fedjax_sim.config import ConfigError, config_from_dict
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.sampling import uniform_sampler
 from fedjax_sim.simulation.round_step import build_round_step, init_simulation_state
@@ -239,3 +241,62 @@ def test_round_with_sign_flip_and_median_aggregates_the_attacked_messages():
             p1, p0 - np.median(np.asarray(v, np.float64)[sending], axis=0),
             rtol=1e-5, atol=1e-6), before, after, got)
     assert seen > 0  # the attack was exercised
+
+
+# --- The attack: config section -----------------------------------------------------------------
+
+def _config(tmp_path, attack, aggregator=None):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "images.npz"
+    if not path.exists():
+        np.savez(path, x=rng.uniform(0, 0.5, (120, 8, 8, 1)).astype(np.float32),
+                 y=rng.integers(0, 3, 120), client_id=np.repeat(np.arange(10), 12),
+                 x_test=rng.uniform(0, 0.5, (30, 8, 8, 1)).astype(np.float32),
+                 y_test=np.arange(30) % 3)
+    return config_from_dict({
+        "seed": 3,
+        "dataset": {"name": "arrays", "path": str(path), "num_classes": 3},
+        "model": {"name": "logistic"},
+        "client": {"optimizer": {"name": "sgd", "learning_rate": 0.1}, "batch_size": 6,
+                   "local_steps": 2},
+        "cohort": {"size": 5},
+        "attack": attack,
+        **({"aggregator": aggregator} if aggregator is not None else {}),
+    })
+
+
+def test_config_backdoor_poisons_the_chosen_clients_and_reports_backdoor_accuracy(tmp_path):
+    from fedjax_sim.simulation.loop import build_dataset, build_experiment
+
+    config = _config(tmp_path, {"name": "backdoor", "fraction": 0.2, "target": 1,
+                                "trigger_size": 2}, [{"name": "norm_bound", "max_norm": 0.5}])
+    experiment = build_experiment(config)
+    malicious = create_attack("backdoor", 10, 3, 0.2, 3, target=1).malicious
+    np.testing.assert_array_equal(malicious, choose_malicious(10, 0.2, seed=3))
+    clean, poisoned = build_dataset(config).train, experiment.dataset.train
+    for client in range(10):
+        changed = np.any(clean.client(client)["x"] != poisoned.client(client)["x"], axis=(1, 2, 3))
+        assert changed.sum() == (6 if malicious[client] else 0)
+    state = experiment.init_state()
+    for _ in range(2):
+        state, metrics = experiment.round_step(state)
+        assert "aggregator/boosted_update/malicious_clients" in metrics
+        assert "aggregator/norm_bound/clipped_fraction" in metrics
+    result = experiment.evaluate(state.algorithm)
+    assert result["backdoor/examples"] == 20  # the 30 test images less the 10 of class 1
+    assert 0.0 <= result["backdoor/accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("attack,match", [
+    ({"name": "sign_flp"}, r"'attack.name'.*did you mean 'sign_flip'"),
+    ({"name": "sign_flip", "scal": 2.0}, r"'attack.scal'.*did you mean 'attack.scale'"),
+    ({"name": "sign_flip", "fraction": 1.5}, r"'attack.fraction': expected a number in \[0, 1\)"),
+    ({"scale": 2.0}, r"'attack'.*without an attack; set attack.name"),
+    ({"name": "backdoor", "target": 7}, r"'attack.target': expected a class in \[0, 3\)"),
+    ({"name": "gaussian", "stddev": -1.0}, r"'attack' \(gaussian\).*stddev must be > 0"),
+])
+def test_config_attack_errors_name_the_key(tmp_path, attack, match):
+    from fedjax_sim.simulation.loop import build_experiment
+
+    with pytest.raises(ConfigError, match=match):
+        build_experiment(_config(tmp_path, attack))

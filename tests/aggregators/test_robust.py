@@ -190,3 +190,23 @@ def test_config_names_and_errors():
         create_aggregator([{"name": "krum", "num_byzantin": 1}])
     with pytest.raises(ValueError, match="two|exactly one reducer"):
         create_aggregator([{"name": "median"}, {"name": "krum", "num_byzantine": 1}])
+
+
+def test_reducers_on_four_devices_equal_one_device():
+    """The cohort axis sharded over 4 fake CPU devices (as under a `clients` mesh)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from fedjax_sim.sharding import client_mesh
+
+    mesh = client_mesh(4)
+    values = jax.tree.map(lambda x: x[:8], _values(9))
+    weights = jnp.asarray(WEIGHTS[:8])
+    sharded = jax.device_put((values, weights), NamedSharding(mesh, PartitionSpec("clients")))
+    for stage in (median(), trimmed_mean(0.2), krum(1, multi=3), geometric_median(5),
+                  chain(norm_bound(1.0), mean())):
+        aggregator = stage if not isinstance(stage, Stage) else chain(stage)
+        single, _, _ = _apply(aggregator, values, weights)
+        state = aggregator.init(jax.tree.map(lambda x: x[0], values))
+        four, _, _ = jax.jit(aggregator.apply)(state, *sharded, jax.random.key(0))
+        for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(four), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
