@@ -272,7 +272,7 @@ def _build_attack(config: Config, dataset: FederatedDataset) -> Attack | None:
         return create_attack(section.name, dataset.train.num_clients,
                              int(dataset.info["num_classes"]), section.fraction, config.seed,
                              **section.options)
-    except ValueError as error:  # "option: problem" names the key when it can
+    except (ValueError, TypeError) as error:  # "option: problem" names the key when it can
         option, _, problem = str(error).partition(": ")
         if option in section.options or option == "fraction":
             raise ConfigError(f"config key 'attack.{option}': {problem}") from None
