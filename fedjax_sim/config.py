@@ -204,6 +204,22 @@ class SystemConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """An attack by malicious clients (off unless ``name`` is set; `fedjax_sim.attacks`).
+
+    ``fraction`` of all clients (rounded) are malicious, chosen once from the run's ``seed``.
+    ``name``: ``sign_flip`` (scale), ``scaled`` (scale), ``gaussian`` (stddev),
+    ``little_is_enough`` (z; default the paper's formula), ``label_flip``, or ``backdoor``
+    (target, poison_fraction, boost, trigger_size, trigger_value); the other keys are the
+    attack's options, e.g. ``attack: {name: sign_flip, fraction: 0.2, scale: 1.0}``.
+    """
+
+    name: str | None = None
+    fraction: float = 0.1
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class ExecutionConfig:
     """How clients run: ``auto`` (sequential map on CPU, vmap on GPU/TPU), ``vmap`` or ``map``.
 
@@ -276,6 +292,7 @@ class Config:
     system: SystemConfig = dataclasses.field(default_factory=SystemConfig)
     aggregator: list | None = None
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
     execution: ExecutionConfig = dataclasses.field(default_factory=ExecutionConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
@@ -298,7 +315,7 @@ CHOICES = {
     "system.speed": ("constant", "lognormal", "uniform", "trace"),
 }
 # Values that must lie in [0, 1), and values that must be > 0.
-FRACTIONS = {"system.dropout"}
+FRACTIONS = {"system.dropout", "attack.fraction"}
 POSITIVE_FLOATS = {"system.seconds_per_step", "system.deadline", "system.speed_sigma",
                    "eval.fine_tune_learning_rate", "privacy.target_epsilon", "privacy.clip_norm",
                    "privacy.delta", "privacy.count_stddev", "privacy.example_clip_norm",
@@ -442,6 +459,7 @@ OPEN_SECTIONS = {
     ("model",): ModelConfig,
     ("client", "optimizer"): OptimizerConfig,
     ("server", "optimizer"): OptimizerConfig,
+    ("attack",): AttackConfig,
 }
 
 

@@ -36,6 +36,13 @@ from fedjax_sim.aggregators.dp import dp_fedavg_aggregator, split_noise_multipli
 from fedjax_sim.aggregators.noise import gaussian_noise
 from fedjax_sim.aggregators.reducers import as_aggregator, mean
 from fedjax_sim.aggregators.reducers import sum as sum  # noqa: A004 - a reducer named like jnp.sum
+from fedjax_sim.aggregators.robust import (
+    geometric_median,
+    krum,
+    median,
+    norm_bound,
+    trimmed_mean,
+)
 from fedjax_sim.aggregators.secure import masked_modular_sum, secure_mean, secure_sum
 from fedjax_sim.core import Aggregator
 
@@ -45,11 +52,18 @@ STAGES: dict[str, Callable[..., Stage]] = {
     "mean": mean,
     "sum": sum,
     "gaussian_noise": gaussian_noise,
+    # compression (compression.py) and secure aggregation (secure.py)
     "quantize": quantize,
     "top_k": top_k,
     "random_k": random_k,
     "secure_sum": secure_sum,
     "secure_mean": secure_mean,
+    # robust reducers and norm bounding (robust.py)
+    "median": median,
+    "trimmed_mean": trimmed_mean,
+    "krum": krum,
+    "geometric_median": geometric_median,
+    "norm_bound": norm_bound,
 }
 
 
@@ -113,4 +127,6 @@ __all__ = [
     "masked_modular_sum", "mean", "no_state", "participating", "quantize", "random_k",
     "register_stage", "secure_mean", "secure_sum", "split_noise_multiplier", "stage_options",
     "sum", "top_k", "weighted_mean", "weighted_sum",
+    # robust.py
+    "geometric_median", "krum", "median", "norm_bound", "trimmed_mean",
 ]

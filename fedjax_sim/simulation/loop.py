@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import inspect
 import json
 import math
@@ -26,9 +27,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from fedjax_sim.aggregators import create_aggregator, dp_fedavg_aggregator
+from fedjax_sim.aggregators import as_aggregator, create_aggregator, dp_fedavg_aggregator
 from fedjax_sim.algorithms import algorithm_factory, algorithm_options, create_algorithm
 from fedjax_sim.algorithms.local import model_loss
+from fedjax_sim.attacks import ATTACKS, Attack, attack_options, create_attack, prepend
 from fedjax_sim.config import Config, ConfigError, check_options, config_to_yaml, load_config
 from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
@@ -50,7 +52,7 @@ from fedjax_sim.privacy.dp_sgd import EXAMPLE_DP_ALGORITHMS, ExampleLedger, dp_s
 from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.checkpoint import Checkpointer
 from fedjax_sim.simulation.client_map import resolve_strategy
-from fedjax_sim.simulation.evaluation import build_evaluators
+from fedjax_sim.simulation.evaluation import build_evaluators, make_evaluator
 from fedjax_sim.simulation.round_step import (
     RoundStep,
     SimulationState,
@@ -159,6 +161,12 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
     if dataset is None:
         dataset = build_dataset(config)
         validate_dataset(dataset)
+    attack = _build_attack(config, dataset)
+    if attack is not None and attack.poison is not None:  # data attacks: once, before training
+        try:
+            dataset = dataclasses.replace(dataset, train=attack.poison(dataset.train))
+        except ValueError as error:
+            raise ConfigError(f"config key 'attack' ({attack.name}): {error}") from None
     info = dataset.info
     if config.model.name in MODELS:
         module, classes_field = MODELS[config.model.name]
@@ -184,6 +192,8 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
                                          path="server.optimizer")
     train = dataset.train
     aggregator, privacy = _build_aggregator(config, train.num_clients, model)
+    if attack is not None and attack.update is not None:  # update attacks: the first stage
+        aggregator = prepend(attack.update, as_aggregator(aggregator))
     schedule = ClientSchedule.from_sizes(
         train.client_sizes, config.client.batch_size,
         local_epochs=config.client.local_epochs, local_steps=config.client.local_steps,
@@ -231,6 +241,8 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
         data_placement=config.execution.data_placement, prefetch=config.execution.prefetch,
     )
     evaluators = _build_evaluators(config, model, dataset)
+    if attack is not None and attack.trigger is not None:
+        evaluators["backdoor"] = _backdoor_evaluator(config, model, dataset, attack)
     example_privacy = None
     if config.privacy.example_level:
         try:
@@ -242,6 +254,51 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
             raise ConfigError(f"config key 'privacy': {error}") from None
     return Experiment(config, dataset, model, algorithm, schedule, round_step, evaluators,
                       privacy, example_privacy)
+
+
+# --- The attack: section ------------------------------------------------------------------------
+
+def _build_attack(config: Config, dataset: FederatedDataset) -> Attack | None:
+    """The ``attack:`` section's `Attack` (None when ``attack.name`` is not set)."""
+    section = config.attack
+    if section.name is None:
+        if section.options:
+            raise ConfigError(f"config key 'attack': options {sorted(section.options)} without "
+                              f"an attack; set attack.name (one of {sorted(ATTACKS)})")
+        return None
+    if section.name not in ATTACKS:
+        close = difflib.get_close_matches(section.name, ATTACKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"config key 'attack.name': {section.name!r} is not one of "
+                          f"{sorted(ATTACKS)}{hint}")
+    check_options("attack", f"attack {section.name!r}", section.options,
+                  attack_options(section.name))
+    try:
+        return create_attack(section.name, dataset.train.num_clients,
+                             int(dataset.info["num_classes"]), section.fraction, config.seed,
+                             **section.options)
+    except (ValueError, TypeError) as error:  # "option: problem" names the key when it can
+        option, _, problem = str(error).partition(": ")
+        if option in section.options or option == "fraction":
+            raise ConfigError(f"config key 'attack.{option}': {problem}") from None
+        raise ConfigError(f"config key 'attack' ({section.name}): {error}") from None
+
+
+def _backdoor_evaluator(config: Config, model: Model, dataset: FederatedDataset, attack: Attack):
+    """``backdoor/accuracy``: the fraction of triggered held-out non-target examples that the
+    model classifies as the target (central test set, else the clients' held-out splits)."""
+    held_out = (dataset.central_test if dataset.central_test is not None
+                else None if dataset.test is None else dataset.test.arrays)
+    if held_out is None:
+        raise ConfigError("config key 'attack.name': backdoor needs held-out examples for its "
+                          "trigger set (a central test set or the clients' test splits)")
+    try:
+        triggered = attack.trigger(held_out)
+    except ValueError as error:
+        raise ConfigError(f"config key 'attack' (backdoor): {error}") from None
+    evaluate = make_evaluator(model, triggered, batch_size=config.eval.batch_size,
+                              max_examples=config.eval.max_examples, seed=config.seed)
+    return lambda state: evaluate(state.params)
 
 
 def _example_dp_loss(config: Config, model: Model):
