@@ -128,7 +128,14 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = (),
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
     data = dict(data)
-    section = data.pop("sweep", None) or {}
+    section = dict(data.pop("sweep", None) or {})
+    for text in overrides:  # sweep.<key>=value overrides set the sweep section
+        parts, value = parse_override(text)
+        if parts[0] == "sweep":
+            if len(parts) != 2:
+                raise ConfigError(f"override {text!r}: set a whole sweep key, e.g. "
+                                  f"sweep.seeds=2 or sweep.execution=map")
+            section[parts[1]] = value
     spec = sweep_spec(section, where=f"config file {str(path)!r}: ")
     if grid:
         extra = dict(parse_grid_option(text) for text in grid)
@@ -138,6 +145,12 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = (),
             raise ConfigError(f"--seeds: expected a positive number of seeds, got {seeds}")
         spec = dataclasses.replace(spec, seeds=list(range(seeds)))
     return data, spec
+
+
+def run_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides of the run config (those of the ``sweep:`` section, ``sweep.<key>=...``,
+    are read by `load_sweep`)."""
+    return [text for text in overrides if not text.strip().startswith("sweep.")]
 
 
 def sweep_spec(section: Mapping[str, Any], where: str = "") -> SweepSpec:
@@ -216,6 +229,7 @@ def expand(data: Mapping[str, Any], spec: SweepSpec, overrides: Sequence[str] = 
     Seeds are offsets added to the config's ``seed`` (``seeds: 2`` with ``seed: 0`` runs seeds
     0 and 1). Each configuration is the base config with the overrides, then its values.
     """
+    overrides = run_overrides(overrides)
     base = config_from_dict(data, overrides)
     combos: list[dict[str, Any]] = [dict(zip(spec.grid, values, strict=True))
                                     for values in itertools.product(*spec.grid.values())]
