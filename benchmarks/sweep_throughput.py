@@ -14,7 +14,11 @@ It also checks that the sweep reproduced every run: the largest difference of th
 accuracy and train loss between a sweep's configuration and the same configuration run alone.
 
   FEDJAX_SIM_DATA=../shared/data python benchmarks/sweep_throughput.py [--rounds 30]
-      [--modes sequential map vmap]
+      [--modes sequential map vmap] [--sensitivity 001 ...] [--out FILE]
+
+``--sensitivity`` measures how chaotic a configuration's training is: the largest parameter
+difference after one round between two runs whose initial parameters differ by a relative 1e-7
+(the size of difference any change of float rounding, such as vmap's, can grow into).
 """
 
 from __future__ import annotations
@@ -47,11 +51,39 @@ def _finals(rows: list[dict]) -> dict[str, float]:
     return {k: last[k] for k in ("test/accuracy", "train/loss") if k in last}
 
 
+def sensitivity(point, relative: float = 1e-7) -> dict:
+    """How far one round moves apart two copies of ``point`` whose initial parameters differ by
+    a relative ``relative``: the scale of differences any change of float rounding (such as a
+    vmap's batched matmuls) can produce in this configuration."""
+    import jax
+    import numpy as np
+
+    from fedjax_sim.simulation.loop import build_experiment
+
+    experiment = build_experiment(point.config)
+    step = experiment.round_step
+
+    def one_round(scale):
+        state = experiment.init_state()
+        params = jax.tree.map(lambda p: p * scale, state.algorithm.params)
+        state = step.place(state.replace(algorithm=state.algorithm.replace(params=params)))
+        state, _ = step(state)
+        return [np.asarray(x) for x in jax.tree.leaves(state.algorithm.params)]
+
+    a, b = one_round(1.0), one_round(1.0 + relative)
+    return {"config": point.label, "values": point.values, "relative_perturbation": relative,
+            "max_abs_param_difference_after_one_round": float(
+                max(np.abs(x - y).max() for x, y in zip(a, b, strict=True)))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--modes", nargs="+", default=["sequential", "map", "vmap"],
+    parser.add_argument("--modes", nargs="*", default=["sequential", "map", "vmap"],
                         choices=["sequential", "map", "vmap"])
+    parser.add_argument("--sensitivity", nargs="*", default=[], metavar="NNN",
+                        help="configurations (e.g. 001) whose chaos to measure: the parameter "
+                             "difference after one round from a 1e-7 relative perturbation")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     if "FEDJAX_SIM_DATA" not in os.environ:
@@ -110,6 +142,11 @@ def main() -> None:
                 for key in ("test/accuracy", "train/loss")}
             print(f"{mode}: {entry['speedup_vs_sequential']}x the sequential runs; largest "
                   f"difference {entry['max_abs_difference_vs_sequential']}", flush=True)
+    if args.sensitivity:
+        with contextlib.redirect_stdout(io.StringIO()):
+            report["sensitivity"] = [sensitivity(p) for p in points
+                                     if p.label in args.sensitivity]
+        print(f"sensitivity: {report['sensitivity']}", flush=True)
     report["matmul_after"] = matmul_peak()
     path = write_report(report, args.out, "sweep_throughput-")
     print(f"wrote {path}")
