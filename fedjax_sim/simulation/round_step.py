@@ -125,7 +125,8 @@ def should_keep_on_host(arrays: Mapping[str, np.ndarray]) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class RoundStep:
-    """A compiled round. Call it as ``state, metrics = round_step(state)``.
+    """A compiled round. Call it as ``state, metrics = round_step(state)``; built with
+    ``rounds_per_call=k``, ``state, stacked = round_step.run_rounds(state, n)`` runs n <= k.
 
     Attributes:
       fn: the pure, unjitted round ``(state, data, offsets) -> (state, metrics)`` (vmap it over
