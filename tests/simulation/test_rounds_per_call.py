@@ -19,6 +19,7 @@ from fedjax_sim.algorithms.scaffold import scaffold
 from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.sampling import poisson_sampler, uniform_sampler
+from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.round_step import build_round_step, init_simulation_state
 
 SIZES = (5, 17, 40, 3, 11, 8)
@@ -41,10 +42,11 @@ def counting(algorithm: FederatedAlgorithm, traces: list) -> FederatedAlgorithm:
     return FederatedAlgorithm(algorithm.init, apply)
 
 
-@pytest.mark.parametrize("name", ["fed_avg", "scaffold_poisson"])
+@pytest.mark.parametrize("name", ["fed_avg", "scaffold_poisson", "fed_avg_mesh4"])
 def test_run_rounds_equals_one_round_per_call(name):
     model, data = tiny_model(), tiny_data(SIZES)
-    if name == "fed_avg":
+    mesh = client_mesh(4) if name.endswith("mesh4") else None  # clients over 4 CPU devices
+    if name.startswith("fed_avg"):
         algorithm = fed_avg(model, optax.sgd(0.1), optax.adam(0.05))
         sampler, cohort_size = uniform_sampler(data.num_clients, 3), 3
         schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_epochs=1)
@@ -58,7 +60,7 @@ def test_run_rounds_equals_one_round_per_call(name):
 
     def build(k, traces):
         return build_round_step(counting(algorithm, traces), data, schedule, sampler,
-                                cohort_size, rounds_per_call=k)
+                                cohort_size, rounds_per_call=k, mesh=mesh)
 
     one_traces, multi_traces = [], []
     one, multi = build(1, one_traces), build(4, multi_traces)
@@ -84,7 +86,7 @@ def test_run_rounds_equals_one_round_per_call(name):
     for row, expected in zip(rows, reference, strict=True):
         assert row.keys() == expected.keys()
         assert_trees_equal(row, expected)
-    if name != "fed_avg":
+    if name == "scaffold_poisson":
         drawn = [float(r["cohort/drawn"]) for r in rows]
         assert len(set(drawn)) > 1, "the Poisson cohort should vary between rounds"
     assert len(one_traces) == 1  # `place` keeps round 2 from compiling again
@@ -211,3 +213,18 @@ def test_loop_rounds_per_call_with_host_data_is_a_config_error(tmp_path):
                                           "execution.data_placement: device"):
         run(None, overrides=overrides, workdir=tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_divergence_names_the_same_round_as_one_round_per_call(tmp_path):
+    """The loss overflows in round 2, inside the call of rounds 2-5 for k = 4."""
+    from fedjax_sim.simulation.loop import DivergenceError, run
+
+    overrides = [*loop_overrides(write_arrays(tmp_path / "data.npz")),
+                 "client.optimizer.learning_rate=1e19", "server.optimizer.learning_rate=1e19"]
+    messages = []
+    for k in (1, 4):
+        with pytest.raises(DivergenceError) as error:
+            run(None, overrides=[*overrides, f"execution.rounds_per_call={k}"],
+                workdir=tmp_path / f"k{k}")
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and messages[0].startswith("round 2: ")
