@@ -228,7 +228,10 @@ class ExecutionConfig:
     on the device), ``host`` (they stay in host memory; each round's rows are gathered and
     transferred while the previous round computes, ``prefetch`` rounds ahead; None: 2 on GPU/TPU,
     0 on CPU, where the gather competes with the round for the same cores) or ``auto`` (host for
-    memory-mapped caches or more than 4 GiB).
+    memory-mapped caches or more than 4 GiB). ``rounds_per_call``: rounds run by one compiled
+    call (a loop over rounds on the device, metrics stacked), so tiny models are not bound by
+    the per-round dispatch; the log, evaluation and checkpoint rounds still end a call, so the
+    results and ``metrics.jsonl`` are those of one round per call. Needs the data on the device.
     """
 
     client_execution: str = "auto"
@@ -236,6 +239,7 @@ class ExecutionConfig:
     num_devices: int | None = None
     data_placement: str = "auto"
     prefetch: int | None = None
+    rounds_per_call: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,8 +307,8 @@ class Config:
 POSITIVE_INTS = {
     "rounds", "client.batch_size", "client.local_epochs", "client.local_steps",
     "client.max_local_steps", "cohort.size", "execution.client_batch_size",
-    "execution.num_devices", "cohort.max_size", "privacy.noise_cohort_size",
-    "eval.every", "eval.batch_size", "eval.max_examples", "log.every",
+    "execution.num_devices", "execution.rounds_per_call", "cohort.max_size",
+    "privacy.noise_cohort_size", "eval.every", "eval.batch_size", "eval.max_examples", "log.every",
     "checkpoint.every", "checkpoint.keep",
 }
 CHOICES = {

@@ -1,8 +1,10 @@
 """The host loop: ``run(config)`` builds an experiment and trains it round by round.
 
   1. build: dataset -> model -> optimizers -> algorithm -> jitted round step -> evaluators;
-  2. loop: dispatch rounds (no host sync); every ``log.every`` rounds fetch the metrics, check
-     them for NaN/inf, write them to ``metrics.jsonl`` and the progress bar;
+  2. loop: dispatch rounds (no host sync; ``execution.rounds_per_call`` rounds per compiled
+     call, each call ending at the latest on the next log, evaluation or checkpoint round);
+     every ``log.every`` rounds fetch the metrics, check them for NaN/inf, write them to
+     ``metrics.jsonl`` and the progress bar;
   3. every ``eval.every`` rounds (and at the end) evaluate on the central test set and the
      clients' held-out splits;
   4. at the end write ``summary.json`` and ``learning_curve.png`` into the workdir.
@@ -234,12 +236,19 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
             mesh = client_mesh(config.execution.num_devices)
         except ValueError as error:
             raise ConfigError(f"config key 'execution.num_devices': {error}") from None
-    round_step = build_round_step(
-        algorithm, train, schedule, sampler, cohort_size,
-        client_execution=config.execution.client_execution,
-        client_batch_size=config.execution.client_batch_size, mesh=mesh, system=system,
-        data_placement=config.execution.data_placement, prefetch=config.execution.prefetch,
-    )
+    try:
+        round_step = build_round_step(
+            algorithm, train, schedule, sampler, cohort_size,
+            client_execution=config.execution.client_execution,
+            client_batch_size=config.execution.client_batch_size, mesh=mesh, system=system,
+            data_placement=config.execution.data_placement, prefetch=config.execution.prefetch,
+            rounds_per_call=config.execution.rounds_per_call,
+        )
+    except ValueError as error:
+        if "rounds_per_call" not in str(error):
+            raise
+        raise ConfigError(f"config key 'execution.rounds_per_call': {error} (in the config: "
+                          "execution.data_placement: device)") from None
     evaluators = _build_evaluators(config, model, dataset)
     if attack is not None and attack.trigger is not None:
         evaluators["backdoor"] = _backdoor_evaluator(config, model, dataset, attack)
@@ -459,9 +468,32 @@ def default_workdir(name: str) -> Path:
     return Path("runs") / f"{name}-{stamp}"
 
 
-def _host_metrics(metrics: Sequence[Mapping[str, jax.Array]]) -> list[dict[str, float]]:
-    fetched = jax.device_get(list(metrics))
-    return [{k: float(v) for k, v in m.items()} for m in fetched]
+def _host_metrics(
+    pending: Sequence[tuple[Mapping[str, jax.Array], int | None]],
+) -> list[dict[str, float]]:
+    """One row per round from the calls' metrics, fetched in one transfer.
+
+    Each call left ``(metrics, None)`` (one round) or ``(metrics [k, ...], count)`` (its first
+    ``count`` rows are rounds; see `RoundStep.run_rounds`).
+    """
+    rows = []
+    for metrics, count in jax.device_get(list(pending)):
+        if count is None:
+            rows.append({k: float(v) for k, v in metrics.items()})
+        else:
+            rows += [{k: float(v[i]) for k, v in metrics.items()} for i in range(count)]
+    return rows
+
+
+def _rounds_in_call(config: Config, done: int) -> int:
+    """How many rounds the next call runs after ``done``: ``execution.rounds_per_call``, cut
+    short to end on the next log, evaluation or checkpoint round (or the last round), so those
+    see the state of that round as with one round per call."""
+    cadences = [config.log.every, config.eval.every]
+    if config.checkpoint.every is not None:
+        cadences.append(config.checkpoint.every)
+    boundary = min([config.rounds, *((done // every + 1) * every for every in cadences)])
+    return min(config.execution.rounds_per_call, boundary - done)
 
 
 def _check_finite(round_index: int, metrics: Mapping[str, float]) -> None:
@@ -586,16 +618,27 @@ def _train(
     done = int(state.round)
     writer = _tensorboard_writer(workdir) if config.log.tensorboard else None
     progress = _progress_bar(config, initial=done)
-    pending: list[Mapping[str, jax.Array]] = []
+    pending: list[tuple[Mapping[str, jax.Array], int | None]] = []  # (metrics, rounds or None)
     clock_offset = history[-1]["wall_time"] if history else 0.0
     start = time.perf_counter()
     first_round_seconds = None
     every = config.checkpoint.every
+    round_step = experiment.round_step
+    round_index = done
     try:
         with open(metrics_path, "a") as log_file:
-            for round_index in range(done + 1, config.rounds + 1):
-                state, metrics = experiment.round_step(state)
-                pending.append(metrics)
+            while round_index < config.rounds:
+                if round_step.rounds_per_call == 1:
+                    state, metrics = round_step(state)
+                    pending.append((metrics, None))
+                    round_index += 1
+                else:
+                    # The first call runs one round, so first_round_seconds stays compile + 1.
+                    count = 1 if first_round_seconds is None else _rounds_in_call(config,
+                                                                                  round_index)
+                    state, metrics = round_step.run_rounds(state, count)
+                    pending.append((metrics, count))
+                    round_index += count
                 if first_round_seconds is None:
                     jax.block_until_ready(metrics)
                     first_round_seconds = time.perf_counter() - start
@@ -605,7 +648,7 @@ def _train(
                 if round_index % config.log.every and not (evaluate_now or checkpoint_now):
                     continue
                 rows = _host_metrics(pending)
-                first = round_index - len(pending) + 1
+                first = round_index - len(rows) + 1
                 pending = []
                 now = clock_offset + time.perf_counter() - start
                 for offset, row in enumerate(rows):

@@ -6,7 +6,10 @@
   state     = algorithm.apply(state, cohort, map)      local training, aggregation, server step
 
 The simulation state (algorithm state, round counter, root key) is donated; the example arrays
-live on the device and are gathered inside the step; metrics stay on the device.
+live on the device and are gathered inside the step; metrics stay on the device. With
+``rounds_per_call`` k > 1 a second compiled function runs up to k rounds in one call (a loop over
+rounds on the device, metrics stacked), for models so small that dispatching one call per round
+is what a round costs.
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ def should_keep_on_host(arrays: Mapping[str, np.ndarray]) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class RoundStep:
-    """A compiled round. Call it as ``state, metrics = round_step(state)``.
+    """A compiled round. Call it as ``state, metrics = round_step(state)``; built with
+    ``rounds_per_call=k``, ``state, stacked = round_step.run_rounds(state, n)`` runs n <= k.
 
     Attributes:
       fn: the pure, unjitted round ``(state, data, offsets) -> (state, metrics)`` (vmap it over
@@ -140,6 +144,10 @@ class RoundStep:
         only): the same rounds, with the clients' loops bounded by one trip count for all
         configurations (a vmapped while loop with a batched bound would select every carried
         value at every step).
+      rounds_per_call: k, the most rounds `run_rounds` runs in one call.
+      multi_round: ``(state, data, offsets, num_rounds) -> (state, metrics [k, ...])`` jitted
+        (state donated; ``num_rounds`` a traced int32, so every count up to k is one program);
+        None when k is 1.
     """
 
     fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]]
@@ -150,6 +158,8 @@ class RoundStep:
     feeder: HostFeeder | None = None
     target: Any = None
     sweep_fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
+    rounds_per_call: int = 1
+    multi_round: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
 
     def place(self, state: SimulationState) -> SimulationState:
         """``state`` committed to where the step runs.
@@ -164,6 +174,23 @@ class RoundStep:
             return self.jitted(state, self.data, self.offsets)
         batch, plan = self.feeder.next(state)
         return self.jitted(state, batch, plan)
+
+    def run_rounds(
+        self, state: SimulationState, num_rounds: int
+    ) -> tuple[SimulationState, dict[str, jax.Array]]:
+        """Runs ``num_rounds`` (1 to k = ``rounds_per_call``) rounds in one compiled call.
+
+        Returns the state after them and each metric stacked ``[k, ...]``: row i is round i of
+        the call, the same values one ``round_step(state)`` per round gives; rows from
+        ``num_rounds`` on are zeros (one program serves every count, so the shape is k's).
+        """
+        if self.multi_round is None:
+            raise ValueError("run_rounds needs build_round_step(..., rounds_per_call=k) with "
+                             "k > 1; call round_step(state) for one round")
+        if not 1 <= num_rounds <= self.rounds_per_call:
+            raise ValueError(f"num_rounds={num_rounds}: expected 1 to rounds_per_call="
+                             f"{self.rounds_per_call}")
+        return self.multi_round(state, self.data, self.offsets, np.int32(num_rounds))
 
     def reset(self) -> None:
         """Forget prepared rounds (host data): call it before running a different state."""
@@ -185,6 +212,7 @@ def build_round_step(
     system: Callable[[jax.Array, ClientInput], ClientInput] | None = None,
     data_placement: str = "device",
     prefetch: int | None = None,
+    rounds_per_call: int = 1,
 ) -> RoundStep:
     """Builds the jitted round step.
 
@@ -209,6 +237,11 @@ def build_round_step(
       prefetch: rounds the host path prepares ahead (0: gather when the round is called; None:
         2 on GPU/TPU, 0 on CPU, where a feeder thread competes with XLA for the same cores and
         measured slower: `benchmarks/host_prefetch.py`).
+      rounds_per_call: k > 1 also compiles `RoundStep.run_rounds`: up to k rounds in one call,
+        a ``lax.fori_loop`` over the round carrying the (donated) state and writing each round's
+        metrics into a ``[k, ...]`` buffer. The count is a traced argument, so a call of fewer
+        rounds (to end on a log or evaluation round) reuses the one program instead of compiling
+        a scan per length. Device data only: host data is gathered on the host round by round.
     """
     num_shards = mesh.shape[CLIENT_AXIS] if mesh is not None else 1
     poisson = isinstance(jax.eval_shape(sampler, jax.random.PRNGKey(0)), tuple)
@@ -219,6 +252,14 @@ def build_round_step(
     on_host = data_placement == "host" or (
         data_placement == "auto" and should_keep_on_host(train.arrays)
     )
+    if rounds_per_call < 1:
+        raise ValueError(f"rounds_per_call={rounds_per_call}: expected an integer >= 1")
+    if rounds_per_call > 1 and on_host:
+        raise ValueError(
+            f"rounds_per_call={rounds_per_call} needs the training data on the device, but "
+            f"data_placement={data_placement!r} keeps it on the host (each round's rows are "
+            "gathered there); use data_placement='device' if the arrays fit in device memory, "
+            "or rounds_per_call=1")
     if mesh is not None:
         map_clients: ClientMap = sharded_client_map(mesh, client_execution, client_batch_size)
         target: Any = NamedSharding(mesh, PartitionSpec())
@@ -294,10 +335,39 @@ def build_round_step(
     donate_argnums = (0,) if donate else ()
     if not on_host:
         jitted = jax.jit(round_fn, donate_argnums=donate_argnums)
+        multi_round = None
+        if rounds_per_call > 1:
+            multi_round = jax.jit(_multi_round(round_fn, rounds_per_call),
+                                  donate_argnums=donate_argnums)
         return RoundStep(round_fn, jitted, data, offsets, cohort_size, target=target,
-                         sweep_fn=sweep_round_fn)
+                         sweep_fn=sweep_round_fn, rounds_per_call=rounds_per_call,
+                         multi_round=multi_round)
     if prefetch is None:
         prefetch = 0 if jax.default_backend() == "cpu" else 2
     feeder = HostFeeder(plan_fn, train.arrays, train.offsets, target, prefetch)
     jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums)
     return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder, target)
+
+
+def _multi_round(round_fn: Callable, rounds_per_call: int) -> Callable:
+    """``(state, data, offsets, num_rounds) -> (state, metrics [k, ...])``: num_rounds rounds.
+
+    A ``fori_loop`` with a traced trip count (a while loop) rather than a ``lax.scan`` of fixed
+    length: a call cut short to end on a log, evaluation or checkpoint round runs the same
+    compiled program, where a scan would compile once per length.
+    """
+
+    def multi_round(state: SimulationState, data, offsets, num_rounds: jax.Array):
+        shapes = jax.eval_shape(round_fn, state, data, offsets)[1]
+        stacked = jax.tree.map(
+            lambda m: jnp.zeros((rounds_per_call, *m.shape), m.dtype), shapes)
+
+        def body(i, carry):
+            state, stacked = carry
+            state, metrics = round_fn(state, data, offsets)
+            stacked = jax.tree.map(lambda buffer, m: buffer.at[i].set(m), stacked, metrics)
+            return state, stacked
+
+        return jax.lax.fori_loop(0, num_rounds, body, (state, stacked))
+
+    return multi_round
