@@ -578,6 +578,11 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
             if round_index % config.log.every and not (evaluate_now or checkpoint_now):
                 continue
             fetched = jax.device_get(pending)
+            # Evaluation reads each configuration's state: from the device it lives on, or,
+            # when the sweep axis is sharded, from one host copy (eager indexing of an array
+            # sharded over devices aborted XLA:CPU once in a test run).
+            evaluated = (states if mesh is None or not evaluate_now
+                         else jax.tree.map(np.asarray, jax.device_get(states)))
             first = round_index - len(pending) + 1
             pending = []
             now = clock_offset + time.perf_counter() - start
@@ -600,7 +605,7 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
                     histories[i].extend(new_rows)
                     continue
                 if evaluate_now:
-                    state_i = unstack_state(states, i)
+                    state_i = unstack_state(evaluated, i)
                     new_rows[-1].update(member.evaluate(state_i.algorithm))
                     if member.privacy is not None and "privacy/epsilon" not in new_rows[-1]:
                         new_rows[-1]["privacy/epsilon"] = member.privacy.epsilon(round_index)
