@@ -550,21 +550,27 @@ def config_from_dict(data: Mapping[str, Any] | None, overrides: Sequence[str] = 
     return _build(Config, merged, "")
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (ConfigError: missing, not YAML, not a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}"
+        ) from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    return dict(data)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Reads a YAML config file (or the defaults when None) and applies overrides."""
     data: Any = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(
-                f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}"
-            ) from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+        data = read_yaml_mapping(path)
         if "sweep" in data:
             raise ConfigError(f"config file {str(path)!r}: config key 'sweep': this is a sweep "
                               f"config; run it with `fedjax-sim sweep {path}` (or remove the "

@@ -63,6 +63,7 @@ from fedjax_sim.config import (
     config_from_dict,
     config_to_yaml,
     parse_override,
+    read_yaml_mapping,
     safe_load,
 )
 from fedjax_sim.simulation.round_step import SWEEP_AXIS
@@ -121,13 +122,7 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = (),
     ``grid`` (``key=v1,v2`` strings) adds or replaces grid keys; ``seeds`` replaces the seeds
     by ``0 .. seeds-1`` offsets from the config's seed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = safe_load(path.read_text()) or {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
-    data = dict(data)
+    data = read_yaml_mapping(path)
     section = dict(data.pop("sweep", None) or {})
     for text in overrides:  # sweep.<key>=value overrides set the sweep section
         parts, value = parse_override(text)

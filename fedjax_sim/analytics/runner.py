@@ -49,7 +49,7 @@ from fedjax_sim.config import (
     _build,
     _merge_user,
     apply_overrides,
-    safe_load,
+    read_yaml_mapping,
 )
 
 STATISTICS = ("mean", "sum", "histogram", "quantiles", "heavy_hitters")
@@ -234,15 +234,7 @@ def load_analytics_config(path: str | os.PathLike | None = None,
     """Reads a YAML analytics config and applies dotted overrides (errors: ConfigError)."""
     data: Any = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+        data = read_yaml_mapping(path)
     merged = dataclasses.asdict(AnalyticsConfig())
     _merge_user(merged, data)
     apply_overrides(merged, overrides)
