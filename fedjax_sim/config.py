@@ -285,7 +285,7 @@ class Config:
 
     name: str = "shakespeare_fedavg"
     seed: int = 0
-    rounds: int = 150
+    rounds: int = 60
     workdir: str | None = None
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
