@@ -151,6 +151,9 @@ def fed_buff(
             clock=jnp.zeros((), jnp.float32),
             version=jnp.zeros((), jnp.int32),
             dispatched=jnp.zeros((), jnp.int32),
+            # an array of the state: a sweep over it is one program
+            algorithm_hyperparams={"staleness_exponent": jnp.asarray(staleness_exponent,
+                                                                      jnp.float32)},
         )
 
     client_update = fed_avg_client(loss_fn, client_optimizer)
@@ -168,7 +171,8 @@ def fed_buff(
         arrived = jnp.lexsort((state.slot_sequence, finish))[:k]
         staleness = state.version - state.slot_version[arrived]
         weights = state.slot_weight[arrived]
-        scale = staleness_scale(staleness, staleness_exponent)
+        scale = staleness_scale(staleness,
+                                state.algorithm_hyperparams["staleness_exponent"])
         messages = jax.tree.map(
             lambda d: d[arrived] * scale.astype(d.dtype).reshape((-1,) + (1,) * (d.ndim - 1)),
             state.slot_deltas)
