@@ -16,6 +16,7 @@ A sweep config is a run config plus a ``sweep:`` section::
     metric: test/accuracy                   # what "best" means (default: test/accuracy)
     mode: max                               # max or min
     execution: auto                         # vmap, map or auto (see below)
+    batch_size: null                        # map: configurations vmapped per step of the map
     devices: 1                              # shard the sweep axis over this many devices
 
 How it runs: every configuration is built exactly as `run` would build it, and configurations
@@ -72,7 +73,7 @@ EXECUTIONS = ("auto", "vmap", "map")
 MODES = ("max", "min")
 DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
 SWEEP_KEYS = ("grid", "random", "random_seed", "seeds", "metric", "mode", "execution",
-              "devices")
+              "batch_size", "devices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,7 @@ class SweepSpec:
     metric: str = "test/accuracy"
     mode: str = "max"
     execution: str = "auto"
+    batch_size: int | None = None
     devices: int = 1
 
 
@@ -206,6 +208,11 @@ def sweep_spec(section: Mapping[str, Any], where: str = "") -> SweepSpec:
         if key in section and section[key] not in allowed:
             raise ConfigError(f"{where}config key 'sweep.{key}': {section[key]!r}: expected "
                               f"one of {list(allowed)}")
+    batch_size = section.get("batch_size")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
+        raise ConfigError(f"{where}config key 'sweep.batch_size': expected an integer >= 1 "
+                          f"(configurations per chunk of the map) or null, got {batch_size!r}")
     devices = section.get("devices", 1)
     if not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"{where}config key 'sweep.devices': expected an integer >= 1, got "
@@ -214,7 +221,8 @@ def sweep_spec(section: Mapping[str, Any], where: str = "") -> SweepSpec:
                      random_seed=int(section.get("random_seed", 0)), seeds=seeds,
                      metric=str(section.get("metric", "test/accuracy")),
                      mode=section.get("mode", "max"),
-                     execution=section.get("execution", "auto"), devices=devices)
+                     execution=section.get("execution", "auto"), batch_size=batch_size,
+                     devices=devices)
 
 
 def expand(data: Mapping[str, Any], spec: SweepSpec, overrides: Sequence[str] = ()
@@ -358,16 +366,18 @@ def resolve_execution(execution: str) -> str:
     return execution
 
 
-def stacked_step(round_fn, execution: str = "vmap", mesh=None):
+def stacked_step(round_fn, execution: str = "vmap", mesh=None, batch_size: int | None = None):
     """``(states, alive, data, offsets) -> (states, metrics)`` over a leading sweep axis, jitted
     with the states donated. A configuration whose ``alive`` is False keeps its state.
 
     ``round_fn``: `RoundStep.fn` for ``map``, `RoundStep.sweep_fn` for ``vmap`` (vmapped with
-    the axis name `SWEEP_AXIS`)."""
+    the axis name `SWEEP_AXIS`). ``batch_size`` (``map``): configurations vmapped together in
+    each step of the map (``lax.map(batch_size=...)``): a vmap in chunks, bounding memory."""
 
     def step(states, alive, data, offsets):
         if execution == "map":
-            new, metrics = jax.lax.map(lambda s: round_fn(s, data, offsets), states)
+            new, metrics = jax.lax.map(lambda s: round_fn(s, data, offsets), states,
+                                       batch_size=batch_size)
         else:
             new, metrics = jax.vmap(round_fn, in_axes=(0, None, None),
                                     axis_name=SWEEP_AXIS)(states, data, offsets)
@@ -524,7 +534,7 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
     alive = np.array([True] * count + [False] * (padded - count))
     round_step = experiment.round_step
     step = stacked_step(round_step.sweep_fn if execution == "vmap" else round_step.fn,
-                        execution, mesh)
+                        execution, mesh, spec.batch_size if execution == "map" else None)
     folders = [workdir / "configs" / m.point.label for m in members]
     checkpointer = Checkpointer(workdir / "checkpoints" / f"group_{number:02d}",
                                 keep=config.checkpoint.keep)

@@ -122,22 +122,24 @@ def test_sweep_equals_separate_runs_and_masks_a_diverging_configuration(tmp_path
 
 
 def test_a_killed_sweep_resumes_from_its_checkpoint(tmp_path):
-    path = _write(tmp_path, {"grid": {"client.optimizer.learning_rate": [0.5, 2.0]}},
+    # lax.map in chunks of 2 configurations (each chunk vmapped)
+    path = _write(tmp_path, {"grid": {"client.optimizer.learning_rate": [0.5, 2.0, 1.0]},
+                             "batch_size": 2},
                   model={"name": "char_lstm", "hidden": 8})
     workdir = tmp_path / "sweep"
     sweep(path, workdir=workdir)
-    full = {label: _rows(workdir / "configs" / label / "metrics.jsonl")
-            for label in ("000", "001")}
+    labels = ("000", "001", "002")
+    full = {label: _rows(workdir / "configs" / label / "metrics.jsonl") for label in labels}
     # As if killed after the checkpoint of round 2: the round-4 checkpoint never got written.
     shutil.rmtree(workdir / "checkpoints" / "group_00" / "4")
-    for label in ("000", "001"):  # and round 3 was logged before the kill
+    for label in labels:  # and round 3 was logged before the kill
         log = workdir / "configs" / label / "metrics.jsonl"
         log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:3]))
     result = sweep(path, workdir=workdir)
-    for label in ("000", "001"):
+    for label in labels:
         _assert_same_rows(_rows(workdir / "configs" / label / "metrics.jsonl"), full[label],
                           rtol=0, atol=0)
-    assert [r["status"] for r in result.rows] == ["ok", "ok"]
+    assert [r["status"] for r in result.rows] == ["ok", "ok", "ok"]
 
 
 def test_shape_changing_keys_split_the_sweep_into_programs_through_the_cli(tmp_path, capsys):
