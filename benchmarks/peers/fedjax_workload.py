@@ -102,9 +102,7 @@ def main() -> None:
         "examples_per_round": 1000.0,
         "model_params": int(params),
         "versions": {
-            "fedjax": importlib.metadata.version("fedjax"),
-            "jax": jax.__version__,
-            "jaxlib": importlib.metadata.version("jaxlib"), "dm-haiku": importlib.metadata.version("dm-haiku"), "optax": importlib.metadata.version("optax"),
+            p: importlib.metadata.version(p) for p in ("fedjax", "jax", "jaxlib", "dm-haiku", "optax")
         },
         "backend": jax.default_backend(),
     }), flush=True)
