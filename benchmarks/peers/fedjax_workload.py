@@ -102,7 +102,8 @@ def main() -> None:
         "examples_per_round": 1000.0,
         "model_params": int(params),
         "versions": {
-            p: importlib.metadata.version(p) for p in ("fedjax", "jax", "jaxlib", "dm-haiku", "optax")
+            p: importlib.metadata.version(p)
+            for p in ("fedjax", "jax", "jaxlib", "dm-haiku", "optax")
         },
         "backend": jax.default_backend(),
     }), flush=True)
