@@ -65,6 +65,16 @@ def no_state(example: PyTree) -> tuple:
     return ()
 
 
+def array_state(**values: float) -> Callable[[PyTree], dict[str, jax.Array]]:
+    """``init`` of a stage whose state is its numeric options as float32 arrays (sweepable)."""
+
+    def init(example: PyTree) -> dict[str, jax.Array]:
+        del example
+        return {name: jnp.asarray(value, jnp.float32) for name, value in values.items()}
+
+    return init
+
+
 def weighted_mean(values: PyTree, weights: jax.Array) -> PyTree:
     """Mean over the leading client axis with weights ``[C]`` (safe when all are zero).
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from fedjax_sim.aggregators.base import (
     REDUCE,
     Stage,
+    array_state,
     client_norms,
     no_state,
     participating,
@@ -95,9 +96,7 @@ def trimmed_mean(beta: float = 0.1) -> Stage:
     if not 0.0 <= float(beta) < 0.5:
         raise ValueError(f"trimmed_mean: beta must be in [0, 0.5), got {beta!r}")
 
-    def init(example):
-        del example
-        return {"beta": jnp.asarray(beta, jnp.float32)}
+    init = array_state(beta=beta)
 
     def apply(state, values, weights, key, context):
         del key
@@ -210,9 +209,7 @@ def geometric_median(iterations: int = 10, smoothing: float = 1e-6,
                          f"{WEIGHTINGS}")
     iterations = int(iterations)
 
-    def init(example):
-        del example
-        return {"smoothing": jnp.asarray(smoothing, jnp.float32)}
+    init = array_state(smoothing=smoothing)
 
     def apply(state, values, weights, key, context):
         del key
