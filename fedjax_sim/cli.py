@@ -8,6 +8,9 @@
   fedjax-sim data convert CONFIG [overrides...] [--out DIR]   build the memory-mapped cache
   fedjax-sim analytics CONFIG [overrides...]   a private statistic, e.g.
                                                configs/analytics/shakespeare_heavy_hitters.yaml
+  fedjax-sim run CONFIG --coordinator HOST:PORT --num-processes N --process-id I
+                                            one of N processes (jax.distributed)
+  fedjax-sim launch -n N [--port P] -- run CONFIG [...]   N processes on this machine
 
 Bad input gives one line on stderr naming the file, key or value and exit code 2 (add
 ``--debug`` for the traceback); a diverged run exits with code 3.
@@ -38,6 +41,24 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
         sub.add_argument("--overwrite", action="store_true",
                          help="replace a run of another config in --workdir (default: refuse)")
+        sub.add_argument("--coordinator", metavar="HOST:PORT",
+                         help="multi-process run: process 0's address (or "
+                              "FEDJAX_SIM_COORDINATOR)")
+        sub.add_argument("--num-processes", type=int, metavar="N",
+                         help="multi-process run: processes in all (or "
+                              "FEDJAX_SIM_NUM_PROCESSES)")
+        sub.add_argument("--process-id", type=int, metavar="I",
+                         help="multi-process run: this process, 0 .. N-1 (or "
+                              "FEDJAX_SIM_PROCESS_ID)")
+        sub.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                         help="multi-process run: end every process with an error when one "
+                              "is silent this long (default 30)")
+    launch = commands.add_parser(
+        "launch", help="run a command as N connected processes of this machine")
+    launch.add_argument("-n", "--num-processes", type=int, required=True, metavar="N")
+    launch.add_argument("--port", type=int, default=12355, help="the coordinator's port")
+    launch.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- run CONFIG ...",
+                        help="the fedjax-sim command every process runs")
     sweep = commands.add_parser(
         "sweep", help="train many configurations of a config in one compiled program")
     sweep.add_argument("config", help="a sweep config (a run config with a sweep: section), "
@@ -121,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedjax-sim: error: {error} (see fedjax-sim --help)", file=sys.stderr)
         return EXIT_USAGE
 
+    if args.command == "launch":
+        return _launch_command(args)
+
     import fedjax_sim  # noqa: F401  (sets XLA flags before jax starts)
     from fedjax_sim.config import ConfigError, load_config
     from fedjax_sim.data.errors import DataError
@@ -136,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "analytics":
             _analytics_command(args)
             return 0
+        if args.command in ("run", "demo"):
+            _initialize_processes(args)
         config = load_config(getattr(args, "config", None), args.overrides)
         if args.command == "data":
             _data_command(args, config)
@@ -155,6 +181,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fedjax-sim: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _initialize_processes(args) -> None:
+    """``jax.distributed`` from the flags or the environment (nothing for one process)."""
+    from fedjax_sim.config import ConfigError
+    from fedjax_sim.simulation.distributed import initialize
+
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id,
+                   heartbeat_timeout=args.heartbeat_timeout)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _launch_command(args) -> int:
+    from fedjax_sim.simulation.distributed import launch_local
+
+    command = list(args.command_args)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command or command[0] not in ("run", "demo"):
+        print("fedjax-sim: error: launch runs 'run CONFIG ...' or 'demo ...' in every process, "
+              f"got {' '.join(command) or 'nothing'!r} (e.g. fedjax-sim launch -n 2 -- run "
+              "configs/fashion_mnist_fedavg.yaml)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.num_processes < 1:
+        print(f"fedjax-sim: error: --num-processes {args.num_processes}: expected >= 1",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return launch_local(command, args.num_processes, args.port)
 
 
 def _data_command(args, config) -> None:

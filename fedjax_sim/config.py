@@ -224,10 +224,13 @@ class ExecutionConfig:
     """How clients run: ``auto`` (sequential map on CPU, vmap on GPU/TPU), ``vmap`` or ``map``.
 
     ``client_batch_size``: clients per chunk under ``map``. ``num_devices``: shard the cohort
-    over this many devices (None: 1). ``data_placement``: ``device`` (the training arrays live
-    on the device), ``host`` (they stay in host memory; each round's rows are gathered and
-    transferred while the previous round computes, ``prefetch`` rounds ahead; None: 2 on GPU/TPU,
-    0 on CPU, where the gather competes with the round for the same cores) or ``auto`` (host for
+    over this many devices (None: 1, or every device of every process in a multi-process run).
+    ``data_placement``: ``device`` (the training arrays live on every device), ``host`` (they
+    stay in host memory; each round's rows are gathered and transferred while the previous round
+    computes, ``prefetch`` rounds ahead; None: 2 on GPU/TPU, 0 on CPU, where the gather competes
+    with the round for the same cores), ``sharded`` (split by clients over the devices: each
+    holds one block of clients and trains cohort size / devices clients drawn from it, a
+    stratified sample; `fedjax_sim.data.sampling.blocked_uniform_sampler`) or ``auto`` (host for
     memory-mapped caches or more than 4 GiB). ``rounds_per_call``: rounds run by one compiled
     call (a loop over rounds on the device, metrics stacked), so tiny models are not bound by
     the per-round dispatch; the log, evaluation and checkpoint rounds still end a call, so the
@@ -315,7 +318,7 @@ CHOICES = {
     "cohort.sampler": ("uniform", "weighted", "full", "poisson"),
     "privacy.accountant": ("rdp", "pld"),
     "execution.client_execution": ("auto", "vmap", "map"),
-    "execution.data_placement": ("auto", "device", "host"),
+    "execution.data_placement": ("auto", "device", "host", "sharded"),
     "system.speed": ("constant", "lognormal", "uniform", "trace"),
 }
 # Values that must lie in [0, 1), and values that must be > 0.

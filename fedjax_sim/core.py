@@ -135,3 +135,40 @@ class Aggregator(NamedTuple):
     init: Callable[[PyTree], PyTree]
     apply: Callable[..., tuple[PyTree, PyTree, dict[str, jax.Array]]]
     noise_multipliers: Callable[[PyTree], dict[str, jax.Array]] | None = None
+
+
+@jax.tree_util.register_pytree_node_class
+class ShardedData(dict):
+    """Flat example arrays split by clients over the devices of a mesh's ``clients`` axis.
+
+    Device d holds rows ``[d * rows_per_shard, (d + 1) * rows_per_shard)`` of the global arrays
+    (its own block of clients, padded); a cohort's ``indices`` are global rows. Inside the
+    engine's sharded client map (``local`` True) each device sees only its block, and
+    `local_rows` turns the global rows into rows of that block; anywhere else the arrays are
+    whole and global rows index them directly. A dict: algorithms read it like any data.
+    """
+
+    def __init__(self, arrays: Mapping[str, jax.Array], rows_per_shard: int,
+                 axis_name: str, local: bool = False):
+        super().__init__(arrays)
+        self.rows_per_shard = rows_per_shard
+        self.axis_name = axis_name
+        self.local = local
+
+    def as_local(self) -> ShardedData:
+        return ShardedData(self, self.rows_per_shard, self.axis_name, local=True)
+
+    def local_rows(self, rows: jax.Array) -> jax.Array:
+        if not self.local:
+            return rows
+        return rows - self.rows_per_shard * jax.lax.axis_index(self.axis_name)
+
+    def tree_flatten(self):
+        names = sorted(self)
+        return [self[name] for name in names], (names, self.rows_per_shard, self.axis_name,
+                                                self.local)
+
+    @classmethod
+    def tree_unflatten(cls, aux, leaves):
+        names, rows_per_shard, axis_name, local = aux
+        return cls(dict(zip(names, leaves, strict=True)), rows_per_shard, axis_name, local)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.core import ClientInput
+from fedjax_sim.core import ClientInput, ShardedData
 from fedjax_sim.models.base import Model, batch_statistics, mean_loss
 
 Params = Any
@@ -47,7 +47,12 @@ def loss_gradient(loss_fn: LossFn) -> Callable[..., tuple[Params, dict]]:
 
 
 def gather_batch(data: Mapping[str, jax.Array], rows: jax.Array) -> dict[str, jax.Array]:
-    """``{feature: data[feature][rows]}``; rows are clipped, so padding never reads garbage."""
+    """``{feature: data[feature][rows]}``; rows are clipped, so padding never reads garbage.
+
+    Rows are global; for `ShardedData` inside the sharded client map they become rows of the
+    device's own block."""
+    if isinstance(data, ShardedData):
+        rows = data.local_rows(rows)
     return {name: jnp.take(array, rows, axis=0, mode="clip") for name, array in data.items()}
 
 

@@ -44,6 +44,55 @@ def uniform_sampler(num_clients: int, cohort_size: int, replace: bool = False) -
     return sample
 
 
+def client_blocks(num_clients: int, num_blocks: int) -> np.ndarray:
+    """``[num_blocks + 1]`` boundaries splitting clients ``0 .. num_clients - 1`` into
+    contiguous blocks of (almost) equal client counts: block d is ``[b[d], b[d + 1])``."""
+    if not 1 <= num_blocks <= num_clients:
+        raise ValueError(f"{num_clients} clients cannot be split into {num_blocks} blocks")
+    return np.array([d * num_clients // num_blocks for d in range(num_blocks + 1)], np.int64)
+
+
+def blocked_uniform_sampler(
+    boundaries: np.ndarray, cohort_size: int, replace: bool = False
+) -> Sampler:
+    """Draws ``cohort_size / num_blocks`` clients uniformly from each block of clients.
+
+    The sampler of data split by clients over devices (``data_placement: sharded``): block d
+    lives on device d, which trains the ``k = cohort_size / num_blocks`` clients drawn from it
+    (slots ``d k .. (d + 1) k - 1`` of the cohort). This is stratified sampling: a client of
+    block d is in a round's cohort with probability ``k / n_d``, the same ``C / N`` as under
+    `uniform_sampler` when the blocks are equal (`client_blocks` makes them differ by at most one
+    client), but two clients of one block are drawn together less often than under uniform
+    sampling, and a cohort always holds exactly k clients of every block. The key of block d is
+    ``fold_in(key, d)``.
+
+    Args:
+      boundaries: ``[num_blocks + 1]`` block boundaries (`client_blocks`).
+      cohort_size: C, a multiple of the number of blocks.
+      replace: draw with replacement within a block.
+    """
+    boundaries = np.asarray(boundaries)
+    num_blocks = len(boundaries) - 1
+    sizes = np.diff(boundaries)
+    if cohort_size % num_blocks:
+        raise ValueError(f"cohort size {cohort_size} must be a multiple of the {num_blocks} "
+                         "devices the clients are split over (each trains as many)")
+    per_block = cohort_size // num_blocks
+    if not replace and per_block > sizes.min():
+        raise ValueError(f"cohort size {cohort_size} draws {per_block} clients from each of "
+                         f"{num_blocks} blocks, but the smallest block has {sizes.min()} "
+                         "clients")
+
+    def sample(key: jax.Array) -> jax.Array:
+        draws = [int(start) + jax.random.choice(jax.random.fold_in(key, d), int(size),
+                                                (per_block,), replace=replace)
+                 for d, (start, size) in enumerate(zip(boundaries[:-1], sizes, strict=True))]
+        return jnp.concatenate(draws).astype(jnp.int32)
+
+    sample.boundaries = boundaries  # the round step checks it matches the data's split
+    return sample
+
+
 def weighted_sampler(
     client_sizes: np.ndarray, cohort_size: int, replace: bool = False
 ) -> Sampler:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from fedjax_sim.core import ClientMap
+from fedjax_sim.core import ClientMap, ShardedData
 
 STRATEGIES = ("auto", "vmap", "map")
 CLIENT_AXIS = "clients"
@@ -69,10 +69,17 @@ def sharded_client_map(
     inner = local_client_map(strategy, batch_size)
 
     def map_clients(fn, clients, shared):
+        # Data split by clients (`ShardedData`) stays split: each device reads its own block.
+        is_sharded = lambda x: isinstance(x, ShardedData)  # noqa: E731
+        shared = jax.tree.map(lambda x: x.as_local() if is_sharded(x) else x, shared,
+                              is_leaf=is_sharded)
+        shared_specs = jax.tree.map(
+            lambda x: PartitionSpec(CLIENT_AXIS) if is_sharded(x) else PartitionSpec(), shared,
+            is_leaf=is_sharded)
         mapped = jax.shard_map(
             lambda c, s: inner(fn, c, s),
             mesh=mesh,
-            in_specs=(PartitionSpec(CLIENT_AXIS), PartitionSpec()),
+            in_specs=(PartitionSpec(CLIENT_AXIS), shared_specs),
             out_specs=PartitionSpec(CLIENT_AXIS),
             check_vma=False,
         )

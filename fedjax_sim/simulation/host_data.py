@@ -57,7 +57,7 @@ class HostFeeder:
                  offsets: np.ndarray, target: Any, prefetch: int = 2):
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-        self._cpu = jax.devices("cpu")[0]
+        self._cpu = jax.local_devices(backend="cpu")[0]
         self._plan = jax.jit(plan_fn)
         self._arrays = dict(arrays)
         self._offsets = jax.device_put(np.asarray(offsets, np.int32), self._cpu)

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fedjax_sim.aggregators import as_aggregator, create_aggregator, dp_fedavg_aggregator
 from fedjax_sim.algorithms import algorithm_factory, algorithm_options, create_algorithm
@@ -39,6 +40,8 @@ from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.errors import DataError
 from fedjax_sim.data.federated_data import FederatedDataset
 from fedjax_sim.data.sampling import (
+    blocked_uniform_sampler,
+    client_blocks,
     full_participation,
     poisson_cap,
     poisson_sampler,
@@ -52,6 +55,7 @@ from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier
 from fedjax_sim.privacy.dp_sgd import EXAMPLE_DP_ALGORITHMS, ExampleLedger, dp_sgd_loss
 from fedjax_sim.sharding import client_mesh
+from fedjax_sim.simulation.backend import Backend
 from fedjax_sim.simulation.checkpoint import Checkpointer
 from fedjax_sim.simulation.client_map import resolve_strategy
 from fedjax_sim.simulation.evaluation import build_evaluators, make_evaluator
@@ -104,6 +108,7 @@ class Experiment:
     def evaluate(self, algorithm_state) -> dict[str, float]:
         """Every evaluator on the algorithm state (its ``params`` unless it personalizes)."""
         out = {}
+        algorithm_state = self.round_step.backend.local(algorithm_state)  # a local copy
         for split, evaluator in self.evaluators.items():
             for name, value in jax.device_get(evaluator(algorithm_state)).items():
                 out[f"{split}/{name}"] = float(value)
@@ -213,8 +218,17 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
             f"clients ({train.num_clients}) in dataset {config.dataset.name!r}"
         )
     cohort_size = config.cohort.size
+    backend = _build_backend(config)
     try:
-        if config.cohort.sampler == "full":
+        if backend.data_placement == "sharded":
+            if config.cohort.sampler != "uniform":
+                raise ValueError(f"sampler {config.cohort.sampler!r} with execution."
+                                 "data_placement: sharded: each device draws its clients from "
+                                 "the block it holds, so only sampler: uniform is possible")
+            sampler = blocked_uniform_sampler(
+                client_blocks(train.num_clients, backend.num_shards), cohort_size,
+                config.cohort.replace)
+        elif config.cohort.sampler == "full":
             if config.cohort.replace:
                 raise ValueError("replace: true needs sampler uniform or weighted (full "
                                  "participation takes every client once)")
@@ -230,18 +244,9 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
     except ValueError as error:
         raise ConfigError(f"config key 'cohort': {error}") from None
     system = _build_system(config, train.num_clients)
-    mesh = None
-    if config.execution.num_devices and config.execution.num_devices > 1:
-        try:
-            mesh = client_mesh(config.execution.num_devices)
-        except ValueError as error:
-            raise ConfigError(f"config key 'execution.num_devices': {error}") from None
     try:
         round_step = build_round_step(
-            algorithm, train, schedule, sampler, cohort_size,
-            client_execution=config.execution.client_execution,
-            client_batch_size=config.execution.client_batch_size, mesh=mesh, system=system,
-            data_placement=config.execution.data_placement, prefetch=config.execution.prefetch,
+            algorithm, train, schedule, sampler, cohort_size, backend=backend, system=system,
             rounds_per_call=config.execution.rounds_per_call,
         )
     except ValueError as error:
@@ -263,6 +268,26 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
             raise ConfigError(f"config key 'privacy': {error}") from None
     return Experiment(config, dataset, model, algorithm, schedule, round_step, evaluators,
                       privacy, example_privacy)
+
+
+def _build_backend(config: Config) -> Backend:
+    """The placement of the ``execution:`` section: devices (every process's, when there are
+    several), client execution, where the data lives."""
+    execution = config.execution
+    try:
+        mesh = None
+        num_devices = execution.num_devices
+        if num_devices is None and jax.process_count() > 1:
+            num_devices = jax.device_count()
+        if num_devices and num_devices > 1:
+            mesh = client_mesh(num_devices)
+    except ValueError as error:
+        raise ConfigError(f"config key 'execution.num_devices': {error}") from None
+    try:
+        return Backend(mesh, execution.client_execution, execution.client_batch_size,
+                       execution.data_placement, execution.prefetch)
+    except ValueError as error:
+        raise ConfigError(f"config key 'execution': {error}") from None
 
 
 # --- The attack: section ------------------------------------------------------------------------
@@ -544,10 +569,13 @@ def run(
     start = time.perf_counter()
     experiment = build_experiment(config)  # every config or data error comes before any write
     workdir = Path(workdir or config.workdir or default_workdir(config.name))
-    resume = _prepare_workdir(workdir, config, overwrite)
+    resume = _prepare_workdir_once(workdir, config, overwrite)
     summary_line = experiment.dataset.train.summary()
-    print(f"fedjax_sim: {config.name}: workdir {workdir}")
-    print(
+    _say(f"fedjax_sim: {config.name}: workdir {workdir}")
+    if jax.process_count() > 1:
+        _say(f"fedjax_sim: process 0 of {jax.process_count()} writes; "
+             f"{experiment.round_step.backend.num_shards} devices share each cohort")
+    _say(
         f"fedjax_sim: {config.dataset.name}: {summary_line['clients']} clients, "
         f"{summary_line['examples']} train examples (per client min {summary_line['min']}, "
         f"median {summary_line['median']:g}, max {summary_line['max']}); model "
@@ -559,6 +587,32 @@ def run(
     summary = _finish(experiment, workdir, history, setup_seconds, first_round,
                       time.perf_counter() - start)
     return RunResult(workdir, state, history, summary)
+
+
+def _say(message: str) -> None:
+    """Prints in process 0 only (every process of a multi-process run says the same)."""
+    if jax.process_index() == 0:
+        print(message)
+
+
+def _prepare_workdir_once(workdir: Path, config: Config, overwrite: bool) -> bool:
+    """`_prepare_workdir` in process 0; every process learns whether to resume (or that the
+    workdir was refused, then each raises the same error)."""
+    if jax.process_count() == 1:
+        return _prepare_workdir(workdir, config, overwrite)
+    error, resume = None, False
+    if jax.process_index() == 0:
+        try:
+            resume = _prepare_workdir(workdir, config, overwrite)
+        except ConfigError as raised:
+            error = raised
+    status = int(multihost_utils.broadcast_one_to_all(
+        np.int32(2 if error is not None else int(resume))))
+    if error is not None:
+        raise error
+    if status == 2:
+        raise ConfigError(f"workdir {str(workdir)!r}: process 0 refused it (see its error)")
+    return status == 1
 
 
 def _prepare_workdir(workdir: Path, config: Config, overwrite: bool) -> bool:
@@ -595,10 +649,13 @@ def _resume(checkpointer: Checkpointer, metrics_path: Path, state: SimulationSta
     if checkpointer.latest_round() is None:
         return state, []
     state, host = checkpointer.restore(state)
-    with open(metrics_path, "a+b") as log_file:  # drop rows logged after the checkpoint
-        log_file.truncate(int(host["metrics_offset"]))
+    if jax.process_index() == 0:
+        with open(metrics_path, "a+b") as log_file:  # drop rows logged after the checkpoint
+            log_file.truncate(int(host["metrics_offset"]))
+    if jax.process_count() > 1:  # the others read the log once process 0 has cut it
+        multihost_utils.sync_global_devices("fedjax_sim: metrics.jsonl cut to the checkpoint")
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    print(f"fedjax_sim: resuming after round {int(state.round)} "
+    _say(f"fedjax_sim: resuming after round {int(state.round)} "
           f"(checkpoint {checkpointer.directory / str(int(state.round))})")
     return state, history
 
@@ -613,11 +670,12 @@ def _train(
     history: list[dict[str, float]] = []
     if resume:
         state, history = _resume(checkpointer, metrics_path, state)
-    if not history:
+    main = jax.process_index() == 0  # the only process that writes (all of them compute)
+    if not history and main:
         metrics_path.write_text("")
     done = int(state.round)
-    writer = _tensorboard_writer(workdir) if config.log.tensorboard else None
-    progress = _progress_bar(config, initial=done)
+    writer = _tensorboard_writer(workdir) if config.log.tensorboard and main else None
+    progress = _progress_bar(config, initial=done) if main else None
     pending: list[tuple[Mapping[str, jax.Array], int | None]] = []  # (metrics, rounds or None)
     clock_offset = history[-1]["wall_time"] if history else 0.0
     start = time.perf_counter()
@@ -626,7 +684,7 @@ def _train(
     round_step = experiment.round_step
     round_index = done
     try:
-        with open(metrics_path, "a") as log_file:
+        with open(metrics_path if main else os.devnull, "a") as log_file:
             while round_index < config.rounds:
                 if round_step.rounds_per_call == 1:
                     state, metrics = round_step(state)
@@ -681,7 +739,7 @@ def _train(
                     progress.update(len(rows))
                     progress.set_postfix(_postfix(history))
                 if stop:
-                    print(f"fedjax_sim: a callback stopped the run after round {round_index}")
+                    _say(f"fedjax_sim: a callback stopped the run after round {round_index}")
                     break
     finally:
         experiment.round_step.reset()  # stops a host-data feeder thread
@@ -741,7 +799,8 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
         "rounds_per_second": round(1.0 / steady, 2) if steady > 0 else None,
         "total_seconds": round(total_seconds, 2),
         "backend": jax.default_backend(),
-        "devices": jax.device_count(),
+        "devices": experiment.round_step.backend.num_shards,
+        "placement": experiment.round_step.backend.describe(),
         "workdir": str(workdir),
     }
     if experiment.privacy is not None:
@@ -759,6 +818,8 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
         }
     if experiment.example_privacy is not None:
         summary["example_privacy"] = experiment.example_privacy.summary()
+    if jax.process_index() != 0:  # process 0 writes and reports
+        return summary
     temporary = workdir / "summary.json.tmp"
     temporary.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(temporary, workdir / "summary.json")

@@ -22,18 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from fedjax_sim.core import ClientInput, ClientMap, Cohort, FederatedAlgorithm
+from fedjax_sim.core import ClientInput, Cohort, FederatedAlgorithm, ShardedData
 from fedjax_sim.data.batching import ClientSchedule, cohort_indices
 from fedjax_sim.data.federated_data import FederatedData
-from fedjax_sim.data.sampling import Sampler
-from fedjax_sim.simulation.client_map import (
-    CLIENT_AXIS,
-    local_client_map,
-    resolve_strategy,
-    sharded_client_map,
+from fedjax_sim.data.sampling import Sampler, client_blocks
+from fedjax_sim.simulation.backend import (  # noqa: F401  (re-exported: the placement names)
+    DATA_PLACEMENTS,
+    DEVICE_BYTES_LIMIT,
+    Backend,
+    should_keep_on_host,
 )
+from fedjax_sim.simulation.client_map import CLIENT_AXIS
 from fedjax_sim.simulation.host_data import HostFeeder
 from fedjax_sim.simulation.system import system_metrics
 
@@ -111,18 +112,9 @@ def _server_key(key: jax.Array, round_index: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, round_index), 4)
 
 
-PLACEMENTS = ("auto", "device", "host")
+PLACEMENTS = DATA_PLACEMENTS
 SWEEP_AXIS = "sweep"
 """The vmap axis name `RoundStep.sweep_fn` expects (configurations of a sweep)."""
-DEVICE_BYTES_LIMIT = 4 << 30
-"""``data_placement="auto"`` keeps arrays larger than this (in total) on the host."""
-
-
-def should_keep_on_host(arrays: Mapping[str, np.ndarray]) -> bool:
-    """True for memory-mapped arrays, or more than `DEVICE_BYTES_LIMIT` bytes in total."""
-    total = sum(np.asarray(a).nbytes if not isinstance(a, np.memmap) else a.nbytes
-                for a in arrays.values())
-    return any(isinstance(a, np.memmap) for a in arrays.values()) or total > DEVICE_BYTES_LIMIT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +140,7 @@ class RoundStep:
       multi_round: ``(state, data, offsets, num_rounds) -> (state, metrics [k, ...])`` jitted
         (state donated; ``num_rounds`` a traced int32, so every count up to k is one program);
         None when k is 1.
+      backend: the placement the step was built for (devices, mesh, processes, data).
     """
 
     fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]]
@@ -160,14 +153,15 @@ class RoundStep:
     sweep_fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
     rounds_per_call: int = 1
     multi_round: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
+    backend: Backend = dataclasses.field(default_factory=Backend)
 
     def place(self, state: SimulationState) -> SimulationState:
-        """``state`` committed to where the step runs.
+        """``state`` committed to where the step runs (replicated over every process's devices).
 
         A fresh state (`init_simulation_state`) is not committed to a device while the step's
         outputs are, so without this the second round compiles the step a second time.
         """
-        return state if self.target is None else jax.device_put(state, self.target)
+        return self.backend.put(state)
 
     def __call__(self, state: SimulationState) -> tuple[SimulationState, dict[str, jax.Array]]:
         if self.feeder is None:
@@ -205,14 +199,15 @@ def build_round_step(
     sampler: Sampler,
     cohort_size: int,
     *,
+    backend: Backend | None = None,
+    donate: bool = True,
+    system: Callable[[jax.Array, ClientInput], ClientInput] | None = None,
+    rounds_per_call: int = 1,
     client_execution: str = "auto",
     client_batch_size: int | None = None,
     mesh: Mesh | None = None,
-    donate: bool = True,
-    system: Callable[[jax.Array, ClientInput], ClientInput] | None = None,
     data_placement: str = "device",
     prefetch: int | None = None,
-    rounds_per_call: int = 1,
 ) -> RoundStep:
     """Builds the jitted round step.
 
@@ -222,36 +217,41 @@ def build_round_step(
       schedule: static local-training shape (S, B, epochs).
       sampler: ``key -> [cohort_size]`` client positions.
       cohort_size: C, clients per round.
-      client_execution: ``"auto"``, ``"vmap"`` or ``"map"`` (see `client_map`).
-      client_batch_size: clients per chunk under ``"map"``.
-      mesh: a mesh with a ``clients`` axis to shard the cohort over devices (None: one device).
+      backend: the placement (`Backend`: mesh, client execution, data placement, prefetch).
+        None: ``Backend(mesh, client_execution, client_batch_size, data_placement, prefetch)``
+        from the keyword arguments below, a shorthand for one process.
       donate: donate the state's buffers to the step.
       system: ``(key, clients) -> clients``, a system-heterogeneity model applied to the cohort
         before the algorithm sees it (dropout, stragglers, per-client durations; see
         `fedjax_sim.simulation.system`). None: every client finishes every step, 1 s per step.
-      data_placement: ``"device"`` (the flat arrays live on the device; the step gathers the
-        cohort's rows), ``"host"`` (the arrays stay in host memory, e.g. a memory-mapped cache:
-        a background thread plans each round, gathers its rows and transfers them while the
-        previous round computes), or ``"auto"`` (host for memory-mapped arrays or more than
-        `DEVICE_BYTES_LIMIT` bytes). Both give the same result, bit for bit.
-      prefetch: rounds the host path prepares ahead (0: gather when the round is called; None:
-        2 on GPU/TPU, 0 on CPU, where a feeder thread competes with XLA for the same cores and
-        measured slower: `benchmarks/host_prefetch.py`).
       rounds_per_call: k > 1 also compiles `RoundStep.run_rounds`: up to k rounds in one call,
         a ``lax.fori_loop`` over the round carrying the (donated) state and writing each round's
         metrics into a ``[k, ...]`` buffer. The count is a traced argument, so a call of fewer
         rounds (to end on a log or evaluation round) reuses the one program instead of compiling
         a scan per length. Device data only: host data is gathered on the host round by round.
+      client_execution, client_batch_size, mesh, data_placement, prefetch: the `Backend`'s
+        fields when ``backend`` is None: ``data_placement`` ``"device"`` (the flat arrays live
+        on the device; the step gathers the cohort's rows), ``"host"`` (they stay in host
+        memory, e.g. a memory-mapped cache: a background thread plans each round, gathers its
+        rows and transfers them while the previous round computes; the same result bit for
+        bit), ``"sharded"`` (split by clients over the mesh's devices; the sampler must be
+        `blocked_uniform_sampler` over `client_blocks`) or ``"auto"``; ``prefetch`` the rounds
+        the host path prepares ahead (None: 2 on GPU/TPU, 0 on CPU, where a feeder thread
+        competes with XLA for the same cores and measured slower).
     """
-    num_shards = mesh.shape[CLIENT_AXIS] if mesh is not None else 1
+    if backend is None:
+        backend = Backend(mesh, client_execution, client_batch_size, data_placement, prefetch)
+    elif (mesh, client_execution, client_batch_size, data_placement, prefetch) != (
+            None, "auto", None, "device", None):
+        raise ValueError("give the placement either as backend= or as the keyword arguments "
+                         "mesh, client_execution, client_batch_size, data_placement, prefetch; "
+                         "not both")
+    data_placement = backend.data_placement
+    num_shards = backend.num_shards
     poisson = isinstance(jax.eval_shape(sampler, jax.random.PRNGKey(0)), tuple)
-    sequential = resolve_strategy(client_execution) == "map" and (client_batch_size or 1) == 1
+    sequential = backend.sequential
     padded_size = -(-cohort_size // num_shards) * num_shards
-    if data_placement not in PLACEMENTS:
-        raise ValueError(f"data_placement={data_placement!r}: expected one of {PLACEMENTS}")
-    on_host = data_placement == "host" or (
-        data_placement == "auto" and should_keep_on_host(train.arrays)
-    )
+    on_host = backend.keeps_on_host(train.arrays)
     if rounds_per_call < 1:
         raise ValueError(f"rounds_per_call={rounds_per_call}: expected an integer >= 1")
     if rounds_per_call > 1 and on_host:
@@ -260,14 +260,14 @@ def build_round_step(
             f"data_placement={data_placement!r} keeps it on the host (each round's rows are "
             "gathered there); use data_placement='device' if the arrays fit in device memory, "
             "or rounds_per_call=1")
-    if mesh is not None:
-        map_clients: ClientMap = sharded_client_map(mesh, client_execution, client_batch_size)
-        target: Any = NamedSharding(mesh, PartitionSpec())
+    map_clients = backend.client_map()
+    target = backend.target
+    offsets = backend.put(train.offsets.astype(np.int32))
+    shard_rows = None
+    if data_placement == "sharded":
+        data, shard_rows = _shard_by_clients(backend, train, sampler, cohort_size)
     else:
-        map_clients = local_client_map(client_execution, client_batch_size)
-        target = jax.devices()[0]
-    offsets = jax.device_put(train.offsets.astype(np.int32), target)
-    data = None if on_host else jax.device_put(dict(train.arrays), target)
+        data = None if on_host else backend.put(dict(train.arrays))
 
     def plan_fn(key: jax.Array, round_index: jax.Array, offsets: jax.Array) -> CohortPlan:
         """Which clients train this round and which example rows each step reads."""
@@ -281,6 +281,11 @@ def build_round_step(
             cohort_ids, drawn = sampled, jnp.int32(cohort_size)
         cohort_ids = jnp.pad(cohort_ids, (0, padded_size - cohort_size))
         indices, mask, sizes = cohort_indices(key_batch, cohort_ids, offsets, schedule)
+        if shard_rows is not None:  # rows of the data split by clients: block d starts at d R
+            boundaries, row_starts, rows_per_shard = shard_rows
+            block = jnp.searchsorted(jnp.asarray(boundaries[1:-1]), cohort_ids, side="right")
+            shift = block * rows_per_shard - jnp.asarray(row_starts)[block]
+            indices = indices + shift[:, None, None].astype(indices.dtype)
         mask = mask & valid[:, None, None]
         sizes = jnp.where(valid, sizes, 0)
         return CohortPlan(cohort_ids, indices, mask, sizes, valid, jnp.asarray(drawn, jnp.int32))
@@ -341,12 +346,46 @@ def build_round_step(
                                   donate_argnums=donate_argnums)
         return RoundStep(round_fn, jitted, data, offsets, cohort_size, target=target,
                          sweep_fn=sweep_round_fn, rounds_per_call=rounds_per_call,
-                         multi_round=multi_round)
+                         multi_round=multi_round, backend=backend)
+    prefetch = backend.prefetch
     if prefetch is None:
         prefetch = 0 if jax.default_backend() == "cpu" else 2
     feeder = HostFeeder(plan_fn, train.arrays, train.offsets, target, prefetch)
     jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums)
-    return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder, target)
+    return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder, target,
+                     backend=backend)
+
+
+def _shard_by_clients(backend: Backend, train: FederatedData, sampler: Sampler,
+                      cohort_size: int) -> tuple[ShardedData, tuple[np.ndarray, np.ndarray, int]]:
+    """The training arrays split by `client_blocks` over the mesh's devices (each process
+    materialises only its own devices' blocks), and ``(boundaries, row_starts, R)``: the client
+    blocks, their first rows in the flat arrays, and the rows per device (the largest block)."""
+    boundaries = client_blocks(train.num_clients, backend.num_shards)
+    if not np.array_equal(getattr(sampler, "boundaries", None), boundaries):
+        raise ValueError(
+            "data_placement='sharded' needs a sampler that draws every device's clients from "
+            f"the block it holds: blocked_uniform_sampler(client_blocks({train.num_clients}, "
+            f"{backend.num_shards}), cohort_size)")
+    if cohort_size % backend.num_shards:
+        raise ValueError(f"data_placement='sharded': the cohort size {cohort_size} must be a "
+                         f"multiple of the {backend.num_shards} devices")
+    offsets = np.asarray(train.offsets, np.int64)
+    row_starts = offsets[boundaries]
+    rows_per_shard = max(int(np.diff(row_starts).max()), 1)
+
+    def block(d: int) -> dict[str, np.ndarray]:
+        start, end = int(row_starts[d]), int(row_starts[d + 1])
+        out = {}
+        for name, array in train.arrays.items():
+            rows = np.asarray(array[start:end])  # a memory-mapped cache reads only these pages
+            pad = [(0, rows_per_shard - (end - start))] + [(0, 0)] * (rows.ndim - 1)
+            out[name] = np.pad(rows, pad)
+        return out
+
+    arrays = backend.put_sharded(block, rows_per_shard, train.arrays)
+    return (ShardedData(arrays, rows_per_shard, CLIENT_AXIS),
+            (boundaries, row_starts[:-1].astype(np.int32), rows_per_shard))
 
 
 def _multi_round(round_fn: Callable, rounds_per_call: int) -> Callable:

@@ -1,0 +1,180 @@
+"""Placement: which devices run a round, where the training data lives, how the cohort maps to
+the devices, and which process writes.
+
+A `Backend` is the one object the round step receives for these decisions (`build_round_step`'s
+``backend=``). The default, ``Backend()``, is one process and one device: nothing is sharded and
+it costs nothing. With a mesh that has a ``clients`` axis each device trains its share of the
+cohort (`sharded_client_map`); the mesh may span the devices of several processes started with
+`fedjax_sim.simulation.distributed.initialize` (``jax.distributed``), and then every array the
+step reads is a global array over that mesh.
+
+Where the flat training arrays live (``data_placement``):
+
+* ``device``: replicated on every device of the mesh; the step gathers the cohort's rows.
+* ``host``: in host memory (e.g. a memory-mapped cache); a feeder gathers each round's rows and
+  transfers them (`fedjax_sim.simulation.host_data`).
+* ``sharded``: split by clients over the mesh's devices: device d holds only the rows of its own
+  block of clients, and draws its share of the cohort from that block (see
+  `fedjax_sim.data.sampling.blocked_uniform_sampler`). Memory per device is the data over the
+  number of devices; the cohort is stratified by block instead of uniform over all clients.
+* ``auto``: ``host`` for memory-mapped arrays or more than `DEVICE_BYTES_LIMIT` bytes, else
+  ``device``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fedjax_sim.core import ClientMap
+from fedjax_sim.sharding import client_mesh
+from fedjax_sim.simulation.client_map import (
+    CLIENT_AXIS,
+    local_client_map,
+    resolve_strategy,
+    sharded_client_map,
+)
+
+PyTree = Any
+DATA_PLACEMENTS = ("auto", "device", "host", "sharded")
+DEVICE_BYTES_LIMIT = 4 << 30
+"""``data_placement="auto"`` keeps arrays larger than this (in total) on the host."""
+
+
+def should_keep_on_host(arrays: Mapping[str, np.ndarray]) -> bool:
+    """True for memory-mapped arrays, or more than `DEVICE_BYTES_LIMIT` bytes in total."""
+    total = sum(np.asarray(a).nbytes if not isinstance(a, np.memmap) else a.nbytes
+                for a in arrays.values())
+    return any(isinstance(a, np.memmap) for a in arrays.values()) or total > DEVICE_BYTES_LIMIT
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """Devices, mesh, data placement and client mapping of a simulation.
+
+    Attributes:
+      mesh: a mesh with a ``clients`` axis to shard the cohort over (None: one device, this
+        process's first).
+      client_execution: ``"auto"``, ``"vmap"`` or ``"map"`` (see `client_map`).
+      client_batch_size: clients per chunk under ``"map"`` (bounds memory for large cohorts).
+      data_placement: ``"device"``, ``"host"``, ``"sharded"`` or ``"auto"`` (module docstring).
+      prefetch: rounds the host feeder prepares ahead (None: 2 on GPU/TPU, 0 on CPU).
+    """
+
+    mesh: Mesh | None = None
+    client_execution: str = "auto"
+    client_batch_size: int | None = None
+    data_placement: str = "device"
+    prefetch: int | None = None
+
+    def __post_init__(self):
+        resolve_strategy(self.client_execution)
+        if self.client_batch_size is not None and self.client_batch_size < 1:
+            raise ValueError(f"client batch_size must be >= 1, got {self.client_batch_size}")
+        if self.data_placement not in DATA_PLACEMENTS:
+            raise ValueError(f"data_placement={self.data_placement!r}: expected one of "
+                             f"{DATA_PLACEMENTS}")
+        if self.mesh is not None and CLIENT_AXIS not in self.mesh.axis_names:
+            raise ValueError(f"mesh axes {self.mesh.axis_names} have no {CLIENT_AXIS!r} axis")
+        if self.mesh is None and jax.process_count() > 1:
+            raise ValueError(f"{jax.process_count()} processes need a mesh over their devices "
+                             "(Backend.create() makes one over all of them)")
+        if self.data_placement == "sharded" and self.mesh is None:
+            raise ValueError("data_placement='sharded' splits the clients over the devices of "
+                             "a mesh: give a mesh (execution.num_devices > 1, or several "
+                             "processes)")
+
+    @classmethod
+    def create(cls, num_devices: int | None = None, **options) -> Backend:
+        """A backend over ``num_devices`` devices (None: 1, or every device of every process
+        when there are several processes); ``options``: the other fields."""
+        if num_devices is None and jax.process_count() > 1:
+            num_devices = jax.device_count()
+        mesh = client_mesh(num_devices) if (num_devices or 1) > 1 else None
+        return cls(mesh=mesh, **options)
+
+    # --- Where things run ------------------------------------------------------------------
+
+    @property
+    def num_shards(self) -> int:
+        """Devices the cohort is split over (1 without a mesh)."""
+        return 1 if self.mesh is None else self.mesh.shape[CLIENT_AXIS]
+
+    @property
+    def multi_process(self) -> bool:
+        return jax.process_count() > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that writes logs, metrics, plots and summaries (process 0)."""
+        return jax.process_index() == 0
+
+    @property
+    def target(self) -> Any:
+        """Where the step's replicated inputs live: this process's first device, or replicated
+        over the mesh."""
+        if self.mesh is None:
+            return jax.local_devices()[0]
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def sequential(self) -> bool:
+        """Clients run one at a time (a sequential map), so each can run its own step count."""
+        return (resolve_strategy(self.client_execution) == "map"
+                and (self.client_batch_size or 1) == 1)
+
+    def client_map(self) -> ClientMap:
+        if self.mesh is None:
+            return local_client_map(self.client_execution, self.client_batch_size)
+        return sharded_client_map(self.mesh, self.client_execution, self.client_batch_size)
+
+    def keeps_on_host(self, arrays: Mapping[str, np.ndarray]) -> bool:
+        return self.data_placement == "host" or (
+            self.data_placement == "auto" and should_keep_on_host(arrays))
+
+    # --- Moving values ---------------------------------------------------------------------
+
+    def put(self, tree: PyTree) -> PyTree:
+        """``tree`` (the same value in every process) replicated where the step runs."""
+        if self.multi_process:  # a global array is built from host values, not local arrays
+            tree = jax.device_get(tree)
+        return jax.device_put(tree, self.target)
+
+    def put_sharded(self, block: Callable[[int], Mapping[str, np.ndarray]], rows: int,
+                    like: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Arrays split over the mesh's ``clients`` axis: device d holds ``block(d)`` (``rows``
+        rows of each feature, shaped like ``like``'s). Each process calls ``block`` only for
+        its own devices, so it reads (e.g. from a memory-mapped cache) only their rows."""
+        sharding = NamedSharding(self.mesh, PartitionSpec(CLIENT_AXIS))
+        cached = functools.lru_cache(maxsize=None)(block)
+        out = {}
+        for name, array in like.items():
+            shape = (self.num_shards * rows, *array.shape[1:])
+            out[name] = jax.make_array_from_callback(
+                shape, sharding,
+                lambda index, name=name: cached((index[0].start or 0) // rows)[name])
+        return out
+
+    def local(self, tree: PyTree) -> PyTree:
+        """A replicated global ``tree`` as arrays on this process's first device (to evaluate
+        with local data); unchanged in one process."""
+        if not self.multi_process:
+            return tree
+        return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a,
+                            tree)
+
+    def describe(self) -> dict[str, Any]:
+        """The placement for a run's summary."""
+        return {
+            "processes": jax.process_count(),
+            "devices": self.num_shards,
+            "platform": jax.default_backend(),
+            "client_execution": resolve_strategy(self.client_execution),
+            "data_placement": self.data_placement,
+        }
