@@ -1,10 +1,10 @@
 # ruff: noqa: I001  (the import order sets XLA flags before JAX starts)
-"""Test-wide set-up: 4 fake CPU devices (sharding tests) before JAX starts; the real-data gate."""
+"""Test-wide set-up: 8 fake CPU devices (sharding tests) before JAX starts; the real-data gate."""
 
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
 import pytest  # noqa: E402

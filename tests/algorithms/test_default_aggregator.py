@@ -11,6 +11,7 @@ from golden.make_golden import final_states
 
 from fedjax_sim import aggregators
 from fedjax_sim.algorithms import ALGORITHMS
+from fedjax_sim.sharding import client_mesh
 
 GOLDEN = Path(__file__).parent / "golden" / "default_aggregator.npz"
 # The golden states keep SCAFFOLD's default weights by examples, which it warns about.
@@ -43,3 +44,20 @@ def test_explicit_mean_equals_the_default(name):
     for key in golden.files:
         if key.split("|", 1)[0] == name:
             np.testing.assert_array_equal(got[key.split("|", 1)[1]], golden[key])
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_eight_devices_train_what_one_device_trains(name):
+    """The cohort of 4 split over 8 CPU devices (4 of them holding only zero-weight padding
+    clients; aggregation an all-reduce) ends with the one-device state, within 1e-6.
+
+    FedBuff on 4 devices (one client each): padding clients would take slots of its buffer,
+    whose size is the padded cohort, so it needs a cohort that fills the devices."""
+    golden = np.load(GOLDEN)
+    expected = {key.split("|", 1)[1]: golden[key] for key in golden.files
+                if key.split("|", 1)[0] == name}
+    devices = 4 if name == "fed_buff" else 8
+    got = final_states(execution="vmap", names=[name], mesh=client_mesh(devices))[name]
+    assert expected
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, atol=1e-6, rtol=0, err_msg=f"{name}: {key}")

@@ -256,3 +256,24 @@ def test_sharded_placement_errors():
     with pytest.raises(ValueError, match="not both"):
         build_round_step(algorithm, data, schedule, uniform_sampler(8, 4), 4,
                          backend=Backend(), mesh=client_mesh(4))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "configs/fashion_mnist_fedavg.yaml", "--coordinator", "localhost:1"],
+     "missing: --num-processes, --process-id"),
+    (["run", "configs/fashion_mnist_fedavg.yaml", "--coordinator", "localhost",
+      "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
+    (["run", "configs/fashion_mnist_fedavg.yaml", "--coordinator", "localhost:1",
+      "--num-processes", "2", "--process-id", "2"], "0 <= process id < number of processes"),
+    (["launch", "-n", "2", "--", "sweep", "x.yaml"], "launch runs 'run CONFIG ...'"),
+    (["launch", "-n", "0", "--", "run", "x.yaml"], "--num-processes 0: expected >= 1"),
+])
+def test_multi_process_flags_are_checked(argv, message, capsys, monkeypatch):
+    """Bad multi-process flags: one line naming the flag, exit code 2, nothing started."""
+    from fedjax_sim.cli import main
+
+    for name in ("FEDJAX_SIM_COORDINATOR", "FEDJAX_SIM_NUM_PROCESSES", "FEDJAX_SIM_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -25,7 +25,7 @@ ROUNDS = 3
 OPTIONS = {"fed_buff": {"concurrency": 4}, "ditto": {"personal_steps": 2}}
 
 
-def final_states(execution: str = "map", aggregator=None, names=None
+def final_states(execution: str = "map", aggregator=None, names=None, mesh=None
                  ) -> dict[str, dict[str, np.ndarray]]:
     model, data = tiny_model(), tiny_data(SIZES)
     schedule = ClientSchedule.from_sizes(data.client_sizes, batch_size=4, local_epochs=1)
@@ -36,7 +36,7 @@ def final_states(execution: str = "map", aggregator=None, names=None
             name, model, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
             optax.sgd(1.0), num_clients=data.num_clients, **OPTIONS.get(name, {}), **extra)
         step = build_round_step(algorithm, data, schedule, uniform_sampler(data.num_clients, 4),
-                                4, client_execution=execution)
+                                4, client_execution=execution, mesh=mesh)
         state = init_simulation_state(algorithm.init(model.init(jax.random.PRNGKey(0))), 7)
         for _ in range(ROUNDS):
             state, _ = step(state)

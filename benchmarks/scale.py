@@ -1,0 +1,149 @@
+"""Scale: large cohorts, chunked client maps, data split over devices, and 2 processes vs 1.
+
+Real data: Fashion-MNIST's 60,000 training images split IID over 6,000 clients (10 each), the
+MLP (2 x 200, 199,210 parameters), FedAvg, one local step of batch 10 per client. Every arm runs
+in a fresh process (``fedjax-sim run``; peak RSS is per process), 6 rounds, and reports the
+median seconds per round after the first (from its ``metrics.jsonl`` wall times) and the
+process's peak resident memory.
+
+Arms:
+
+* cohorts of 100, 1,000 and 5,000 clients, ``client_execution`` ``vmap`` (every client at once)
+  vs ``map`` with ``client_batch_size`` 100 (chunks of 100 clients in a ``lax.map``);
+* a cohort of 1,000 on 2 devices of one process with ``data_placement`` ``device`` (each
+  device holds all the data) vs ``sharded`` (each holds its half of the clients);
+* 1 process vs 2 processes (``fedjax-sim launch -n 2``, one CPU device each; the cohort split
+  over them, the aggregate an all-reduce through gloo), cohort 1,000. On one machine the two
+  processes share its cores, so this measures the cost of the processes' collectives, not a
+  speed-up; the peak RSS is process 0's.
+
+Usage::
+
+  FEDJAX_SIM_DATA=../shared/data python benchmarks/scale.py [--rounds 6] [--out PATH]
+
+Writes ``benchmarks/results/scale-<YYYY-MM-DD>-<machine>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax starts)
+
+# isort: split
+
+import jax
+
+from fedjax_sim.cli import main as cli_main
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402  (a sibling)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "fashion_mnist_fedavg.yaml"
+BASE = ["dataset.partition=iid", "dataset.num_clients=6000", "client.batch_size=10",
+        "client.local_steps=1", "log.every=1", "log.progress=false", "log.plot=false",
+        "eval.every=1000", "eval.max_examples=1000"]
+
+
+def _arms() -> list[dict]:
+    arms = []
+    for cohort in (100, 1000, 5000):
+        arms.append({"name": f"cohort{cohort}-vmap", "cohort": cohort, "processes": 1,
+                     "overrides": ["execution.client_execution=vmap"]})
+        arms.append({"name": f"cohort{cohort}-map-chunks100", "cohort": cohort, "processes": 1,
+                     "overrides": ["execution.client_execution=map",
+                                   "execution.client_batch_size=100"]})
+    for placement in ("device", "sharded"):
+        arms.append({"name": f"cohort1000-2devices-{placement}", "cohort": 1000,
+                     "processes": 1, "devices": 2,
+                     "overrides": ["execution.num_devices=2", "execution.client_execution=map",
+                                   "execution.client_batch_size=100",
+                                   f"execution.data_placement={placement}"]})
+    for processes in (1, 2):
+        arms.append({"name": f"cohort1000-{processes}process", "cohort": 1000,
+                     "processes": processes,
+                     "overrides": ["execution.client_execution=map",
+                                   "execution.client_batch_size=100"]})
+    return arms
+
+
+def _run_arm(arm: dict, rounds: int, workdir: pathlib.Path) -> dict:
+    overrides = [*BASE, f"rounds={rounds}", f"cohort.size={arm['cohort']}", *arm["overrides"]]
+    command = ["run", str(CONFIG), *overrides, "--workdir", str(workdir)]
+    env = dict(os.environ)
+    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={arm.get('devices', 1)}"
+    env["FEDJAX_SIM_SCALE_RSS"] = str(workdir / "rss.json")
+    argv = [sys.executable, __file__, "--worker", *command]
+    start = time.perf_counter()
+    processes = []
+    for process_id in range(arm["processes"]):  # as `fedjax-sim launch -n N` starts them
+        process_env = env if arm["processes"] == 1 else {
+            **env, "FEDJAX_SIM_COORDINATOR": "localhost:12499",
+            "FEDJAX_SIM_NUM_PROCESSES": str(arm["processes"]),
+            "FEDJAX_SIM_PROCESS_ID": str(process_id)}
+        processes.append(subprocess.Popen(argv, env=process_env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    for process in processes:
+        out, _ = process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"{arm['name']} failed:\n{out[-3000:]}")
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    times = [b["wall_time"] - a["wall_time"] for a, b in zip(rows, rows[1:], strict=False)]
+    rss = json.loads((workdir / "rss.json").read_text()) if (workdir / "rss.json").exists() \
+        else None
+    return {**arm, "rounds": rounds, "seconds_per_round": statistics.median(times),
+            "round_times": times, "peak_rss_mib": rss,
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "final_train_loss": rows[-1].get("train/loss")}
+
+
+def _worker(argv: list[str]) -> int:
+    """``fedjax-sim`` in this process, then its peak RSS (MiB) written where the parent reads."""
+    status = cli_main(argv)
+    path = os.environ.get("FEDJAX_SIM_SCALE_RSS")
+    if path and jax.process_index() == 0:
+        pathlib.Path(path).write_text(json.dumps(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    return status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--only", nargs="*", help="arm names to run (default: all)")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    report = {"benchmark": "scale", "date": datetime.date.today().isoformat(),
+              "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+              "machine": machine_info(), "matmul_peak": matmul_peak(), "config": str(CONFIG),
+              "base_overrides": BASE, "arms": []}
+    print(f"{report['machine']['cpu']}: matmul peak "
+          f"{report['matmul_peak']['median_gflops']:.1f} GFLOP/s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm in _arms():
+            if args.only and arm["name"] not in args.only:
+                continue
+            result = _run_arm(arm, args.rounds, pathlib.Path(tmp) / arm["name"])
+            report["arms"].append(result)
+            print(f"{arm['name']:32s} {result['seconds_per_round']:.3f} s/round  peak RSS "
+                  f"{result['peak_rss_mib'] or float('nan'):.0f} MiB", flush=True)
+            path = write_report(report, args.out, "scale-")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        sys.exit(_worker(sys.argv[2:]))
+    main()
