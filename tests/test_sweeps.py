@@ -166,7 +166,7 @@ def test_sweep_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_grouping_follows_what_the_program_holds_as_arrays():
-    # FedProx's mu and FedDyn's alpha live in their states (one program for two values); the
+    # FedProx's mu, FedDyn's alpha and q-FFL's Lipschitz constant live in their states (one program for two values); the
     # client batch size is a shape (two programs): the grouping is checked from the programs.
     def programs(algorithm, key, values=(0.01, 0.1)):
         spec = sweep_spec({"grid": {key: list(values)}})
@@ -175,4 +175,5 @@ def test_grouping_follows_what_the_program_holds_as_arrays():
 
     assert programs("fed_prox", "algorithm.mu") == 1
     assert programs("fed_dyn", "algorithm.alpha") == 1
+    assert programs("q_ffl", "algorithm.lipschitz", (5.0, 20.0)) == 1
     assert programs("fed_avg", "client.batch_size", (4, 8)) == 2

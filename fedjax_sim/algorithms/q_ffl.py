@@ -155,7 +155,11 @@ def q_ffl(
                 "Lipschitz constant L = 1 / lr from; wrap it in optax.inject_hyperparams or pass "
                 "lipschitz="
             )
-        return QFFLState(**fields, q=jnp.asarray(q, jnp.float32))
+        # A given L is an array of the state (a sweep can vary it); None derives it from the lr.
+        hyperparams = {} if lipschitz is None else {
+            "lipschitz": jnp.asarray(lipschitz, jnp.float32)}
+        return QFFLState(**fields, q=jnp.asarray(q, jnp.float32),
+                         algorithm_hyperparams=hyperparams)
 
     def client_update(client, shared):
         server_params, data, hyperparams = shared
@@ -173,7 +177,7 @@ def q_ffl(
         if lipschitz is None:
             lipschitz_constant = 1.0 / hyperparams["learning_rate"]
         else:
-            lipschitz_constant = jnp.asarray(lipschitz, jnp.float32)
+            lipschitz_constant = state.algorithm_hyperparams["lipschitz"]
         weights = client_weights(cohort.clients, state.weight_exponent)  # p_k, 0 if inactive
         loss = losses + LOSS_EPSILON
         loss_q = jnp.power(loss, state.q)
