@@ -14,8 +14,10 @@ Arms:
   device holds all the data) vs ``sharded`` (each holds its half of the clients);
 * 1 process vs 2 processes (``fedjax-sim launch -n 2``, one CPU device each; the cohort split
   over them, the aggregate an all-reduce through gloo), cohort 1,000. On one machine the two
-  processes share its cores, so this measures the cost of the processes' collectives, not a
-  speed-up; the peak RSS is process 0's.
+  processes share its cores; the peak RSS is process 0's.
+* SCAFFOLD with a control variate per client on 60,000 clients (one image each, the logistic
+  model: a 1.9 GB store), cohort 1,000: 1 process, 2 processes with the store replicated, and 2
+  processes with it split between them (``execution.client_state: sharded``).
 
 Usage::
 
@@ -75,6 +77,15 @@ def _arms() -> list[dict]:
                      "processes": processes,
                      "overrides": ["execution.client_execution=map",
                                    "execution.client_batch_size=100"]})
+    # SCAFFOLD with one control variate per client: 60,000 clients (one image each), the
+    # logistic model (7,850 parameters): a 1.9 GB store, replicated or split over 2 processes.
+    scaffold = ["algorithm.name=scaffold", "model.name=logistic", "dataset.num_clients=60000",
+                "client.batch_size=1", "client.weighting=uniform",
+                "execution.client_execution=map", "execution.client_batch_size=100"]
+    for processes, state in ((1, "replicated"), (2, "replicated"), (2, "sharded")):
+        arms.append({"name": f"scaffold-60000clients-{processes}process-{state}",
+                     "cohort": 1000, "processes": processes,
+                     "overrides": [*scaffold, f"execution.client_state={state}"]})
     return arms
 
 

@@ -231,10 +231,13 @@ class ExecutionConfig:
     with the round for the same cores), ``sharded`` (split by clients over the devices: each
     holds one block of clients and trains cohort size / devices clients drawn from it, a
     stratified sample; `fedjax_sim.data.sampling.blocked_uniform_sampler`) or ``auto`` (host for
-    memory-mapped caches or more than 4 GiB). ``rounds_per_call``: rounds run by one compiled
-    call (a loop over rounds on the device, metrics stacked), so tiny models are not bound by
-    the per-round dispatch; the log, evaluation and checkpoint rounds still end a call, so the
-    results and ``metrics.jsonl`` are those of one round per call. Needs the data on the device.
+    memory-mapped caches or more than 4 GiB). ``client_state``: ``replicated`` (default) or
+    ``sharded``: per-client state (SCAFFOLD's control variates, FedDyn, Ditto, error feedback)
+    split over the devices (and processes) by client, 1 / devices of it on each.
+    ``rounds_per_call``: rounds run by one compiled call (a loop over rounds on the device,
+    metrics stacked), so tiny models are not bound by the per-round dispatch; the log,
+    evaluation and checkpoint rounds still end a call, so the results and ``metrics.jsonl`` are
+    those of one round per call. Needs the data on the device.
     """
 
     client_execution: str = "auto"
@@ -243,6 +246,7 @@ class ExecutionConfig:
     data_placement: str = "auto"
     prefetch: int | None = None
     rounds_per_call: int = 1
+    client_state: str = "replicated"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +323,7 @@ CHOICES = {
     "privacy.accountant": ("rdp", "pld"),
     "execution.client_execution": ("auto", "vmap", "map"),
     "execution.data_placement": ("auto", "device", "host", "sharded"),
+    "execution.client_state": ("replicated", "sharded"),
     "system.speed": ("constant", "lognormal", "uniform", "trace"),
 }
 # Values that must lie in [0, 1), and values that must be > 0.

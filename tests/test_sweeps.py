@@ -166,8 +166,9 @@ def test_sweep_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_grouping_follows_what_the_program_holds_as_arrays():
-    # FedProx's mu, FedDyn's alpha and q-FFL's Lipschitz constant live in their states (one program for two values); the
-    # client batch size is a shape (two programs): the grouping is checked from the programs.
+    # FedProx's mu, FedDyn's alpha and q-FFL's Lipschitz constant live in their states (one
+    # program for two values); the client batch size is a shape (two programs): the grouping
+    # is checked from the programs.
     def programs(algorithm, key, values=(0.01, 0.1)):
         spec = sweep_spec({"grid": {key: list(values)}})
         points = expand({**TINY, "algorithm": {"name": algorithm}}, spec)

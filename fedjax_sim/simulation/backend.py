@@ -43,6 +43,7 @@ from fedjax_sim.simulation.client_map import (
 
 PyTree = Any
 DATA_PLACEMENTS = ("auto", "device", "host", "sharded")
+CLIENT_STATE_PLACEMENTS = ("replicated", "sharded")
 DEVICE_BYTES_LIMIT = 4 << 30
 """``data_placement="auto"`` keeps arrays larger than this (in total) on the host."""
 
@@ -65,6 +66,14 @@ class Backend:
       client_batch_size: clients per chunk under ``"map"`` (bounds memory for large cohorts).
       data_placement: ``"device"``, ``"host"``, ``"sharded"`` or ``"auto"`` (module docstring).
       prefetch: rounds the host feeder prepares ahead (None: 2 on GPU/TPU, 0 on CPU).
+      client_state: ``"replicated"`` (every device holds the whole state) or ``"sharded"``:
+        every leaf of the state whose leading axis is the number of clients (the per-client
+        stores of SCAFFOLD, FedDyn, Ditto, error feedback) is split over the mesh's devices
+        along that axis, so each device (and each process) holds 1 / devices of it; the round's
+        gathers and scatters of the cohort's rows then become collectives. A layout choice
+        only: the results are the same (a leaf that merely happens to have that leading size
+        is split too, which costs communication, never correctness; a store whose client count
+        is not a multiple of the devices stays replicated).
     """
 
     mesh: Mesh | None = None
@@ -72,6 +81,7 @@ class Backend:
     client_batch_size: int | None = None
     data_placement: str = "device"
     prefetch: int | None = None
+    client_state: str = "replicated"
 
     def __post_init__(self):
         resolve_strategy(self.client_execution)
@@ -80,6 +90,9 @@ class Backend:
         if self.data_placement not in DATA_PLACEMENTS:
             raise ValueError(f"data_placement={self.data_placement!r}: expected one of "
                              f"{DATA_PLACEMENTS}")
+        if self.client_state not in CLIENT_STATE_PLACEMENTS:
+            raise ValueError(f"client_state={self.client_state!r}: expected one of "
+                             f"{CLIENT_STATE_PLACEMENTS}")
         if self.mesh is not None and CLIENT_AXIS not in self.mesh.axis_names:
             raise ValueError(f"mesh axes {self.mesh.axis_names} have no {CLIENT_AXIS!r} axis")
         if self.mesh is None and jax.process_count() > 1:
@@ -146,6 +159,24 @@ class Backend:
             tree = jax.device_get(tree)
         return jax.device_put(tree, self.target)
 
+    def put_state(self, tree: PyTree, num_clients: int) -> PyTree:
+        """`put`, with the per-client leaves split over the devices when ``client_state`` is
+        ``"sharded"`` (leading axis ``num_clients``, a multiple of the devices)."""
+        if self.client_state == "replicated" or self.mesh is None:
+            return self.put(tree)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        split = NamedSharding(self.mesh, PartitionSpec(CLIENT_AXIS))
+
+        def place(leaf):
+            leaf = np.asarray(leaf)
+            per_client = (leaf.ndim >= 1 and leaf.shape[0] == num_clients
+                          and num_clients % self.num_shards == 0)
+            sharding = split if per_client else replicated
+            # Each process builds only its own devices' pieces.
+            return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+
+        return jax.tree.map(place, jax.device_get(tree))
+
     def put_sharded(self, block: Callable[[int], Mapping[str, np.ndarray]], rows: int,
                     like: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """Arrays split over the mesh's ``clients`` axis: device d holds ``block(d)`` (``rows``
@@ -177,4 +208,5 @@ class Backend:
             "platform": jax.default_backend(),
             "client_execution": resolve_strategy(self.client_execution),
             "data_placement": self.data_placement,
+            "client_state": self.client_state,
         }

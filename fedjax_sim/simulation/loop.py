@@ -285,7 +285,7 @@ def _build_backend(config: Config) -> Backend:
         raise ConfigError(f"config key 'execution.num_devices': {error}") from None
     try:
         return Backend(mesh, execution.client_execution, execution.client_batch_size,
-                       execution.data_placement, execution.prefetch)
+                       execution.data_placement, execution.prefetch, execution.client_state)
     except ValueError as error:
         raise ConfigError(f"config key 'execution': {error}") from None
 

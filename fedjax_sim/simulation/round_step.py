@@ -141,6 +141,7 @@ class RoundStep:
         (state donated; ``num_rounds`` a traced int32, so every count up to k is one program);
         None when k is 1.
       backend: the placement the step was built for (devices, mesh, processes, data).
+      num_clients: clients in the training data (the leading size of per-client state).
     """
 
     fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]]
@@ -154,6 +155,7 @@ class RoundStep:
     rounds_per_call: int = 1
     multi_round: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
     backend: Backend = dataclasses.field(default_factory=Backend)
+    num_clients: int = 0
 
     def place(self, state: SimulationState) -> SimulationState:
         """``state`` committed to where the step runs (replicated over every process's devices).
@@ -161,7 +163,7 @@ class RoundStep:
         A fresh state (`init_simulation_state`) is not committed to a device while the step's
         outputs are, so without this the second round compiles the step a second time.
         """
-        return self.backend.put(state)
+        return self.backend.put_state(state, self.num_clients)
 
     def __call__(self, state: SimulationState) -> tuple[SimulationState, dict[str, jax.Array]]:
         if self.feeder is None:
@@ -346,14 +348,15 @@ def build_round_step(
                                   donate_argnums=donate_argnums)
         return RoundStep(round_fn, jitted, data, offsets, cohort_size, target=target,
                          sweep_fn=sweep_round_fn, rounds_per_call=rounds_per_call,
-                         multi_round=multi_round, backend=backend)
+                         multi_round=multi_round, backend=backend,
+                         num_clients=train.num_clients)
     prefetch = backend.prefetch
     if prefetch is None:
         prefetch = 0 if jax.default_backend() == "cpu" else 2
     feeder = HostFeeder(plan_fn, train.arrays, train.offsets, target, prefetch)
     jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums)
     return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder, target,
-                     backend=backend)
+                     backend=backend, num_clients=train.num_clients)
 
 
 def _shard_by_clients(backend: Backend, train: FederatedData, sampler: Sampler,
