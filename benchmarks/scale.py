@@ -3,8 +3,10 @@
 Real data: Fashion-MNIST's 60,000 training images split IID over 6,000 clients (10 each), the
 MLP (2 x 200, 199,210 parameters), FedAvg, one local step of batch 10 per client. Every arm runs
 in a fresh process (``fedjax-sim run``; peak RSS is per process), 6 rounds, and reports the
-median seconds per round after the first (from its ``metrics.jsonl`` wall times) and the
-process's peak resident memory.
+median seconds per round after the first (from its ``metrics.jsonl`` wall times), the
+process's peak resident memory (set-up included: the initial state is built whole in every
+process before it is placed) and the largest resident memory at the logged rounds after the
+first (what training holds).
 
 Arms:
 
@@ -46,7 +48,8 @@ import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax start
 
 import jax
 
-from fedjax_sim.cli import main as cli_main
+from fedjax_sim.simulation.distributed import initialize
+from fedjax_sim.simulation.loop import run
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402  (a sibling)
@@ -113,21 +116,42 @@ def _run_arm(arm: dict, rounds: int, workdir: pathlib.Path) -> dict:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     times = [b["wall_time"] - a["wall_time"] for a, b in zip(rows, rows[1:], strict=False)]
     rss = json.loads((workdir / "rss.json").read_text()) if (workdir / "rss.json").exists() \
-        else None
+        else {}
     return {**arm, "rounds": rounds, "seconds_per_round": statistics.median(times),
-            "round_times": times, "peak_rss_mib": rss,
+            "round_times": times, "peak_rss_mib": rss.get("peak"),
+            "training_rss_mib": rss.get("training"),
             "wall_seconds": round(time.perf_counter() - start, 1),
             "final_train_loss": rows[-1].get("train/loss")}
 
 
+def _resident_mib() -> float:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _worker(argv: list[str]) -> int:
-    """``fedjax-sim`` in this process, then its peak RSS (MiB) written where the parent reads."""
-    status = cli_main(argv)
+    """``run CONFIG overrides... --workdir DIR`` in this process (one of several when the
+    ``FEDJAX_SIM_*`` variables say so), then the peak RSS and the largest RSS seen at the
+    logged rounds after the first (MiB, process 0) written where the parent reads them."""
+    _, config, *rest = argv
+    workdir = rest[rest.index("--workdir") + 1]
+    overrides = rest[:rest.index("--workdir")]
+    initialize()
+    during = []
+
+    def record(row, state):  # the state of this round is alive: what training holds
+        if row["round"] > 1:
+            during.append(_resident_mib())
+
+    run(config, overrides=overrides, workdir=workdir, callbacks=[record])
     path = os.environ.get("FEDJAX_SIM_SCALE_RSS")
     if path and jax.process_index() == 0:
-        pathlib.Path(path).write_text(json.dumps(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
-    return status
+        pathlib.Path(path).write_text(json.dumps({
+            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "training": max(during) if during else None}))
+    return 0
 
 
 def main() -> None:
@@ -149,7 +173,8 @@ def main() -> None:
             result = _run_arm(arm, args.rounds, pathlib.Path(tmp) / arm["name"])
             report["arms"].append(result)
             print(f"{arm['name']:32s} {result['seconds_per_round']:.3f} s/round  peak RSS "
-                  f"{result['peak_rss_mib'] or float('nan'):.0f} MiB", flush=True)
+                  f"{result['peak_rss_mib'] or float('nan'):.0f} MiB, while training "
+                  f"{result['training_rss_mib'] or float('nan'):.0f} MiB", flush=True)
             path = write_report(report, args.out, "scale-")
     print(f"wrote {path}")
 
