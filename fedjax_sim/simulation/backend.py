@@ -164,18 +164,32 @@ class Backend:
         ``"sharded"`` (leading axis ``num_clients``, a multiple of the devices)."""
         if self.client_state == "replicated" or self.mesh is None:
             return self.put(tree)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        split = NamedSharding(self.mesh, PartitionSpec(CLIENT_AXIS))
 
         def place(leaf):
             leaf = np.asarray(leaf)
-            per_client = (leaf.ndim >= 1 and leaf.shape[0] == num_clients
-                          and num_clients % self.num_shards == 0)
-            sharding = split if per_client else replicated
             # Each process builds only its own devices' pieces.
-            return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+            return jax.make_array_from_callback(
+                leaf.shape, self._state_sharding(leaf.shape, num_clients),
+                lambda index: leaf[index])
 
         return jax.tree.map(place, jax.device_get(tree))
+
+    def init_state(self, init: Callable[..., PyTree], args: tuple, num_clients: int) -> PyTree:
+        """``init(*args)`` placed as `put_state` places it; with ``client_state="sharded"`` the
+        per-client leaves are created split (a jitted ``init`` with those output shardings), so
+        no process ever holds a whole per-client store."""
+        if self.client_state == "replicated" or self.mesh is None:
+            return self.put(init(*args))
+        args = self.put(args)
+        shardings = jax.tree.map(lambda leaf: self._state_sharding(leaf.shape, num_clients),
+                                 jax.eval_shape(init, *args))
+        return jax.jit(init, out_shardings=shardings)(*args)
+
+    def _state_sharding(self, shape: tuple[int, ...], num_clients: int) -> NamedSharding:
+        per_client = (len(shape) >= 1 and shape[0] == num_clients
+                      and num_clients % self.num_shards == 0)
+        return NamedSharding(self.mesh,
+                             PartitionSpec(CLIENT_AXIS) if per_client else PartitionSpec())
 
     def put_sharded(self, block: Callable[[int], Mapping[str, np.ndarray]], rows: int,
                     like: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:

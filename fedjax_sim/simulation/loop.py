@@ -63,7 +63,6 @@ from fedjax_sim.simulation.round_step import (
     RoundStep,
     SimulationState,
     build_round_step,
-    init_simulation_state,
 )
 from fedjax_sim.simulation.system import make_system
 
@@ -103,7 +102,7 @@ class Experiment:
         # The model init and the rounds draw from different keys of the same seed.
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)
         # Committed where the step runs, so round 2 does not compile the step again.
-        return self.round_step.place(init_simulation_state(self.algorithm.init(params), key))
+        return self.round_step.init_state(self.algorithm.init, params, key)
 
     def evaluate(self, algorithm_state) -> dict[str, float]:
         """Every evaluator on the algorithm state (its ``params`` unless it personalizes)."""

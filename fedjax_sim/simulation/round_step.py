@@ -165,6 +165,14 @@ class RoundStep:
         """
         return self.backend.put_state(state, self.num_clients)
 
+    def init_state(self, algorithm_init: Callable[[PyTree], PyTree], params: PyTree,
+                   key: jax.Array) -> SimulationState:
+        """``init_simulation_state(algorithm_init(params), key)`` created where the step runs
+        (per-client stores created split when the backend shards client state)."""
+        return self.backend.init_state(
+            lambda p, k: init_simulation_state(algorithm_init(p), k), (params, key),
+            self.num_clients)
+
     def __call__(self, state: SimulationState) -> tuple[SimulationState, dict[str, jax.Array]]:
         if self.feeder is None:
             return self.jitted(state, self.data, self.offsets)

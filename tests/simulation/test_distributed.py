@@ -283,6 +283,7 @@ def test_multi_process_flags_are_checked(argv, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore::fedjax_sim.algorithms.scaffold.ScaffoldSettingWarning")
 def test_sharded_client_state_trains_what_replicated_state_trains():
     """SCAFFOLD with its control variates split over 4 devices (12 clients: 3 rows each) ends
     with the one-device state within 1e-6, and the store is still split after the rounds."""
@@ -294,19 +295,27 @@ def test_sharded_client_state_trains_what_replicated_state_trains():
                          optax.sgd(1.0), num_clients=data.num_clients)
     schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_epochs=1)
 
-    def train(backend):
+    def train(backend, created_split=False):
         step = build_round_step(algorithm, data, schedule, uniform_sampler(12, 4), 4,
                                 backend=backend)
-        state = step.place(init_simulation_state(
-            algorithm.init(model.init(jax.random.PRNGKey(0))), 1))
+        params = model.init(jax.random.PRNGKey(0))
+        if created_split:  # no device ever holds the whole store
+            state = step.init_state(algorithm.init, params, jax.random.PRNGKey(1))
+            controls = jax.tree.leaves(state.algorithm.client_controls)[0]
+            assert {s.data.shape[0] for s in controls.addressable_shards} == {3}
+        else:
+            state = step.place(init_simulation_state(algorithm.init(params), 1))
         for _ in range(3):
             state, _ = step(state)
         return state.algorithm
 
     reference = train(Backend())
     sharded = train(Backend(client_mesh(4), "vmap", client_state="sharded"))
-    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference), strict=True):
+    created = train(Backend(client_mesh(4), "vmap", client_state="sharded"), created_split=True)
+    for a, b, c in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference),
+                       jax.tree.leaves(created), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
     controls = jax.tree.leaves(sharded.client_controls)[0]
     assert controls.shape[0] == 12
     assert {shard.data.shape[0] for shard in controls.addressable_shards} == {3}
