@@ -80,12 +80,16 @@ class Cohort:
       round: int32 scalar, the index of this round (0 for the first; for schedules).
       key: the round's server-side PRNG key (aggregator noise, server randomness); independent
         of the sampling, batching, client and system keys. None outside the round step.
+      size: static; the cohort's clients before it was padded with zero-weight clients to a
+        multiple of the devices (the padding is the last ``C_padded - size`` rows). None: no
+        padding (every row is a drawn client, some possibly not valid).
     """
 
     clients: ClientInput
     data: Mapping[str, jax.Array]
     round: jax.Array | int = 0
     key: jax.Array | None = None
+    size: int | None = struct.field(pytree_node=False, default=None)
 
     def server_key(self) -> jax.Array:
         """``key``, or a fixed key when the cohort was built by hand (tests, notebooks)."""

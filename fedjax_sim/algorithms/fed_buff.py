@@ -159,11 +159,13 @@ def fed_buff(
     client_update = fed_avg_client(loss_fn, client_optimizer)
 
     def apply(state: FedBuffState, cohort: Cohort, map_clients: ClientMap):
-        k = cohort.clients.client_id.shape[0]
+        # K: the drawn clients; rows past it pad the cohort for the devices and never take a
+        # slot of the buffer (so K, and the run, do not depend on the number of devices).
+        k = cohort.size or cohort.clients.client_id.shape[0]
         if slots % k:
             raise ValueError(
                 f"fed_buff: concurrency={slots} must be a multiple of the cohort size (the "
-                f"buffer size K={k}, padded to the devices)"
+                f"buffer size K={k})"
             )
         # 1. Arrive: once every slot is busy, the K earliest finishers report.
         full = jnp.all(state.slot_filled)
@@ -198,16 +200,19 @@ def fed_buff(
         )
         new_weights = client_weights(cohort.clients, state.weight_exponent)
         free = jnp.argsort(filled, stable=True)[:k]  # empty slots (False) sort first
+        drawn = jax.tree.map(lambda x: x[:k], (deltas, new_weights, cohort.clients.duration,
+                                               cohort.clients.client_id))
+        drawn_deltas, drawn_weights, drawn_duration, drawn_ids = drawn
         new_state = state.replace(
             params=params,
             opt_state=opt_state,
             slot_deltas=jax.tree.map(lambda buf, d: buf.at[free].set(d), state.slot_deltas,
-                                     deltas),
+                                     drawn_deltas),
             slot_finish=state.slot_finish.at[free].set(
-                clock + cohort.clients.duration.astype(jnp.float32)),
+                clock + drawn_duration.astype(jnp.float32)),
             slot_version=state.slot_version.at[free].set(version),
-            slot_weight=state.slot_weight.at[free].set(new_weights),
-            slot_client=state.slot_client.at[free].set(cohort.clients.client_id),
+            slot_weight=state.slot_weight.at[free].set(drawn_weights),
+            slot_client=state.slot_client.at[free].set(drawn_ids),
             slot_sequence=state.slot_sequence.at[free].set(
                 state.dispatched + jnp.arange(k, dtype=jnp.int32)),
             slot_filled=filled.at[free].set(True),

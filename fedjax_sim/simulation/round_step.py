@@ -320,7 +320,8 @@ def build_round_step(
 
             clients, unchanged = system(key_system, clients), clients
             system_stats = system_metrics(unchanged, clients)
-        cohort = Cohort(clients, data, state.round, _server_key(state.key, state.round))
+        cohort = Cohort(clients, data, state.round, _server_key(state.key, state.round),
+                        size=cohort_size)
         algorithm_state, metrics = algorithm.apply(state.algorithm, cohort, map_clients)
         # Checked on the host at log time (never inside the round): NaN/inf anywhere in the state.
         metrics = {**(system_stats if system is not None else {}), **metrics,
