@@ -19,6 +19,7 @@ Bad input gives one line on stderr naming the file, key or value and exit code 2
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -144,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "launch":
         return _launch_command(args)
+
+    if args.command not in ("run", "demo") and os.environ.get("FEDJAX_SIM_COORDINATOR"):
+        print(f"fedjax-sim: error: FEDJAX_SIM_COORDINATOR is set, but {args.command!r} runs in "
+              "one process (multi-process runs: 'run' and 'demo'); unset it", file=sys.stderr)
+        return EXIT_USAGE
 
     import fedjax_sim  # noqa: F401  (sets XLA flags before jax starts)
     from fedjax_sim.config import ConfigError, load_config

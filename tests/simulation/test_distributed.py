@@ -283,6 +283,15 @@ def test_multi_process_flags_are_checked(argv, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
+def test_single_process_commands_refuse_a_multi_process_environment(capsys, monkeypatch):
+    """A sweep started with FEDJAX_SIM_COORDINATOR set would run whole in every process."""
+    from fedjax_sim.cli import main
+
+    monkeypatch.setenv("FEDJAX_SIM_COORDINATOR", "localhost:1")
+    assert main(["sweep", "configs/sweeps/fashion_mnist_fedavg_lr.yaml"]) == 2
+    assert "runs in one process" in capsys.readouterr().err
+
+
 @pytest.mark.filterwarnings("ignore::fedjax_sim.algorithms.scaffold.ScaffoldSettingWarning")
 def test_sharded_client_state_trains_what_replicated_state_trains():
     """SCAFFOLD with its control variates split over 4 devices (12 clients: 3 rows each) ends
