@@ -55,6 +55,14 @@ def should_keep_on_host(arrays: Mapping[str, np.ndarray]) -> bool:
     return any(isinstance(a, np.memmap) for a in arrays.values()) or total > DEVICE_BYTES_LIMIT
 
 
+def default_mesh(num_devices: int | None = None) -> Mesh | None:
+    """A ``clients`` mesh over ``num_devices`` devices, None for one; ``num_devices`` None: 1,
+    or every device of every process when there are several processes."""
+    if num_devices is None and jax.process_count() > 1:
+        num_devices = jax.device_count()
+    return client_mesh(num_devices) if (num_devices or 1) > 1 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """Devices, mesh, data placement and client mapping of a simulation.
@@ -105,12 +113,8 @@ class Backend:
 
     @classmethod
     def create(cls, num_devices: int | None = None, **options) -> Backend:
-        """A backend over ``num_devices`` devices (None: 1, or every device of every process
-        when there are several processes); ``options``: the other fields."""
-        if num_devices is None and jax.process_count() > 1:
-            num_devices = jax.device_count()
-        mesh = client_mesh(num_devices) if (num_devices or 1) > 1 else None
-        return cls(mesh=mesh, **options)
+        """A backend over `default_mesh` ``(num_devices)``; ``options``: the other fields."""
+        return cls(mesh=default_mesh(num_devices), **options)
 
     # --- Where things run ------------------------------------------------------------------
 
@@ -122,11 +126,6 @@ class Backend:
     @property
     def multi_process(self) -> bool:
         return jax.process_count() > 1
-
-    @property
-    def is_main(self) -> bool:
-        """True in the process that writes logs, metrics, plots and summaries (process 0)."""
-        return jax.process_index() == 0
 
     @property
     def target(self) -> Any:

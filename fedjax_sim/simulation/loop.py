@@ -54,8 +54,7 @@ from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier
 from fedjax_sim.privacy.dp_sgd import EXAMPLE_DP_ALGORITHMS, ExampleLedger, dp_sgd_loss
-from fedjax_sim.sharding import client_mesh
-from fedjax_sim.simulation.backend import Backend
+from fedjax_sim.simulation.backend import Backend, default_mesh
 from fedjax_sim.simulation.checkpoint import Checkpointer
 from fedjax_sim.simulation.client_map import resolve_strategy
 from fedjax_sim.simulation.evaluation import build_evaluators, make_evaluator
@@ -274,12 +273,7 @@ def _build_backend(config: Config) -> Backend:
     several), client execution, where the data lives."""
     execution = config.execution
     try:
-        mesh = None
-        num_devices = execution.num_devices
-        if num_devices is None and jax.process_count() > 1:
-            num_devices = jax.device_count()
-        if num_devices and num_devices > 1:
-            mesh = client_mesh(num_devices)
+        mesh = default_mesh(execution.num_devices)
     except ValueError as error:
         raise ConfigError(f"config key 'execution.num_devices': {error}") from None
     try:
