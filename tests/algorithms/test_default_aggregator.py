@@ -1,7 +1,13 @@
 """The aggregator seam changes nothing by default: every algorithm, after 3 rounds on tiny data,
 holds exactly the state it held before the seam existed (`golden/default_aggregator.npz`, written
 by `golden/make_golden.py` at the commit before it), and an explicit ``aggregator=mean()`` or
-``chain(mean())`` equals the default bit for bit."""
+``chain(mean())`` equals the default bit for bit.
+
+The golden file was written on one machine; XLA:CPU compiles for the CPU it runs on (AVX-512 or
+AVX2 kernels, other fusions and reduction orders), so on another machine the same program rounds
+differently in the last bits. Against the golden the states agree to float32 rounding (relative
+1e-5, absolute 1e-7); the bit-for-bit claims are checked between programs compiled on the same
+machine."""
 
 from pathlib import Path
 
@@ -28,7 +34,8 @@ def test_default_aggregator_reproduces_the_state_before_the_seam(name):
     got = final_states(names=[name])[name]  # one algorithm a test: spread over the workers
     for key, value in expected.items():
         assert key in got, f"{name}: state leaf {key} disappeared"
-        np.testing.assert_array_equal(got[key], value, err_msg=f"{name}: {key}")
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=f"{name}: {key}")
     # The only new leaves belong to the aggregator (empty for the default mean), are the ids
     # of FedBuff's in-flight clients, which its aggregator receives, or hyperparameters moved
     # from constants into the state for sweeps (FedProx's mu).
@@ -39,11 +46,11 @@ def test_default_aggregator_reproduces_the_state_before_the_seam(name):
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_explicit_mean_equals_the_default(name):
-    golden = np.load(GOLDEN)
+    default = final_states(names=[name])[name]
     got = final_states(aggregator=aggregators.chain(aggregators.mean()), names=[name])[name]
-    for key in golden.files:
-        if key.split("|", 1)[0] == name:
-            np.testing.assert_array_equal(got[key.split("|", 1)[1]], golden[key])
+    assert set(got) == set(default)
+    for key, value in default.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
