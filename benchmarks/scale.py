@@ -19,7 +19,16 @@ Arms:
   processes share its cores; the peak RSS is process 0's.
 * SCAFFOLD with a control variate per client on 60,000 clients (one image each, the logistic
   model: a 1.9 GB store), cohort 1,000: 1 process, 2 processes with the store replicated, and 2
-  processes with it split between them (``execution.client_state: sharded``).
+  processes with it split between them (``execution.client_state: sharded``), and 1 process
+  with the store on the host (``execution.client_state: host``: memory-mapped files, the
+  cohort's rows read and written each round).
+* SCAFFOLD on a StackOverflow-sized population: 342,477 clients (StackOverflow's training
+  writers), each holding one real Fashion-MNIST training image (image i mod 60,000: the images
+  repeat, the client count and the per-client state are StackOverflow's scale), written as an
+  ``.npz`` for the ``arrays`` loader; the logistic model's control variates would be a 10.75 GB
+  store (not run on the device: it does not fit beside the data in this machine's memory);
+  with ``execution.client_state: host`` it is a sparse file of which only the rows of the
+  clients that trained take disk and memory (reported: ``store_disk_mib``).
 
 Usage::
 
@@ -41,6 +50,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax starts)
 
@@ -85,15 +96,48 @@ def _arms() -> list[dict]:
     scaffold = ["algorithm.name=scaffold", "model.name=logistic", "dataset.num_clients=60000",
                 "client.batch_size=1", "client.weighting=uniform",
                 "execution.client_execution=map", "execution.client_batch_size=100"]
-    for processes, state in ((1, "replicated"), (2, "replicated"), (2, "sharded")):
+    for processes, state in ((1, "replicated"), (2, "replicated"), (2, "sharded"), (1, "host")):
         arms.append({"name": f"scaffold-60000clients-{processes}process-{state}",
                      "cohort": 1000, "processes": processes,
                      "overrides": [*scaffold, f"execution.client_state={state}"]})
+    arms.append({"name": f"scaffold-{STACKOVERFLOW_CLIENTS}clients-1process-host",
+                 "cohort": 1000, "processes": 1, "stackoverflow_sized": True,
+                 "overrides": [*scaffold, "execution.client_state=host", "dataset.name=arrays",
+                               "dataset.partition=natural", "dataset.num_clients=10"]})
     return arms
+
+
+STACKOVERFLOW_CLIENTS = 342_477  # TFF's StackOverflow training split
+
+
+def _stackoverflow_sized_npz(path: pathlib.Path) -> pathlib.Path:
+    """342,477 clients, client i holding Fashion-MNIST training image i mod 60,000 (real
+    images, StackOverflow's client count); the real test set as ``x_test``/``y_test``."""
+    from fedjax_sim.datasets.fashion_mnist import load_fashion_mnist_arrays
+
+    if not path.exists():
+        train, test = load_fashion_mnist_arrays()
+        index = np.arange(STACKOVERFLOW_CLIENTS) % len(train["y"])
+        np.savez(path, x=train["x"][index], y=train["y"][index],
+                 client_id=np.arange(STACKOVERFLOW_CLIENTS), x_test=test["x"],
+                 y_test=test["y"])
+        os.sync()  # its 1 GB written back now, not during the arm's first rounds
+    return path
+
+
+def _disk_mib(folder: pathlib.Path) -> float | None:
+    """Disk blocks actually used by the files under ``folder`` (sparse files count only what
+    was written), MiB."""
+    if not folder.exists():
+        return None
+    return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 def _run_arm(arm: dict, rounds: int, workdir: pathlib.Path) -> dict:
     overrides = [*BASE, f"rounds={rounds}", f"cohort.size={arm['cohort']}", *arm["overrides"]]
+    if arm.get("stackoverflow_sized"):
+        npz = _stackoverflow_sized_npz(workdir.parent / "stackoverflow_sized.npz")
+        overrides.append(f"dataset.path={npz}")
     command = ["run", str(CONFIG), *overrides, "--workdir", str(workdir)]
     env = dict(os.environ)
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
@@ -121,7 +165,8 @@ def _run_arm(arm: dict, rounds: int, workdir: pathlib.Path) -> dict:
             "round_times": times, "peak_rss_mib": rss.get("peak"),
             "training_rss_mib": rss.get("training"),
             "wall_seconds": round(time.perf_counter() - start, 1),
-            "final_train_loss": rows[-1].get("train/loss")}
+            "final_train_loss": rows[-1].get("train/loss"),
+            "store_disk_mib": _disk_mib(workdir / "client_state")}
 
 
 def _resident_mib() -> float:

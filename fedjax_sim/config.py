@@ -231,9 +231,11 @@ class ExecutionConfig:
     with the round for the same cores), ``sharded`` (split by clients over the devices: each
     holds one block of clients and trains cohort size / devices clients drawn from it, a
     stratified sample; `fedjax_sim.data.sampling.blocked_uniform_sampler`) or ``auto`` (host for
-    memory-mapped caches or more than 4 GiB). ``client_state``: ``replicated`` (default) or
-    ``sharded``: per-client state (SCAFFOLD's control variates, FedDyn, Ditto, error feedback)
-    split over the devices (and processes) by client, 1 / devices of it on each.
+    memory-mapped caches or more than 4 GiB). ``client_state``: ``replicated`` (default),
+    ``sharded`` (per-client state: SCAFFOLD's control variates, FedDyn, Ditto, error feedback,
+    split over the devices (and processes) by client, 1 / devices of it on each) or ``host``
+    (kept in host memory, memory-mapped to sparse files in the workdir's ``client_state/``;
+    each round reads and writes only its cohort's rows; one process).
     ``rounds_per_call``: rounds run by one compiled call (a loop over rounds on the device,
     metrics stacked), so tiny models are not bound by the per-round dispatch; the log,
     evaluation and checkpoint rounds still end a call, so the results and ``metrics.jsonl`` are
@@ -323,7 +325,7 @@ CHOICES = {
     "privacy.accountant": ("rdp", "pld"),
     "execution.client_execution": ("auto", "vmap", "map"),
     "execution.data_placement": ("auto", "device", "host", "sharded"),
-    "execution.client_state": ("replicated", "sharded"),
+    "execution.client_state": ("replicated", "sharded", "host"),
     "system.speed": ("constant", "lognormal", "uniform", "trace"),
 }
 # Values that must lie in [0, 1), and values that must be > 0.

@@ -329,6 +329,10 @@ def build_groups(points: Sequence[SweepPoint]) -> list[_Group]:
         if config.execution.data_placement == "host":
             raise ConfigError("config key 'execution.data_placement': a sweep trains from data "
                               "on the device; use device or auto")
+        if config.execution.client_state == "host":
+            raise ConfigError("config key 'execution.client_state': 'host' keeps one run's "
+                              "per-client stores in host files; a sweep stacks every "
+                              "configuration's state on the device: use replicated")
         if config.execution.num_devices and config.execution.num_devices > 1:
             raise ConfigError("config key 'execution.num_devices': a sweep shards "
                               "configurations, not clients, over devices; set sweep.devices")
@@ -439,8 +443,8 @@ def run_sweep(data: Mapping[str, Any], spec: SweepSpec, overrides: Sequence[str]
     points = expand(data, spec, overrides)
     base = points[0].config
     workdir = Path(workdir or base.workdir or default_workdir(base.name))
+    groups = build_groups(points)  # every config or data error comes before any write
     resume = _prepare_workdir(workdir, data, spec, overrides, overwrite)
-    groups = build_groups(points)
     execution = resolve_execution(spec.execution)
     print(f"fedjax_sim: sweep {base.name}: {len(points)} configurations in {len(groups)} "
           f"program(s) ({', '.join(str(len(g.members)) for g in groups)} configurations each; "

@@ -35,6 +35,11 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.aggregators.base import CLIENT, Stage, participating
+from fedjax_sim.algorithms.client_state import (
+    gather_client_state,
+    init_client_state,
+    scatter_client_state,
+)
 
 PyTree = object
 
@@ -223,7 +228,8 @@ def _sparsifier(name: str, select: str, k: int | None, fraction: float | None,
     def init(example):
         if not error_feedback:
             return ()
-        return {"residual": jnp.zeros((num_clients, message_size(example)), jnp.float32)}
+        return {"residual": init_client_state(jnp.zeros(message_size(example), jnp.float32),
+                                              num_clients)}
 
     def apply(state, values, weights, key, context):
         flat, unflatten = flatten_clients(values)
@@ -235,7 +241,7 @@ def _sparsifier(name: str, select: str, k: int | None, fraction: float | None,
                     f"{name}(error_feedback=True) needs the cohort's client ids: call "
                     f"aggregator.apply(state, values, weights, key, client_ids=ids)")
             ids = context["client_ids"]
-            flat = flat + jnp.take(state["residual"], ids, axis=0, mode="clip")
+            flat = flat + gather_client_state(state["residual"], ids)
         if select == "top":
             _, index = jax.lax.top_k(jnp.abs(flat), kept)
         else:  # k uniformly random coordinates per client: the top k of uniform scores
@@ -248,10 +254,9 @@ def _sparsifier(name: str, select: str, k: int | None, fraction: float | None,
         metrics = {}
         if error_feedback:
             residual = flat - jnp.where(mask, flat, 0.0)
-            # as algorithms.client_state.scatter_client_state: a row whose client has weight 0
-            # (padding, dropped) goes out of bounds and is dropped
-            target = jnp.where(participating(weights), ids, state["residual"].shape[0])
-            state = {"residual": state["residual"].at[target].set(residual, mode="drop")}
+            # a row whose client has weight 0 (padding, dropped) is not written
+            state = {"residual": scatter_client_state(state["residual"], ids, residual,
+                                                      participating(weights))}
             sending = participating(weights).astype(jnp.float32)
             metrics["residual_norm"] = (jnp.sum(sending * jnp.linalg.norm(residual, axis=1))
                                         / jnp.maximum(jnp.sum(sending), 1.0))

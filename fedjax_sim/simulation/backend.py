@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fedjax_sim.algorithms.client_state import host_client_state
 from fedjax_sim.core import ClientMap
 from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.client_map import (
@@ -43,7 +44,7 @@ from fedjax_sim.simulation.client_map import (
 
 PyTree = Any
 DATA_PLACEMENTS = ("auto", "device", "host", "sharded")
-CLIENT_STATE_PLACEMENTS = ("replicated", "sharded")
+CLIENT_STATE_PLACEMENTS = ("replicated", "sharded", "host")
 DEVICE_BYTES_LIMIT = 4 << 30
 """``data_placement="auto"`` keeps arrays larger than this (in total) on the host."""
 
@@ -81,7 +82,12 @@ class Backend:
         gathers and scatters of the cohort's rows then become collectives. A layout choice
         only: the results are the same (a leaf that merely happens to have that leading size
         is split too, which costs communication, never correctness; a store whose client count
-        is not a multiple of the devices stays replicated).
+        is not a multiple of the devices stays replicated). ``"host"``: every per-client
+        store made by `fedjax_sim.algorithms.client_state.init_client_state` stays in host
+        memory, memory-mapped to a file in ``client_state_dir``; each round reads and writes
+        only the cohort's rows (`HostClientStore`), so the device never holds a whole store.
+        One process only.
+      client_state_dir: the folder of the ``"host"`` stores' files (None: temporary files).
     """
 
     mesh: Mesh | None = None
@@ -90,6 +96,7 @@ class Backend:
     data_placement: str = "device"
     prefetch: int | None = None
     client_state: str = "replicated"
+    client_state_dir: str | None = None
 
     def __post_init__(self):
         resolve_strategy(self.client_execution)
@@ -101,6 +108,9 @@ class Backend:
         if self.client_state not in CLIENT_STATE_PLACEMENTS:
             raise ValueError(f"client_state={self.client_state!r}: expected one of "
                              f"{CLIENT_STATE_PLACEMENTS}")
+        if self.client_state == "host" and jax.process_count() > 1:
+            raise ValueError("client_state='host' keeps the stores in this process's memory: "
+                             "with several processes use client_state='sharded'")
         if self.mesh is not None and CLIENT_AXIS not in self.mesh.axis_names:
             raise ValueError(f"mesh axes {self.mesh.axis_names} have no {CLIENT_AXIS!r} axis")
         if self.mesh is None and jax.process_count() > 1:
@@ -161,7 +171,7 @@ class Backend:
     def put_state(self, tree: PyTree, num_clients: int) -> PyTree:
         """`put`, with the per-client leaves split over the devices when ``client_state`` is
         ``"sharded"`` (leading axis ``num_clients``, a multiple of the devices)."""
-        if self.client_state == "replicated" or self.mesh is None:
+        if self.client_state != "sharded" or self.mesh is None:
             return self.put(tree)
 
         def place(leaf):
@@ -176,7 +186,11 @@ class Backend:
     def init_state(self, init: Callable[..., PyTree], args: tuple, num_clients: int) -> PyTree:
         """``init(*args)`` placed as `put_state` places it; with ``client_state="sharded"`` the
         per-client leaves are created split (a jitted ``init`` with those output shardings), so
-        no process ever holds a whole per-client store."""
+        no process ever holds a whole per-client store; with ``"host"`` they are created on
+        the host (``init`` runs eagerly)."""
+        if self.client_state == "host":
+            with host_client_state(self.client_state_dir):
+                return self.put(init(*args))
         if self.client_state == "replicated" or self.mesh is None:
             return self.put(init(*args))
         args = self.put(args)

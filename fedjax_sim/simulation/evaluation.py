@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim.algorithms.client_state import client_state_arrays
 from fedjax_sim.algorithms.local import STAT_KEYS, gather_batch, local_train, model_loss
 from fedjax_sim.core import ClientInput
 from fedjax_sim.data.batching import ClientSchedule, client_stream
@@ -347,7 +348,7 @@ def build_evaluators(
                 if not personal_evaluators:
                     personal_evaluators.append(
                         make_personal_evaluator(model, test, batch_size, client_chunk))
-                stats = personal_evaluators[0](personal)
+                stats = personal_evaluators[0](client_state_arrays(personal))
                 metrics.update({f"personal/{k}": v for k, v in client_distribution(stats).items()})
             return metrics
 

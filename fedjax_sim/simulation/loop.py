@@ -157,11 +157,14 @@ def build_dataset_cache(config: Config, cache_dir: str | os.PathLike | None = No
         return convert_dataset(config.dataset.name, config.dataset.options, cache_dir)
 
 
-def build_experiment(config: Config, dataset: FederatedDataset | None = None) -> Experiment:
+def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
+                     workdir: str | os.PathLike | None = None) -> Experiment:
     """Loads the data and builds the model, algorithm, round step and evaluators.
 
     ``dataset``: the config's dataset when already loaded (a sweep loads it once for all its
-    configurations); None loads it from the ``dataset:`` section.
+    configurations); None loads it from the ``dataset:`` section. ``workdir``: the run's
+    folder, where ``execution.client_state: host`` keeps its stores (``client_state/``; None:
+    temporary files).
     """
     if dataset is None:
         dataset = build_dataset(config)
@@ -216,7 +219,7 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
             f"clients ({train.num_clients}) in dataset {config.dataset.name!r}"
         )
     cohort_size = config.cohort.size
-    backend = _build_backend(config)
+    backend = _build_backend(config, workdir)
     try:
         if backend.data_placement == "sharded":
             if config.cohort.sampler != "uniform":
@@ -268,9 +271,9 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None) ->
                       privacy, example_privacy)
 
 
-def _build_backend(config: Config) -> Backend:
+def _build_backend(config: Config, workdir: str | os.PathLike | None = None) -> Backend:
     """The placement of the ``execution:`` section: devices (every process's, when there are
-    several), client execution, where the data lives."""
+    several), client execution, where the data and the per-client state live."""
     execution = config.execution
     try:
         mesh = default_mesh(execution.num_devices)
@@ -278,7 +281,8 @@ def _build_backend(config: Config) -> Backend:
         raise ConfigError(f"config key 'execution.num_devices': {error}") from None
     try:
         return Backend(mesh, execution.client_execution, execution.client_batch_size,
-                       execution.data_placement, execution.prefetch, execution.client_state)
+                       execution.data_placement, execution.prefetch, execution.client_state,
+                       None if workdir is None else os.fspath(Path(workdir) / "client_state"))
     except ValueError as error:
         raise ConfigError(f"config key 'execution': {error}") from None
 
@@ -560,8 +564,9 @@ def run(
         else:
             config = load_config(config, overrides)
     start = time.perf_counter()
-    experiment = build_experiment(config)  # every config or data error comes before any write
     workdir = Path(workdir or config.workdir or default_workdir(config.name))
+    # every config or data error comes before any write
+    experiment = build_experiment(config, workdir=workdir)
     resume = _prepare_workdir_once(workdir, config, overwrite)
     summary_line = experiment.dataset.train.summary()
     _say(f"fedjax_sim: {config.name}: workdir {workdir}")
