@@ -146,5 +146,14 @@ def test_nonfinite_state_is_divergence_even_when_the_loss_is_finite():
 
     tree = {"w": np.array([1.0, np.inf, np.nan], np.float32), "count": np.array([3], np.int32)}
     assert float(count_nonfinite(tree)) == 2.0
+    # a large per-client store is checked at the cohort's rows (the only rows a round writes)
+    store = np.zeros((1024, 4096), np.float32)
+    store[5, 7] = np.nan
+    store[9, 0] = np.inf
+    assert float(count_nonfinite({"store": store})) == 2.0
+    assert float(count_nonfinite({"store": store}, 1024, np.array([5, 3]))) == 1.0
+    assert float(count_nonfinite({"store": store}, 1024, np.array([1, 3]))) == 0.0
+    small = np.full((1024, 2), np.nan, np.float32)  # small leaves are always checked whole
+    assert float(count_nonfinite({"w": small}, 1024, np.array([1]))) == 2048.0
     with pytest.raises(DivergenceError, match="round 7: the state .* holds 2 NaN/inf values"):
         _check_finite(7, {"train/loss": 0.5, "state/nonfinite": 2.0})
