@@ -13,8 +13,11 @@ next to the machine's CPU name and its f32 matmul GFLOP/s measured before and af
 
   FEDJAX_SIM_DATA=../shared/data python benchmarks/demos.py [--only demo fashion_mnist_fedavg]
 
-Exits 1 when a run misses its bar. These were end-to-end tests (about 16 minutes of the suite on
-2 cores); they are a benchmark because the suite must stay short.
+Every run compiles from scratch, as a new user's first run does: JAX's persistent compilation
+cache, which the ``fedjax-sim`` commands turn on, is off here unless
+``FEDJAX_SIM_COMPILATION_CACHE`` names a folder. Exits 1 when a run misses its bar. These were
+end-to-end tests (about 16 minutes of the suite on 2 cores); they are a benchmark because the
+suite must stay short.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import pathlib
 import sys
 import tempfile
 import time
+
+os.environ.setdefault("FEDJAX_SIM_COMPILATION_CACHE", "off")  # cold: a first run's compile
 
 import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax starts)
 

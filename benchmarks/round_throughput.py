@@ -339,7 +339,8 @@ def step_flops_per_example(model: Model, batch: int) -> float | None:
 
 
 def naive_variant(
-    workload: Workload, model: Model, train: fedjax_sim.FederatedData, seed: int = 0
+    workload: Workload, model: Model, train: fedjax_sim.FederatedData, seed: int = 0,
+    params: Any = None,
 ) -> Variant:
     """FedJAX's way: a Python loop over clients and batches around one jitted SGD step.
 
@@ -367,7 +368,8 @@ def naive_variant(
         updates, opt_state = server_optimizer.update(pseudo_gradient, opt_state, server)
         return optax.apply_updates(server, updates), opt_state
 
-    params = model.init(jax.random.PRNGKey(seed))
+    if params is None:
+        params = model.init(jax.random.PRNGKey(seed))
     holder = {
         "params": params,
         "opt_state": server_optimizer.init(params),

@@ -152,10 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     import fedjax_sim  # noqa: F401  (sets XLA flags before jax starts)
+    from fedjax_sim.compilation_cache import enable_compilation_cache
     from fedjax_sim.config import ConfigError, load_config
     from fedjax_sim.data.errors import DataError
     from fedjax_sim.simulation.loop import DivergenceError, run
 
+    if args.command != "data":
+        enable_compilation_cache()  # a repeated run reads its programs instead of compiling
     try:
         if args.command == "sweep":
             from fedjax_sim.sweeps import sweep

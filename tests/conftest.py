@@ -22,6 +22,8 @@ import jax  # noqa: E402  (after fedjax_sim: its XLA flags come first)
 # FEDJAX_SIM_TEST_JAX_CACHE=off turns it off.
 _CACHE = os.environ.get("FEDJAX_SIM_TEST_JAX_CACHE",
                         os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
+# Commands the tests start as subprocesses use the same folder (never the user's cache).
+os.environ["FEDJAX_SIM_COMPILATION_CACHE"] = "off" if _CACHE == "off" else os.path.abspath(_CACHE)
 if _CACHE != "off":
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

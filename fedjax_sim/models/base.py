@@ -15,6 +15,7 @@ Two tasks:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -73,9 +74,15 @@ class Model:
         object.__setattr__(self, "ignore_labels", ignore)
 
     def init(self, rng: jax.Array) -> Params:
-        """Fresh parameters from a PRNG key."""
-        variables = self.module.init({"params": rng}, jnp.asarray(self.sample_input), train=False)
-        return variables["params"]
+        """Fresh parameters from a PRNG key (one compiled program: run op by op, flax's init
+        compiles every random draw on its own, seconds for a CNN or an LSTM)."""
+        return self._jitted_init(rng)
+
+    @functools.cached_property
+    def _jitted_init(self):
+        sample = np.asarray(self.sample_input)
+        return jax.jit(lambda rng: self.module.init({"params": rng}, jnp.asarray(sample),
+                                                    train=False)["params"])
 
     def apply(
         self, params: Params, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None
