@@ -38,10 +38,11 @@ FAST = ["rounds=4", "eval.every=2", "log.every=1", "log.progress=false", "log.pl
         "client.local_steps=4", "checkpoint.every=2", f"dataset.data_dir={SHARED_DATA}"]
 CONFIGS = {
     "fed_avg": ("configs/fashion_mnist_fedavg.yaml", []),
-    "scaffold": ("configs/fashion_mnist_scaffold.yaml", ["client.weighting=uniform"]),
     "dp_fed_avg": ("configs/fashion_mnist_dp_fedavg.yaml", ["dataset.num_clients=200",
                                                             "cohort.size=20"]),
-    # the control variates split over the 4 devices of the 2 processes (25 clients each)
+    # SCAFFOLD with its control variates split over the 4 devices of the 2 processes (25
+    # clients each); replicated per-client state is FedAvg's and DP-FedAvg's layout, and
+    # SCAFFOLD's replicated store against one device is tested with 4 devices in one process
     "scaffold_sharded_state": ("configs/fashion_mnist_scaffold.yaml",
                                ["client.weighting=uniform", "execution.client_state=sharded"]),
 }
@@ -147,7 +148,7 @@ def test_lost_process_stops_the_others_and_all_resume(tmp_path):
     checkpoint: the rounds after it come out as they did before the kill, bit for bit."""
     config, extra = CONFIGS["fed_avg"]
     overrides = [o for o in FAST if not o.startswith(("rounds", "checkpoint"))] + extra + [
-        "rounds=40", "checkpoint.every=5"]
+        "rounds=24", "checkpoint.every=5"]
     workdir = tmp_path / "killed"
     metrics = workdir / "metrics.jsonl"
     spec = [{"config": str(REPO / config), "overrides": overrides, "workdir": str(workdir),
@@ -178,11 +179,11 @@ def test_lost_process_stops_the_others_and_all_resume(tmp_path):
         before[row["round"]] = row
     checkpoints = workdir / "checkpoints"
     last = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    assert 5 <= last < max(before) < 40
+    assert 5 <= last < max(before) < 24
 
     _wait(_start(spec, num_processes=2))  # the same command again: resumes
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [row["round"] for row in rows] == list(range(1, 41))  # cut back, then continued
+    assert [row["round"] for row in rows] == list(range(1, 25))  # cut back, then continued
     for row in rows:
         if last < row["round"] <= max(before):  # computed twice: before the kill and after
             old = before[row["round"]]
