@@ -169,7 +169,11 @@ def test_lost_process_stops_the_others_and_all_resume(tmp_path):
         _kill(processes)
     assert processes[0].returncode != 0, out[-2000:]
     assert waited < 60, f"the surviving process took {waited:.0f} s to stop"
-    assert "heartbeat" in out or "another task died" in out, out[-2000:]
+    # The coordination service reports the missing heartbeat; a kill in the middle of an
+    # all-reduce can instead end the survivor with gloo's transport error first.
+    assert any(sign in out for sign in ("heartbeat", "another task died", "[enforce fail at",
+                                        "Connection closed by peer", "Connection reset")), (
+        out[-2000:])
     before = {}
     for line in metrics.read_text().splitlines():
         try:
