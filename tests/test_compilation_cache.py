@@ -1,47 +1,56 @@
 """`fedjax_sim.compilation_cache`: where the commands keep JAX's compiled programs."""
 
-import json
 import subprocess
 import sys
 
+import jax
 import pytest
 
-PROBE = ("import json, jax; from fedjax_sim.compilation_cache import enable_compilation_cache; "
-         "folder = enable_compilation_cache(); print(json.dumps([str(folder) if folder else None, "
-         "jax.config.jax_compilation_cache_dir]))")
+from fedjax_sim.compilation_cache import MIN_COMPILE_SECONDS, enable_compilation_cache
 
 
-def _probe(env_value, monkeypatch, tmp_path, extra=None):
-    monkeypatch.setenv("FEDJAX_SIM_COMPILATION_CACHE", env_value)
-    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # the default folder lands under it
+@pytest.fixture
+def no_cache_configured(monkeypatch, tmp_path):
+    """JAX's cache settings cleared for the test (the suite's own restored after it); the
+    default folder lands under ``tmp_path``."""
+    saved = (jax.config.jax_compilation_cache_dir,
+             jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    for key, value in (extra or {}).items():
-        monkeypatch.setenv(key, value)
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
 
 
-@pytest.mark.parametrize("value", ["off", "0"])
-def test_off_leaves_jax_without_a_cache(value, monkeypatch, tmp_path):
-    assert _probe(value, monkeypatch, tmp_path) == [None, None]
+@pytest.mark.parametrize("value", ["off", "0", "OFF"])
+def test_off_leaves_jax_without_a_cache(value, monkeypatch, no_cache_configured):
+    monkeypatch.setenv("FEDJAX_SIM_COMPILATION_CACHE", value)
+    assert enable_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
 
 
-def test_a_folder_in_the_variable_is_used(monkeypatch, tmp_path):
-    folder = str(tmp_path / "cache")
-    assert _probe(folder, monkeypatch, tmp_path) == [folder, folder]
+def test_a_folder_in_the_variable_is_used(monkeypatch, tmp_path, no_cache_configured):
+    monkeypatch.setenv("FEDJAX_SIM_COMPILATION_CACHE", str(tmp_path / "cache"))
+    assert enable_compilation_cache() == tmp_path / "cache"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == MIN_COMPILE_SECONDS
 
 
-def test_default_is_the_user_cache_folder(monkeypatch, tmp_path):
-    folder, configured = _probe("", monkeypatch, tmp_path)
-    assert folder == configured and folder.startswith(str(tmp_path))
-    assert folder.endswith("fedjax_sim/jax")
+def test_default_is_the_user_cache_folder(monkeypatch, tmp_path, no_cache_configured):
+    monkeypatch.setenv("FEDJAX_SIM_COMPILATION_CACHE", "")
+    folder = enable_compilation_cache()
+    assert str(folder) == jax.config.jax_compilation_cache_dir
+    assert str(folder).startswith(str(tmp_path)) and folder.parts[-2:] == ("fedjax_sim", "jax")
 
 
-def test_a_users_own_jax_cache_folder_is_kept(monkeypatch, tmp_path):
-    own = str(tmp_path / "mine")
-    assert _probe("", monkeypatch, tmp_path, {"JAX_COMPILATION_CACHE_DIR": own}) == [own, own]
+def test_a_folder_set_in_jax_is_kept(monkeypatch, tmp_path, no_cache_configured):
+    monkeypatch.setenv("FEDJAX_SIM_COMPILATION_CACHE", str(tmp_path / "ours"))
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    assert enable_compilation_cache() == tmp_path / "mine"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
 
 
 def test_a_repeated_run_reads_its_programs_from_the_cache(tmp_path, monkeypatch):
