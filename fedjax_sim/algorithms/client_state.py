@@ -87,7 +87,10 @@ def scatter_client_state(
     out = []
     for leaf, row in pairs:
         if is_host_store(leaf):
-            out.append(HostClientStore(leaf.rows, next(versions)))
+            # the non-finite values written this round, for the step's divergence check
+            bad = ~jnp.isfinite(row) & write.reshape((-1,) + (1,) * (row.ndim - 1))
+            out.append(HostClientStore(leaf.rows, next(versions),
+                                       jnp.sum(bad).astype(jnp.float32)))
         else:
             target = jnp.where(write, client_ids, leaf.shape[0])  # out of bounds: dropped
             out.append(leaf.at[target].set(row.astype(leaf.dtype), mode="drop"))
@@ -161,14 +164,17 @@ class HostRows:
 class HostClientStore:
     """One leaf of a per-client store kept on the host (see the module docstring).
 
-    A pytree whose only array is ``version``, a counter the step's host write returns and the
-    next host read takes, so reads and writes happen in program order (also across compiled
-    calls and inside ``rounds_per_call`` loops); the rows are static (`HostRows`).
+    A pytree of two scalars: ``version``, a counter the step's host write returns and the next
+    host read takes, so reads and writes happen in program order (also across compiled calls
+    and inside ``rounds_per_call`` loops), and ``nonfinite``, the NaN/inf values the last
+    write stored (the round's divergence check counts them, as it counts a device store's
+    written rows); the rows are static (`HostRows`).
     """
 
-    def __init__(self, rows: HostRows, version: Any):
+    def __init__(self, rows: HostRows, version: Any, nonfinite: Any):
         self.rows = rows
         self.version = version
+        self.nonfinite = nonfinite
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -179,11 +185,12 @@ class HostClientStore:
         return self.rows.dtype
 
     def tree_flatten_with_keys(self):
-        return ((jax.tree_util.GetAttrKey("version"), self.version),), self.rows
+        return ((jax.tree_util.GetAttrKey("version"), self.version),
+                (jax.tree_util.GetAttrKey("nonfinite"), self.nonfinite)), self.rows
 
     @classmethod
     def tree_unflatten(cls, rows, children):
-        return cls(rows, children[0])
+        return cls(rows, *children)
 
     def __repr__(self) -> str:
         return f"HostClientStore(shape={self.shape}, dtype={self.dtype}, file={self.rows.path})"
@@ -235,7 +242,7 @@ class _HostStoreFactory:
         self.count += 1
         rows = HostRows(path, np.asarray(row), num_clients)
         rows.temporary_file = handle  # kept alive as long as the rows
-        return HostClientStore(rows, jnp.zeros((), jnp.int32))
+        return HostClientStore(rows, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
+from fedjax_sim.algorithms.client_state import is_host_store
 from fedjax_sim.core import ClientInput, Cohort, FederatedAlgorithm, ShardedData
 from fedjax_sim.data.batching import ClientSchedule, cohort_indices
 from fedjax_sim.data.federated_data import FederatedData
@@ -82,10 +83,14 @@ def count_nonfinite(tree: PyTree, num_clients: int | None = None,
     (`fedjax_sim.algorithms.client_state`), and the rest were checked in the rounds that wrote
     them, so a round does not read the whole store (SCAFFOLD's 60,000 control variates are
     1.9 GB). Smaller leaves are checked whole (a model kernel that happens to have
-    ``num_clients`` rows is small). Stores kept on the host hold no floating-point array here.
+    ``num_clients`` rows is small). A store kept on the host counts the NaN/inf values its last
+    write stored (`HostClientStore.nonfinite`).
     """
     counts = []
-    for leaf in jax.tree.leaves(tree):
+    for leaf in jax.tree.leaves(tree, is_leaf=is_host_store):
+        if is_host_store(leaf):  # what its last write stored (the rows live on the host)
+            counts.append(leaf.nonfinite)
+            continue
         if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
             continue
         if (client_ids is not None and leaf.ndim >= 2 and leaf.shape[0] == num_clients

@@ -175,3 +175,23 @@ def test_a_run_with_host_state_resumes_and_equals_the_device_run(tmp_path):
     np.testing.assert_allclose([r["train/loss"] for r in rows],
                                [r["train/loss"] for r in rows_ref], rtol=1e-5)
     assert resumed.summary["placement"]["client_state"] == "host"
+
+
+def test_nan_written_to_a_host_store_counts_as_divergence():
+    """The round's divergence check counts the NaN/inf values a write stored on the host, as it
+    counts a device store's written rows; rows that were not written do not count."""
+    from fedjax_sim.simulation.round_step import count_nonfinite
+
+    with host_client_state():
+        store = init_client_state({"w": jnp.zeros(3)}, 10)
+
+    @jax.jit
+    def write(store, rows, mask):
+        store = scatter_client_state(store, jnp.array([1, 2]), {"w": rows}, mask)
+        return store, count_nonfinite({"store": store, "params": jnp.ones(2)})
+
+    rows = jnp.array([[0.0, jnp.nan, jnp.inf], [1.0, 2.0, jnp.nan]])
+    store, bad = write(store, rows, jnp.array([True, False]))
+    assert float(bad) == 2.0  # the second row was not written
+    store, bad = write(store, jnp.ones((2, 3)), jnp.array([True, True]))
+    assert float(bad) == 0.0
