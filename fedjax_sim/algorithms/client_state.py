@@ -265,7 +265,7 @@ def host_stores(tree: PyTree) -> dict[str, HostRows]:
     the writes that made ``tree`` have happened (a step runs asynchronously)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_host_store)
     jax.block_until_ready([leaf.version for _, leaf in flat if is_host_store(leaf)])
-    return {re.sub(r"[^A-Za-z0-9_.-]+", "_", jax.tree_util.keystr(path)).strip("_"): leaf.rows
+    return {re.sub(r"[^A-Za-z0-9_.-]+", "_", jax.tree_util.keystr(path)).strip("._"): leaf.rows
             for path, leaf in flat if is_host_store(leaf)}
 
 

@@ -72,7 +72,7 @@ def test_host_store_reads_and_writes_rows_as_numpy_does(tmp_path):
     assert len(files) == 2 and files[0].stat().st_size in (1000 * 4, 1000 * 24)
 
     stores = host_stores({"state": store})
-    assert sorted(stores) == ["state_b", "state_w"]
+    assert sorted(stores) == ["state_b", "state_w"]  # file names: no leading dot
     for name, rows in stores.items():  # a checkpoint's rows load back into a fresh store
         rows.save(tmp_path / name)
     with host_client_state():
@@ -160,6 +160,10 @@ def test_a_run_with_host_state_resumes_and_equals_the_device_run(tmp_path):
     assert stopped.history[-1]["round"] == 3
     saved = sorted(p.name for p in (tmp_path / "host" / "checkpoints" / "client_state").iterdir())
     assert saved == ["2", "3"]
+    rows_files = sorted(p.name for p in (tmp_path / "host" / "checkpoints" / "client_state" / "3")
+                        .iterdir())
+    assert len(rows_files) == 4 and not any(name.startswith(".") for name in rows_files)
+    assert all(name.startswith("algorithm.client_controls") for name in rows_files), rows_files
     assert sorted(p.name for p in (tmp_path / "host" / "client_state").iterdir()) == [
         f"store-{i}.bin" for i in range(2)]  # the logistic model's kernel and bias
     resumed = run(config, overrides=host, workdir=tmp_path / "host")
