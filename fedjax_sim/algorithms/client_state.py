@@ -103,8 +103,9 @@ class HostRows:
     """The rows of one store leaf on the host: a memory-mapped ``[num_clients, ...]`` file, the
     initial row, and which clients have been written (the others read as the initial row)."""
 
-    def __init__(self, path: Path, initial: np.ndarray, num_clients: int):
+    def __init__(self, path: Path, initial: np.ndarray, num_clients: int, keep: Any = None):
         self.path = path
+        self.keep = keep  # e.g. the temporary file that deletes ``path`` when collected
         self.initial = np.asarray(initial)
         self.shape = (num_clients, *self.initial.shape)
         self.dtype = self.initial.dtype
@@ -113,7 +114,6 @@ class HostRows:
         if hasattr(mmap, "MADV_RANDOM"):  # rows are read by id: no read-ahead around them
             self.array._mmap.madvise(mmap.MADV_RANDOM)
         self.written = np.zeros(num_clients, bool)
-        self.temporary_file = None
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         ids = np.clip(np.asarray(ids, np.int64), 0, self.shape[0] - 1)
@@ -240,8 +240,7 @@ class _HostStoreFactory:
         else:
             handle, path = None, self.directory / f"store-{self.count}.bin"
         self.count += 1
-        rows = HostRows(path, np.asarray(row), num_clients)
-        rows.temporary_file = handle  # kept alive as long as the rows
+        rows = HostRows(path, np.asarray(row), num_clients, keep=handle)
         return HostClientStore(rows, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
 
@@ -260,11 +259,16 @@ def host_client_state(directory: str | os.PathLike | None = None):
         _HOST_STORES.reset(token)
 
 
+def _wait_for_writes(leaves) -> None:
+    """Blocks until the host writes that made these `HostClientStore` leaves have run."""
+    jax.block_until_ready([leaf.version for leaf in leaves if is_host_store(leaf)])
+
+
 def host_stores(tree: PyTree) -> dict[str, HostRows]:
     """``{path: rows}`` of every `HostClientStore` in ``tree`` (a file-name-safe path), once
     the writes that made ``tree`` have happened (a step runs asynchronously)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_host_store)
-    jax.block_until_ready([leaf.version for _, leaf in flat if is_host_store(leaf)])
+    _wait_for_writes(leaf for _, leaf in flat)
     return {re.sub(r"[^A-Za-z0-9_.-]+", "_", jax.tree_util.keystr(path)).strip("._"): leaf.rows
             for path, leaf in flat if is_host_store(leaf)}
 
@@ -273,7 +277,6 @@ def client_state_arrays(store: PyTree) -> PyTree:
     """``store`` with every `HostClientStore` read whole into a numpy array (e.g. to evaluate
     every client's personal model), once the writes that made ``store`` have happened; other
     leaves unchanged."""
-    jax.block_until_ready([x.version for x in jax.tree.leaves(store, is_leaf=is_host_store)
-                           if is_host_store(x)])
+    _wait_for_writes(jax.tree.leaves(store, is_leaf=is_host_store))
     return jax.tree.map(lambda x: x.rows.to_numpy() if is_host_store(x) else x, store,
                         is_leaf=is_host_store)

@@ -23,6 +23,7 @@ Where the flat training arrays live (``data_placement``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
@@ -188,11 +189,10 @@ class Backend:
         per-client leaves are created split (a jitted ``init`` with those output shardings), so
         no process ever holds a whole per-client store; with ``"host"`` they are created on
         the host (``init`` runs eagerly)."""
-        if self.client_state == "host":
-            with host_client_state(self.client_state_dir):
+        if self.client_state != "sharded" or self.mesh is None:
+            hosted = self.client_state == "host"
+            with host_client_state(self.client_state_dir) if hosted else contextlib.nullcontext():
                 return self.put(init(*args))
-        if self.client_state == "replicated" or self.mesh is None:
-            return self.put(init(*args))
         args = self.put(args)
         shardings = jax.tree.map(lambda leaf: self._state_sharding(leaf.shape, num_clients),
                                  jax.eval_shape(init, *args))
