@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.models.conv import canonical_conv
+from fedjax_sim.models.dropout import Dropout
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -102,8 +103,8 @@ class EmnistCNN(nn.Module):
         x = nn.relu(nn.Conv(64, (3, 3), padding="VALID", conv_general_dilated=conv)(x))
         x = max_pool_2x2(x)
         if self.dropout:
-            x = nn.Dropout(0.25)(x, deterministic=deterministic)
+            x = Dropout(0.25)(x, deterministic=deterministic)
         x = nn.relu(nn.Dense(128)(_flatten(x)))
         if self.dropout:
-            x = nn.Dropout(0.5)(x, deterministic=deterministic)
+            x = Dropout(0.5)(x, deterministic=deterministic)
         return nn.Dense(self.num_classes)(x)
