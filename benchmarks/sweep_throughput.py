@@ -5,16 +5,24 @@ clients by Dirichlet(0.5), the MLP, 10 clients a round; client lr {0.01, 0.03, 0
 lr {0.5, 1.0} x 2 seeds) cut to ``--rounds`` rounds. Measured in one process, wall clock
 including data loading and compilation:
 
-* ``sequential``: ``fedjax_sim.run`` of each of the 16 configurations (what a user does with
-  16 ``fedjax-sim run`` commands, minus 16 Python and JAX start-ups);
-* ``sweep_map`` / ``sweep_vmap``: ``fedjax_sim.sweeps.sweep`` with ``sweep.execution`` map
-  (configurations one after another inside one jitted step) or vmap (one batched program).
+* ``sequential``: ``fedjax_sim.run`` of each of the 16 configurations in this process
+  (16 ``fedjax-sim run`` commands minus 16 Python and JAX start-ups, and without the
+  commands' persistent compilation cache);
+* ``cli``: 16 ``fedjax-sim run CONFIG key=value ...`` commands, one after another, each its
+  own process, with the commands' persistent compilation cache in a fresh folder (the first
+  command compiles, the others read its programs): what a user without sweeps runs;
+* ``map`` / ``vmap`` / ``by_seed``: ``fedjax_sim.sweeps.sweep`` with that
+  ``sweep.execution``: configurations one after another inside one jitted step, one batched
+  program, or each seed's configurations batched over their shared cohort and batches.
+
+``--set key=value`` changes the sweep config for every mode (e.g. ``model.name=logistic``).
 
 It also checks that the sweep reproduced every run: the largest difference of the final test
 accuracy and train loss between a sweep's configuration and the same configuration run alone.
 
   FEDJAX_SIM_DATA=../shared/data python benchmarks/sweep_throughput.py [--rounds 30]
-      [--modes sequential map vmap] [--sensitivity 001 ...] [--out FILE]
+      [--modes sequential cli map vmap by_seed] [--set key=value ...] [--sensitivity 001 ...]
+      [--out FILE]
 
 ``--sensitivity`` measures how chaotic a configuration's training is: the largest parameter
 difference after one round between two runs whose initial parameters differ by a relative 1e-7
@@ -25,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +49,7 @@ import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax start
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402
 
+from fedjax_sim.config import config_to_yaml  # noqa: E402
 from fedjax_sim.simulation.loop import run  # noqa: E402
 from fedjax_sim.sweeps import expand, load_sweep, sweep  # noqa: E402
 
@@ -49,6 +60,23 @@ CONFIG = ROOT / "configs" / "sweeps" / "fashion_mnist_fedavg_lr.yaml"
 def _finals(rows: list[dict]) -> dict[str, float]:
     last = rows[-1]
     return {k: last[k] for k in ("test/accuracy", "train/loss") if k in last}
+
+
+def _run_commands(points, overrides: list[str], tmp: pathlib.Path) -> dict[str, dict]:
+    """Each configuration as its own ``fedjax-sim run`` command (the sweep config's run part
+    plus the point's values as overrides), the compilation cache in a fresh folder."""
+    env = {**os.environ, "FEDJAX_SIM_COMPILATION_CACHE": str(tmp / "jax_cache")}
+    finals = {}
+    for point in points:
+        config_path = tmp / f"cli_{point.label}.yaml"
+        config_path.write_text(config_to_yaml(dataclasses.replace(point.config, workdir=None)))
+        workdir = tmp / f"cli_run_{point.label}"
+        subprocess.run([sys.executable, "-m", "fedjax_sim.cli", "run", str(config_path),
+                        "--workdir", str(workdir)], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        finals[point.label] = _finals([json.loads(line) for line in (
+            workdir / "metrics.jsonl").read_text().splitlines()])
+    return finals
 
 
 def sensitivity(point, relative: float = 1e-7) -> dict:
@@ -79,8 +107,10 @@ def sensitivity(point, relative: float = 1e-7) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--modes", nargs="*", default=["sequential", "map", "vmap"],
-                        choices=["sequential", "map", "vmap"])
+    parser.add_argument("--modes", nargs="*", default=["sequential", "cli", "map", "by_seed"],
+                        choices=["sequential", "cli", "map", "vmap", "by_seed"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every mode, e.g. model.name=logistic")
     parser.add_argument("--sensitivity", nargs="*", default=[], metavar="NNN",
                         help="configurations (e.g. 001) whose chaos to measure: the parameter "
                              "difference after one round from a 1e-7 relative perturbation")
@@ -91,7 +121,7 @@ def main() -> None:
         if shared.is_dir():
             os.environ["FEDJAX_SIM_DATA"] = str(shared)
     overrides = [f"rounds={args.rounds}", "eval.every=10", "log.progress=false",
-                 "log.plot=false", "checkpoint.every=null"]
+                 "log.plot=false", "checkpoint.every=null", *args.set]
     data, spec = load_sweep(CONFIG, overrides)
     points = expand(data, spec, overrides)
     report = {
@@ -117,6 +147,8 @@ def main() -> None:
                     for point in points:
                         result = run(point.config, workdir=pathlib.Path(tmp) / point.label)
                         finals[mode][point.label] = _finals(result.history)
+                elif mode == "cli":
+                    finals[mode] = _run_commands(points, overrides, pathlib.Path(tmp))
                 else:
                     result = sweep(CONFIG, [*overrides, f"sweep.execution={mode}"],
                                    workdir=pathlib.Path(tmp) / f"sweep_{mode}")

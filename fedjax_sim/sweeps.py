@@ -15,7 +15,7 @@ A sweep config is a run config plus a ``sweep:`` section::
     seeds: 2                                # or a list of seeds, e.g. [0, 1]
     metric: test/accuracy                   # what "best" means (default: test/accuracy)
     mode: max                               # max or min
-    execution: auto                         # vmap, map or auto (see below)
+    execution: auto                         # by_seed, vmap, map or auto (see below)
     batch_size: null                        # map: configurations vmapped per step of the map
     devices: 1                              # shard the sweep axis over this many devices
 
@@ -24,8 +24,12 @@ whose round step is the same program (the same jaxpr with the same constants, so
 only in arrays of the state: learning rates and other injected hyperparameters, weight
 exponents, noise multipliers, ... and the seed, which sets the initial parameters and the root
 key of cohorts, batches and client randomness) form a *group*: their states are stacked along
-a leading sweep axis and one jitted step trains them all (``jax.vmap`` of the round, or
-``lax.map`` over the configurations: ``sweep.execution``). Keys that change shapes or code
+a leading sweep axis and one jitted step trains them all. ``sweep.execution``: ``vmap``
+(the round vmapped over the configurations), ``map`` (``lax.map``: one after another), or
+``by_seed`` (the configurations of one seed share its cohort, batches and client keys, so the
+round draws them once and vmaps only the algorithm states: each client step reads one batch
+for all of them; the seeds one after another); ``auto`` picks ``map`` on CPU, ``vmap`` on
+GPU/TPU (see `resolve_execution`). Keys that change shapes or code
 (model, cohort size, algorithm, a hyperparameter the algorithm keeps as a Python constant)
 split the sweep into groups, each its own program. The grouping is checked, not assumed: a key
 that a user believes is an array but is a constant only costs another group.
@@ -69,7 +73,7 @@ from fedjax_sim.config import (
 )
 from fedjax_sim.simulation.round_step import SWEEP_AXIS
 
-EXECUTIONS = ("auto", "vmap", "map")
+EXECUTIONS = ("auto", "by_seed", "vmap", "map")
 MODES = ("max", "min")
 DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
 SWEEP_KEYS = ("grid", "random", "random_seed", "seeds", "metric", "mode", "execution",
@@ -274,7 +278,7 @@ def program_fingerprint(experiment) -> tuple[str, list[np.ndarray]]:
     """The round step's jaxpr text and constants: equal for two configurations exactly when one
     compiled program can run both (their differences are arrays of the state)."""
     step = experiment.round_step
-    state = experiment.init_state()
+    state = jax.eval_shape(experiment.init_state)  # shapes only: nothing to compute
     closed = jax.make_jaxpr(step.fn)(state, step.data, step.offsets)
     jaxpr = closed.jaxpr
     try:  # dead code (e.g. a client optimizer's init value, replaced by the state's) is no
@@ -317,12 +321,13 @@ class _Group:
 
 
 def build_groups(points: Sequence[SweepPoint]) -> list[_Group]:
-    """Builds every configuration (loading each distinct dataset once) and groups those that
-    share one program."""
+    """Builds every configuration (loading each distinct dataset and building each distinct
+    model once) and groups those that share one program."""
     from fedjax_sim.data.validation import validate_dataset
-    from fedjax_sim.simulation.loop import build_dataset, build_experiment
+    from fedjax_sim.simulation.loop import build_dataset, build_experiment, build_model
 
     datasets: dict[str, Any] = {}
+    models: dict[str, Any] = {}  # one Model per dataset and model section: compiled once
     groups: list[_Group] = []
     for point in points:
         config = point.config
@@ -341,7 +346,12 @@ def build_groups(points: Sequence[SweepPoint]) -> list[_Group]:
             dataset = build_dataset(config)
             validate_dataset(dataset)
             datasets[data_key] = dataset
-        experiment = build_experiment(config, dataset=datasets[data_key])
+        model_key = data_key + json.dumps(dataclasses.asdict(config.model), sort_keys=True,
+                                          default=str)
+        if model_key not in models:
+            models[model_key] = build_model(config, datasets[data_key].info)
+        experiment = build_experiment(config, dataset=datasets[data_key],
+                                      model=models[model_key])
         if experiment.round_step.feeder is not None:
             raise ConfigError("config key 'execution.data_placement': the dataset is kept on "
                               "the host (memory-mapped or large); a sweep needs it on the "
@@ -359,10 +369,13 @@ def build_groups(points: Sequence[SweepPoint]) -> list[_Group]:
 
 
 def resolve_execution(execution: str) -> str:
-    """``auto``: ``vmap`` on GPU/TPU (one wide program); ``map`` on XLA:CPU, where the vmapped
-    round measured slower than configurations one after another (the clients' local loops
-    stop at each client's own step count, a while loop that vmap turns into every step of the
-    longest client under a select: `benchmarks/sweep_throughput.py`)."""
+    """``auto``: ``vmap`` on GPU/TPU (one wide program); ``map`` on XLA:CPU, where it measured
+    fastest or even for every model but the smallest (`benchmarks/sweep_throughput.py`): the
+    vmapped round stops every client's local loop at the longest client's step count (a while
+    loop that vmap turns into every step under a select), and ``by_seed``, which shares each
+    seed's cohort and batches, was 2.3x faster than ``map`` for logistic regression but no
+    faster for the 2NN MLP or the char-LSTM, whose per-step updates of 8 configurations'
+    parameters no longer fit in cache."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution={execution!r}: expected one of {EXECUTIONS}")
     if execution == "auto":
@@ -370,18 +383,44 @@ def resolve_execution(execution: str) -> str:
     return execution
 
 
-def stacked_step(round_fn, execution: str = "vmap", mesh=None, batch_size: int | None = None):
+def seed_layout(keys: Sequence[np.ndarray]) -> tuple[list[int], list[bool], int]:
+    """The sweep axis of ``by_seed``: the configurations of each root key side by side.
+
+    Returns ``(slots, real, seeds)``: slot j holds configuration ``slots[j]``; the slots form
+    ``seeds`` rows of equal width, one per distinct key (in order of first appearance), a row
+    with fewer configurations padded with copies of its last one (``real`` False: trained and
+    thrown away, never reported)."""
+    rows: dict[bytes, list[int]] = {}
+    for i, key in enumerate(keys):
+        rows.setdefault(np.asarray(key).tobytes(), []).append(i)
+    width = max(len(row) for row in rows.values())
+    slots, real = [], []
+    for row in rows.values():
+        slots += row + [row[-1]] * (width - len(row))
+        real += [True] * len(row) + [False] * (width - len(row))
+    return slots, real, len(rows)
+
+
+def stacked_step(round_fn, execution: str = "vmap", mesh=None, batch_size: int | None = None,
+                 seeds: int = 1):
     """``(states, alive, data, offsets) -> (states, metrics)`` over a leading sweep axis, jitted
     with the states donated. A configuration whose ``alive`` is False keeps its state.
 
     ``round_fn``: `RoundStep.fn` for ``map``, `RoundStep.sweep_fn` for ``vmap`` (vmapped with
-    the axis name `SWEEP_AXIS`). ``batch_size`` (``map``): configurations vmapped together in
-    each step of the map (``lax.map(batch_size=...)``): a vmap in chunks, bounding memory."""
+    the axis name `SWEEP_AXIS`), `RoundStep.shared_fn` for ``by_seed`` (the sweep axis is
+    ``seeds`` equal rows, one per root key: `seed_layout`; a ``lax.map`` over the rows).
+    ``batch_size`` (``map``): configurations vmapped together in each step of the map
+    (``lax.map(batch_size=...)``): a vmap in chunks, bounding memory."""
 
     def step(states, alive, data, offsets):
         if execution == "map":
             new, metrics = jax.lax.map(lambda s: round_fn(s, data, offsets), states,
                                        batch_size=batch_size)
+        elif execution == "by_seed":
+            rows = jax.tree.map(lambda x: x.reshape((seeds, -1) + x.shape[1:]), states)
+            new, metrics = jax.lax.map(lambda s: round_fn(s, data, offsets), rows)
+            new, metrics = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]),
+                                        (new, metrics))
         else:
             new, metrics = jax.vmap(round_fn, in_axes=(0, None, None),
                                     axis_name=SWEEP_AXIS)(states, data, offsets)
@@ -444,6 +483,9 @@ def run_sweep(data: Mapping[str, Any], spec: SweepSpec, overrides: Sequence[str]
     base = points[0].config
     workdir = Path(workdir or base.workdir or default_workdir(base.name))
     groups = build_groups(points)  # every config or data error comes before any write
+    if spec.execution == "by_seed" and spec.devices > 1:
+        raise ConfigError("config key 'sweep.execution': by_seed runs on one device; with "
+                          f"sweep.devices={spec.devices} use vmap or map")
     resume = _prepare_workdir(workdir, data, spec, overrides, overwrite)
     execution = resolve_execution(spec.execution)
     print(f"fedjax_sim: sweep {base.name}: {len(points)} configurations in {len(groups)} "
@@ -523,7 +565,6 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
     members = group.members
     count = len(members)
     devices = spec.devices
-    padded = -(-count // devices) * devices  # pad the sweep axis to the devices
     mesh = None
     if devices > 1:
         from jax.sharding import Mesh
@@ -533,12 +574,23 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
                               f"{jax.device_count()} available")
         mesh = Mesh(np.array(jax.devices()[:devices]), ("sweep",))
     states = [m.init_state() for m in members]
-    states += [states[-1]] * (padded - count)
-    states = stack_states(states)
-    alive = np.array([True] * count + [False] * (padded - count))
+    # The sweep axis: slot j trains configuration slots[j]; padding slots (copies, never
+    # reported) fill the devices' shares, or by_seed's rows of one root key each.
+    seeds = 1
+    if execution == "by_seed":
+        slots, real, seeds = seed_layout([np.asarray(state.key) for state in states])
+    else:
+        padded = -(-count // devices) * devices  # pad the sweep axis to the devices
+        slots = list(range(count)) + [count - 1] * (padded - count)
+        real = [True] * count + [False] * (padded - count)
+    slot_of = {member: slot for slot, member in reversed(list(enumerate(slots)))}
+    states = stack_states([states[member] for member in slots])
+    alive = np.array(real)
     round_step = experiment.round_step
-    step = stacked_step(round_step.sweep_fn if execution == "vmap" else round_step.fn,
-                        execution, mesh, spec.batch_size if execution == "map" else None)
+    round_fn = {"vmap": round_step.sweep_fn, "by_seed": round_step.shared_fn}.get(
+        execution, round_step.fn)
+    step = stacked_step(round_fn, execution, mesh,
+                        spec.batch_size if execution == "map" else None, seeds)
     folders = [workdir / "configs" / m.point.label for m in members]
     checkpointer = Checkpointer(workdir / "checkpoints" / f"group_{number:02d}",
                                 keep=config.checkpoint.keep)
@@ -547,6 +599,11 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
     done = 0
     if resume and checkpointer.latest_round() is not None:
         states, host = checkpointer.restore(states)
+        if host.get("slots", slots) != slots:
+            raise ConfigError(f"sweep group {number}: its checkpoint lays the configurations "
+                              f"out as {host['slots']}, this run as {slots} (another "
+                              "config key 'sweep.execution' or backend); resume with the "
+                              "execution that wrote it, or pass --overwrite")
         done = int(host["round"])
         diverged = {int(k): v for k, v in host["diverged"].items()}
         for i, folder in enumerate(folders):
@@ -554,7 +611,7 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
             with open(path, "a+b") as log_file:
                 log_file.truncate(int(host["offsets"][i]))
             histories[i] = [json.loads(line) for line in path.read_text().splitlines()]
-        alive[list(diverged)] = False
+        alive[[slot_of[i] for i in diverged]] = False
         print(f"fedjax_sim: sweep group {number}: resuming after round {done}")
     else:
         for member, folder in zip(members, folders, strict=True):
@@ -596,12 +653,13 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
             pending = []
             now = clock_offset + time.perf_counter() - start
             for i, member in enumerate(members):
-                if not alive[i]:
+                slot = slot_of[i]
+                if not alive[slot]:
                     continue
                 new_rows = []
                 for offset, m in enumerate(fetched):
                     row = {"round": first + offset, "wall_time": round(now, 3),
-                           **{k: float(v[i]) for k, v in m.items()}}
+                           **{k: float(v[slot]) for k, v in m.items()}}
                     if _diverged(row):
                         diverged[i] = row["round"]
                         break
@@ -609,12 +667,12 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
                         row["privacy/epsilon"] = member.privacy.epsilon(row["round"])
                     new_rows.append(row)
                 if i in diverged:
-                    alive[i], alive_device = False, None
+                    alive[slot], alive_device = False, None
                     _write_rows(logs[i], new_rows)
                     histories[i].extend(new_rows)
                     continue
                 if evaluate_now:
-                    state_i = unstack_state(evaluated, i)
+                    state_i = unstack_state(evaluated, slot)
                     new_rows[-1].update(member.evaluate(state_i.algorithm))
                     if member.privacy is not None and "privacy/epsilon" not in new_rows[-1]:
                         new_rows[-1]["privacy/epsilon"] = member.privacy.epsilon(round_index)
@@ -624,18 +682,18 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
                             member.example_privacy.epsilon())
                     if _diverged(new_rows[-1]):
                         diverged[i] = round_index
-                        alive[i], alive_device = False, None
+                        alive[slot], alive_device = False, None
                         new_rows.pop()
                 _write_rows(logs[i], new_rows)
                 histories[i].extend(new_rows)
             if checkpoint_now:
                 checkpointer.save(round_index, states, {
                     "round": round_index, "diverged": {str(k): v for k, v in diverged.items()},
-                    "offsets": [log.tell() for log in logs]})
+                    "offsets": [log.tell() for log in logs], "slots": slots})
             if bar is not None:
                 bar.update(len(fetched))
                 bar.set_postfix(_best_so_far(histories, spec))
-            if not alive[:count].any():
+            if not alive.any():
                 break
     finally:
         for log in logs:

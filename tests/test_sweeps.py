@@ -15,7 +15,7 @@ import yaml
 from fedjax_sim.cli import main
 from fedjax_sim.config import ConfigError, load_config
 from fedjax_sim.simulation.loop import run
-from fedjax_sim.sweeps import build_groups, expand, load_sweep, sweep, sweep_spec
+from fedjax_sim.sweeps import build_groups, expand, load_sweep, seed_layout, sweep, sweep_spec
 
 # The demo (Shakespeare by role, shipped in the repo) made tiny.
 TINY = {"name": "tiny_sweep", "rounds": 4, "cohort": {"size": 3},
@@ -178,3 +178,32 @@ def test_grouping_follows_what_the_program_holds_as_arrays():
     assert programs("fed_dyn", "algorithm.alpha") == 1
     assert programs("q_ffl", "algorithm.lipschitz", (5.0, 20.0)) == 1
     assert programs("fed_avg", "client.batch_size", (4, 8)) == 2
+
+
+def test_seed_layout_puts_each_keys_configurations_in_one_padded_row():
+    a, b, c = (np.array([0, k], np.uint32) for k in (1, 2, 3))
+    slots, real, seeds = seed_layout([a, b, a, c, c, a])
+    assert seeds == 3
+    assert slots == [0, 2, 5, 1, 1, 1, 3, 4, 4]
+    assert real == [True, True, True, True, False, False, True, True, False]
+
+
+def test_by_seed_equals_separate_runs_and_masks_a_diverging_configuration(tmp_path):
+    # by_seed: each seed's three learning rates share one cohort and batch plan a round; the
+    # rate 3e38 diverges in round 1 and is frozen, the others go on and equal their runs alone.
+    path = _write(tmp_path, {"grid": {"client.optimizer.learning_rate": [0.5, 2.0, 3.0e38]},
+                             "seeds": 2, "execution": "by_seed"})
+    result = sweep(path, workdir=tmp_path / "sweep")
+    assert result.summary["execution"] == "by_seed"
+    status = {row["config"]: row["status"] for row in result.rows}
+    assert status == {"000": "ok", "001": "ok", "002": "ok", "003": "ok",
+                      "004": "diverged at round 1", "005": "diverged at round 1"}
+    data, spec = load_sweep(path)
+    points = expand(data, spec)
+    for label in ("000", "003"):  # seed 0 and seed 1, other learning rates
+        point = next(p for p in points if p.label == label)
+        alone = run(point.config, workdir=tmp_path / f"alone_{label}")
+        _assert_same_rows(_rows(tmp_path / "sweep" / "configs" / label / "metrics.jsonl"),
+                          alone.history)
+    with pytest.raises(ConfigError, match="sweep.execution"):
+        sweep(path, ["sweep.devices=2"], workdir=tmp_path / "two_devices")

@@ -157,25 +157,8 @@ def build_dataset_cache(config: Config, cache_dir: str | os.PathLike | None = No
         return convert_dataset(config.dataset.name, config.dataset.options, cache_dir)
 
 
-def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
-                     workdir: str | os.PathLike | None = None) -> Experiment:
-    """Loads the data and builds the model, algorithm, round step and evaluators.
-
-    ``dataset``: the config's dataset when already loaded (a sweep loads it once for all its
-    configurations); None loads it from the ``dataset:`` section. ``workdir``: the run's
-    folder, where ``execution.client_state: host`` keeps its stores (``client_state/``; None:
-    temporary files).
-    """
-    if dataset is None:
-        dataset = build_dataset(config)
-        validate_dataset(dataset)
-    attack = _build_attack(config, dataset)
-    if attack is not None and attack.poison is not None:  # data attacks: once, before training
-        try:
-            dataset = dataclasses.replace(dataset, train=attack.poison(dataset.train))
-        except ValueError as error:
-            raise ConfigError(f"config key 'attack' ({attack.name}): {error}") from None
-    info = dataset.info
+def build_model(config: Config, info: Mapping[str, Any]) -> Model:
+    """The ``model:`` section's model for a dataset's ``info`` (ConfigError names the key)."""
     if config.model.name in MODELS:
         module, classes_field = MODELS[config.model.name]
         fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name", classes_field}
@@ -191,6 +174,33 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
         )
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config key 'model': {error}") from None
+    return model
+
+
+def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
+                     workdir: str | os.PathLike | None = None,
+                     model: Model | None = None) -> Experiment:
+    """Loads the data and builds the model, algorithm, round step and evaluators.
+
+    ``dataset``: the config's dataset when already loaded (a sweep loads it once for all its
+    configurations); None loads it from the ``dataset:`` section. ``model``: the model this
+    config's ``model:`` section and dataset build, when already built (a sweep shares one, so
+    its initialisation and evaluation compile once). ``workdir``: the run's
+    folder, where ``execution.client_state: host`` keeps its stores (``client_state/``; None:
+    temporary files).
+    """
+    if dataset is None:
+        dataset = build_dataset(config)
+        validate_dataset(dataset)
+    attack = _build_attack(config, dataset)
+    if attack is not None and attack.poison is not None:  # data attacks: once, before training
+        try:
+            dataset = dataclasses.replace(dataset, train=attack.poison(dataset.train))
+        except ValueError as error:
+            raise ConfigError(f"config key 'attack' ({attack.name}): {error}") from None
+    info = dataset.info
+    if model is None:
+        model = build_model(config, info)
     # A client schedule follows the round (client optimizer state is fresh every round); a
     # server schedule is injected into the server optimizer, whose update count is the round.
     client_optimizer, client_schedules = make_optimizer(

@@ -159,6 +159,11 @@ class RoundStep:
         only): the same rounds, with the clients' loops bounded by one trip count for all
         configurations (a vmapped while loop with a batched bound would select every carried
         value at every step).
+      shared_fn: ``(states, data, offsets) -> (states, metrics)`` over states stacked on a
+        leading axis that share one root key and round (the configurations of one seed): the
+        round's cohort, batches and client keys are drawn once and only the algorithm states
+        are vmapped (axis name `SWEEP_AXIS`), so every configuration's clients read one batch
+        and run their own step counts (device data only).
       rounds_per_call: k, the most rounds `run_rounds` runs in one call.
       multi_round: ``(state, data, offsets, num_rounds) -> (state, metrics [k, ...])`` jitted
         (state donated; ``num_rounds`` a traced int32, so every count up to k is one program);
@@ -175,6 +180,7 @@ class RoundStep:
     feeder: HostFeeder | None = None
     target: Any = None
     sweep_fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
+    shared_fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
     rounds_per_call: int = 1
     multi_round: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
     backend: Backend = dataclasses.field(default_factory=Backend)
@@ -366,6 +372,22 @@ def build_round_step(
         plan = plan_fn(state.key, state.round, offsets)
         return train_fn(state, data, plan, plan.indices, trip_count_axis=SWEEP_AXIS)
 
+    def shared_round_fn(states: SimulationState, data, offsets):
+        # Configurations of one seed (stacked on a leading axis): one root key, so one cohort,
+        # one set of batches and client keys a round. The plan is drawn once, unbatched, and
+        # only the algorithm states are vmapped: the clients read one batch for all of them and
+        # every configuration's client runs that client's own step count (no select).
+        key, round_index = states.key[0], jnp.max(states.round)
+        plan = plan_fn(key, round_index, offsets)
+
+        def one(algorithm_state):
+            shared = SimulationState(algorithm_state, round_index, key)
+            new, metrics = train_fn(shared, data, plan, plan.indices)
+            return new.algorithm, metrics
+
+        algorithm, metrics = jax.vmap(one, axis_name=SWEEP_AXIS)(states.algorithm)
+        return states.replace(algorithm=algorithm, round=states.round + 1), metrics
+
     def host_round_fn(state: SimulationState, batch, plan: CohortPlan):
         # The cohort's rows were gathered on the host in [C, S, B] order: row i of the batch is
         # slot i of the plan, so the clients read their batches by position.
@@ -380,7 +402,8 @@ def build_round_step(
             multi_round = jax.jit(_multi_round(round_fn, rounds_per_call),
                                   donate_argnums=donate_argnums)
         return RoundStep(round_fn, jitted, data, offsets, cohort_size, target=target,
-                         sweep_fn=sweep_round_fn, rounds_per_call=rounds_per_call,
+                         sweep_fn=sweep_round_fn, shared_fn=shared_round_fn,
+                         rounds_per_call=rounds_per_call,
                          multi_round=multi_round, backend=backend,
                          num_clients=train.num_clients)
     prefetch = backend.prefetch
