@@ -158,7 +158,7 @@ def main() -> None:
                         ).read_text().splitlines()]) for p in points}
             seconds = time.perf_counter() - start
             report["results"][mode] = {"seconds": round(seconds, 2)}
-            if mode != "sequential":
+            if mode not in ("sequential", "cli"):
                 report["results"][mode]["programs"] = result.summary["programs"]
             print(f"{mode}: {seconds:.1f} s", flush=True)
     if "sequential" in finals:
@@ -168,6 +168,9 @@ def main() -> None:
                 continue
             entry = report["results"][mode]
             entry["speedup_vs_sequential"] = round(base / entry["seconds"], 2)
+            if "cli" in report["results"] and mode != "cli":
+                entry["speedup_vs_cli"] = round(
+                    report["results"]["cli"]["seconds"] / entry["seconds"], 2)
             entry["max_abs_difference_vs_sequential"] = {
                 key: max(abs(finals[mode][label][key] - finals["sequential"][label][key])
                          for label in finals["sequential"])
