@@ -16,13 +16,16 @@ including data loading and compilation:
   program, or each seed's configurations batched over their shared cohort and batches.
 
 ``--set key=value`` changes the sweep config for every mode (e.g. ``model.name=logistic``).
+``--round-times SETTING ...`` also measures the seconds per round (compilation excluded) of
+``map`` and ``by_seed`` for each setting (``;``-separated overrides, e.g.
+``"model.hidden=[64,64]"``; ``""`` for the config itself).
 
 It also checks that the sweep reproduced every run: the largest difference of the final test
 accuracy and train loss between a sweep's configuration and the same configuration run alone.
 
   FEDJAX_SIM_DATA=../shared/data python benchmarks/sweep_throughput.py [--rounds 30]
       [--modes sequential cli map vmap by_seed] [--set key=value ...] [--sensitivity 001 ...]
-      [--out FILE]
+      [--round-times SETTING ...] [--out FILE]
 
 ``--sensitivity`` measures how chaotic a configuration's training is: the largest parameter
 difference after one round between two runs whose initial parameters differ by a relative 1e-7
@@ -79,6 +82,46 @@ def _run_commands(points, overrides: list[str], tmp: pathlib.Path) -> dict[str, 
     return finals
 
 
+def round_times(overrides: list[str], repeats: int = 2, rounds: int = 5) -> dict:
+    """Seconds per round of the stacked step under ``map`` and ``by_seed`` for the sweep with
+    ``overrides`` (data loading, building and compilation excluded): median of ``rounds``
+    rounds after one untimed round, the executions interleaved ``repeats`` times."""
+    import jax
+    import numpy as np
+
+    from fedjax_sim.sweeps import build_groups, seed_layout, stack_states, stacked_step
+
+    data, spec = load_sweep(CONFIG, overrides)
+    group = build_groups(expand(data, spec, overrides))[0]
+    step_fns = {"map": group.experiment.round_step.fn,
+                "by_seed": group.experiment.round_step.shared_fn}
+    params = sum(int(np.size(x)) for x in jax.tree.leaves(group.members[0].init_state()
+                                                          .algorithm.params))
+    times: dict[str, list[float]] = {mode: [] for mode in step_fns}
+    for _ in range(repeats):
+        for mode, fn in step_fns.items():
+            states = [m.init_state() for m in group.members]
+            seeds, slots = 1, list(range(len(states)))
+            if mode == "by_seed":
+                slots, _, seeds = seed_layout([np.asarray(s.key) for s in states])
+            stacked = stack_states([states[i] for i in slots])
+            step = stacked_step(fn, mode, None, None, seeds)
+            alive = jax.numpy.ones(len(slots), bool)
+            rs = group.experiment.round_step
+            stacked, _ = step(stacked, alive, rs.data, rs.offsets)
+            jax.block_until_ready(stacked)
+            for _ in range(rounds):
+                start = time.perf_counter()
+                stacked, _ = step(stacked, alive, rs.data, rs.offsets)
+                jax.block_until_ready(stacked)
+                times[mode].append(time.perf_counter() - start)
+    medians = {mode: float(np.median(t)) for mode, t in times.items()}
+    return {"overrides": overrides, "configurations": len(group.members),
+            "parameters_per_configuration": params,
+            "seconds_per_round": medians,
+            "by_seed_speedup_vs_map": round(medians["map"] / medians["by_seed"], 2)}
+
+
 def sensitivity(point, relative: float = 1e-7) -> dict:
     """How far one round moves apart two copies of ``point`` whose initial parameters differ by
     a relative ``relative``: the scale of differences any change of float rounding (such as a
@@ -114,6 +157,9 @@ def main() -> None:
     parser.add_argument("--sensitivity", nargs="*", default=[], metavar="NNN",
                         help="configurations (e.g. 001) whose chaos to measure: the parameter "
                              "difference after one round from a 1e-7 relative perturbation")
+    parser.add_argument("--round-times", nargs="*", default=[], metavar="KEY=VALUE;...",
+                        help="per-round seconds of map and by_seed (no compile) for each of "
+                             "these settings: ';'-separated overrides, '' for the config")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     if "FEDJAX_SIM_DATA" not in os.environ:
@@ -182,6 +228,16 @@ def main() -> None:
             report["sensitivity"] = [sensitivity(p) for p in points
                                      if p.label in args.sensitivity]
         print(f"sensitivity: {report['sensitivity']}", flush=True)
+    if args.round_times:
+        report["round_times"] = []
+        for setting in args.round_times:
+            extra = [o for o in setting.split(";") if o]
+            with contextlib.redirect_stdout(io.StringIO()):
+                entry = round_times([*overrides, *extra])
+            report["round_times"].append(entry)
+            print(f"round times {extra or ['(the config)']}: {entry['seconds_per_round']} "
+                  f"({entry['parameters_per_configuration']} parameters; by_seed "
+                  f"{entry['by_seed_speedup_vs_map']}x map)", flush=True)
     report["matmul_after"] = matmul_peak()
     path = write_report(report, args.out, "sweep_throughput-")
     print(f"wrote {path}")

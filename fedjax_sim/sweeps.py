@@ -369,13 +369,13 @@ def build_groups(points: Sequence[SweepPoint]) -> list[_Group]:
 
 
 def resolve_execution(execution: str) -> str:
-    """``auto``: ``vmap`` on GPU/TPU (one wide program); ``map`` on XLA:CPU, where it measured
-    fastest or even for every model but the smallest (`benchmarks/sweep_throughput.py`): the
-    vmapped round stops every client's local loop at the longest client's step count (a while
-    loop that vmap turns into every step under a select), and ``by_seed``, which shares each
-    seed's cohort and batches, was 2.3x faster than ``map`` for logistic regression but no
-    faster for the 2NN MLP or the char-LSTM, whose per-step updates of 8 configurations'
-    parameters no longer fit in cache."""
+    """``auto``: ``vmap`` on GPU/TPU (one wide program); ``map`` on XLA:CPU, which reproduces
+    each configuration's run bit for bit. The vmapped round stops every client's local loop at
+    the longest client's step count (a while loop that vmap turns into every step under a
+    select) and measured slower than ``map``; ``by_seed``, which shares each seed's cohort and
+    batches, ran rounds 1.9x faster than ``map`` for logistic regression and 1.07x for the 2NN
+    MLP, and no faster for the char-LSTM, but agrees with the runs only to float rounding
+    (`benchmarks/sweep_throughput.py`; the README's Sweeps section)."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution={execution!r}: expected one of {EXECUTIONS}")
     if execution == "auto":
