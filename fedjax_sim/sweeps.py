@@ -23,7 +23,8 @@ How it runs: every configuration is built exactly as `run` would build it, and c
 whose round step is the same program (the same jaxpr with the same constants, so they differ
 only in arrays of the state: learning rates and other injected hyperparameters, weight
 exponents, noise multipliers, ... and the seed, which sets the initial parameters and the root
-key of cohorts, batches and client randomness) form a *group*: their states are stacked along
+key of cohorts, batches and client randomness) and that train on the same data form a
+*group*: their states are stacked along
 a leading sweep axis and one jitted step trains them all. ``sweep.execution``: ``vmap``
 (the round vmapped over the configurations), ``map`` (``lax.map``: one after another), or
 ``by_seed`` (the configurations of one seed share its cohort, batches and client keys, so the
@@ -295,6 +296,19 @@ def program_fingerprint(experiment) -> tuple[str, list[np.ndarray]]:
     return f"{loop}\n{jaxpr}", consts
 
 
+def _same_training_data(a, b) -> bool:
+    """Whether two configurations train on the same data (`FederatedData`). The round step
+    takes its data as an argument, so two programs can be equal while their data differ (another
+    partition or data attack of equal shapes): a group trains on its first member's data."""
+    if a is b:
+        return True
+    if a.arrays.keys() != b.arrays.keys() or not np.array_equal(a.offsets, b.offsets):
+        return False
+    return all(np.shape(a.arrays[k]) == np.shape(b.arrays[k])
+               and np.array_equal(np.asarray(a.arrays[k]), np.asarray(b.arrays[k]))
+               for k in a.arrays)
+
+
 def _same_program(a: tuple[str, list[np.ndarray]], b: tuple[str, list[np.ndarray]]) -> bool:
     if a[0] != b[0] or len(a[1]) != len(b[1]):
         return False
@@ -322,7 +336,7 @@ class _Group:
 
 def build_groups(points: Sequence[SweepPoint]) -> list[_Group]:
     """Builds every configuration (loading each distinct dataset and building each distinct
-    model once) and groups those that share one program."""
+    model once) and groups those that share one program and the same training data."""
     from fedjax_sim.data.validation import validate_dataset
     from fedjax_sim.simulation.loop import build_dataset, build_experiment, build_model
 
@@ -360,7 +374,8 @@ def build_groups(points: Sequence[SweepPoint]) -> list[_Group]:
         member = _Member(point, experiment.evaluate, experiment.privacy,
                          experiment.example_privacy, experiment.init_state)
         for group in groups:
-            if _same_program(group.fingerprint, fingerprint):
+            if (_same_program(group.fingerprint, fingerprint) and _same_training_data(
+                    group.experiment.dataset.train, experiment.dataset.train)):
                 group.members.append(member)
                 break
         else:

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
 
 from fedjax_sim.cli import main
 from fedjax_sim.config import ConfigError, load_config
@@ -207,3 +208,22 @@ def test_by_seed_equals_separate_runs_and_masks_a_diverging_configuration(tmp_pa
                           alone.history)
     with pytest.raises(ConfigError, match="sweep.execution"):
         sweep(path, ["sweep.devices=2"], workdir=tmp_path / "two_devices")
+
+
+@needs_shared_data(*FASHION_MNIST_FILES)
+def test_configurations_with_other_training_data_of_equal_shapes_train_apart(tmp_path):
+    # A label-flipping attack poisons each configuration's data by its own fraction: equal
+    # shapes, so one program, but other data; each must train on its own (two groups) and
+    # equal its run alone.
+    path = _write(tmp_path, {"grid": {"attack.fraction": [0.2, 0.6]}}, rounds=2,
+                  dataset={"name": "fashion_mnist", "partition": "iid", "num_clients": 20,
+                           "data_dir": str(SHARED_DATA)},
+                  model={"name": "logistic"}, attack={"name": "label_flip"},
+                  cohort={"size": 4}, eval={"every": 2, "max_examples": 500})
+    data, spec = load_sweep(path)
+    points = expand(data, spec)
+    assert len(build_groups(points)) == 2
+    sweep(path, workdir=tmp_path / "sweep")
+    alone = run(points[1].config, workdir=tmp_path / "alone")
+    _assert_same_rows(_rows(tmp_path / "sweep" / "configs" / "001" / "metrics.jsonl"),
+                      alone.history)
