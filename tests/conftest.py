@@ -4,7 +4,7 @@
 import os
 
 # XLA:CPU's legacy fusion emitters: the suite is mostly compilation of small programs, and they
-# compile its kernels (threefry draws above all) about 1.5x faster than the default MLIR fusion
+# compile its kernels (threefry draws above all) faster (trial runs) than the default MLIR fusion
 # emitters, with the same bits (the CNN, logistic and char-LSTM rounds compared bit for bit)
 # but slower LSTM kernels at run time, so only the tests use them (subprocesses inherit this).
 # FEDJAX_SIM_TEST_FUSION_EMITTERS=default keeps XLA's default.

@@ -425,7 +425,7 @@ def test_femnist_config_runs(tmp_path):
 def test_leaf_shakespeare_config_runs(tmp_path):
     write_leaf(base(tmp_path, "shakespeare") / "all_data" / "a.json", shakespeare_users())
     # A narrower, one-layer LSTM and fewer local steps than the config's keep the CPU test quick
-    # (the suite's legacy XLA:CPU fusion emitters compile the 2-layer round about eight times
+    # (the suite's legacy XLA:CPU fusion emitters compile the 2-layer round several times
     # slower; tests/models/test_lstm.py checks 2-layer LSTMs).
     run_config("leaf_shakespeare_fedavg.yaml", tmp_path, "model.hidden=32", "model.num_layers=1",
                "client.local_steps=2")
