@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import fedjax_sim  # noqa: F401  (sets XLA flags before jax starts)
     from fedjax_sim.compilation_cache import enable_compilation_cache
-    from fedjax_sim.config import ConfigError, load_config
+    from fedjax_sim.config import ConfigError, demo_config, load_config
     from fedjax_sim.data.errors import DataError
     from fedjax_sim.simulation.loop import DivergenceError, run
 
@@ -171,7 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in ("run", "demo"):
             _initialize_processes(args)
-        config = load_config(getattr(args, "config", None), args.overrides)
+        if args.command == "demo":
+            config = demo_config(args.overrides)
+        else:
+            config = load_config(getattr(args, "config", None), args.overrides)
         if args.command == "data":
             _data_command(args, config)
         else:

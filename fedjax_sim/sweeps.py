@@ -352,7 +352,10 @@ def build_groups(points: Sequence[SweepPoint]) -> list[_Group]:
             raise ConfigError("config key 'execution.client_state': 'host' keeps one run's "
                               "per-client stores in host files; a sweep stacks every "
                               "configuration's state on the device: use replicated")
-        if config.execution.num_devices and config.execution.num_devices > 1:
+        if config.execution.num_devices == "auto":  # a sweep spreads configurations instead
+            config = dataclasses.replace(config, execution=dataclasses.replace(
+                config.execution, num_devices=None))
+        if isinstance(config.execution.num_devices, int) and config.execution.num_devices > 1:
             raise ConfigError("config key 'execution.num_devices': a sweep shards "
                               "configurations, not clients, over devices; set sweep.devices")
         data_key = json.dumps(dataclasses.asdict(config.dataset), sort_keys=True, default=str)

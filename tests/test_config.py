@@ -6,14 +6,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedjax_sim.config import Config, ConfigError, config_to_yaml, load_config
+from fedjax_sim.config import Config, ConfigError, config_to_yaml, demo_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_demo_config_file_equals_the_defaults():
+def test_demo_config_file_equals_the_defaults_plus_the_demos_devices():
     from_file = load_config(CONFIGS / "shakespeare_fedavg.yaml")
-    assert from_file == Config()
+    assert from_file == demo_config()
+    assert from_file == dataclasses.replace(Config(), execution=dataclasses.replace(
+        Config().execution, num_devices="auto"))
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -59,6 +61,9 @@ def test_changing_a_name_drops_the_old_options():
         (["=3"], "malformed override"),
         (["rounds.x=3"], "'rounds' is not a section"),
         (["sed=1"], "did you mean 'seed'"),
+        (["execution.num_devices=cores"], "'execution.num_devices': expected an integer >= 1 "
+                                          "or 'auto', got 'cores'"),
+        (["execution.num_devices=0"], "'execution.num_devices': expected an integer >= 1"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

@@ -32,7 +32,7 @@ def _cell(wh, carry, xp_t):
 
 
 def _forward(xp, wh):
-    zeros = jnp.zeros(xp.shape[1:-1] + (wh.shape[0],), xp.dtype)
+    zeros = jnp.zeros_like(xp[0, ..., :wh.shape[0]])  # varying where xp is, under shard_map
     _, (hs, saved) = jax.lax.scan(lambda carry, x: _cell(wh, carry, x), (zeros, zeros), xp)
     return hs, (saved, wh)
 

@@ -220,9 +220,10 @@ class Backend:
         return out
 
     def local(self, tree: PyTree) -> PyTree:
-        """A replicated global ``tree`` as arrays on this process's first device (to evaluate
-        with local data); unchanged in one process."""
-        if not self.multi_process:
+        """A replicated ``tree`` as arrays on this process's first device, to evaluate with
+        local data there (a computation on arrays replicated over the mesh would run once on
+        every device); unchanged with one device."""
+        if self.num_shards == 1 and not self.multi_process:
             return tree
         return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a,
                             tree)

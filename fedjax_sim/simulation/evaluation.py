@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_sim.algorithms.client_state import client_state_arrays
 from fedjax_sim.algorithms.local import STAT_KEYS, gather_batch, local_train, model_loss
@@ -33,6 +34,7 @@ from fedjax_sim.core import ClientInput
 from fedjax_sim.data.batching import ClientSchedule, client_stream
 from fedjax_sim.data.federated_data import FederatedData, FederatedDataset
 from fedjax_sim.models.base import Model, batch_statistics
+from fedjax_sim.simulation.client_map import CLIENT_AXIS
 
 Params = Any
 
@@ -78,12 +80,30 @@ def _evaluate(model: Model, params, batches, mask):
 
 def make_evaluator(
     model: Model, arrays: Mapping[str, np.ndarray], batch_size: int = 512,
-    max_examples: int | None = None, seed: int = 0,
+    max_examples: int | None = None, seed: int = 0, mesh: Mesh | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
-    """``evaluate(params) -> {"loss", "accuracy", "examples"}`` on device arrays (no sync)."""
+    """``evaluate(params) -> {"loss", "accuracy", "examples"}`` on device arrays (no sync).
+
+    ``mesh``: one process's mesh with a ``clients`` axis of several devices: each batch is split
+    over them (the batch size rounded up to a multiple of the devices, padding masked) and the
+    sums all-reduced, so every device evaluates its share; ``params`` may live on any of them.
+    """
+    devices = 1 if mesh is None else mesh.shape[CLIENT_AXIS]
+    if devices > 1:
+        batch_size = -(-batch_size // devices) * devices
     batches, mask = pad_to_batches(arrays, batch_size, max_examples, np.random.default_rng(seed))
-    batches, mask = jax.device_put((batches, mask))
-    return lambda params: _evaluate(model, params, batches, mask)
+    if devices > 1 and mask.shape[1] % devices:  # fewer examples than one batch
+        extra = devices - mask.shape[1] % devices
+        batches = {k: np.concatenate([v, np.zeros_like(v[:, :extra])], 1)
+                   for k, v in batches.items()}
+        mask = np.concatenate([mask, np.zeros_like(mask[:, :extra])], 1)
+    if devices == 1:
+        batches, mask = jax.device_put((batches, mask))
+        return lambda params: _evaluate(model, params, batches, mask)
+    batches, mask = jax.device_put((batches, mask),
+                                   NamedSharding(mesh, PartitionSpec(None, CLIENT_AXIS)))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return lambda params: _evaluate(model, jax.device_put(params, replicated), batches, mask)
 
 
 # --- Per-client evaluation and its distribution (fairness metrics) ------------------------------
@@ -306,6 +326,7 @@ def build_evaluators(
     fine_tune_learning_rate: float | None = None,
     fine_tune_batch_size: int | None = None,
     client_chunk: int = 1,
+    mesh: Mesh | None = None,
 ) -> dict[str, Callable[..., dict]]:
     """``{split: evaluate(algorithm_state)}``: what a run evaluates.
 
@@ -320,14 +341,15 @@ def build_evaluators(
     ``fine_tuned`` (``fine_tune_steps > 0``): the same distribution after each client fine-tunes
     the global model (`make_fine_tune_evaluator`: SGD with ``fine_tune_learning_rate``, batches
     of ``fine_tune_batch_size``). Per-client splits are evaluated whole, ``client_chunk`` clients
-    vmapped at a time (1: sequential, as on CPU).
+    vmapped at a time (1: sequential, as on CPU). ``mesh``: one process's devices, over which
+    the pooled evaluations split each batch (`make_evaluator`).
 
     Raises:
       ValueError: per-client evaluation of a dataset without aligned held-out splits, or
         fine-tuning without a learning rate and batch size.
     """
     evaluators = {}
-    eval_kwargs = dict(batch_size=batch_size, max_examples=max_examples, seed=seed)
+    eval_kwargs = dict(batch_size=batch_size, max_examples=max_examples, seed=seed, mesh=mesh)
     if dataset.central_test is not None:
         evaluate = make_evaluator(model, dataset.central_test, **eval_kwargs)
         evaluators["test"] = lambda state, evaluate=evaluate: evaluate(state.params)

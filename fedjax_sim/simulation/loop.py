@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from fedjax_sim.aggregators import as_aggregator, create_aggregator, dp_fedavg_aggregator
 from fedjax_sim.algorithms import algorithm_factory, algorithm_options, create_algorithm
@@ -54,6 +55,7 @@ from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier
 from fedjax_sim.privacy.dp_sgd import EXAMPLE_DP_ALGORITHMS, ExampleLedger, dp_sgd_loss
+from fedjax_sim.sharding import resolve_num_devices
 from fedjax_sim.simulation.backend import Backend, default_mesh
 from fedjax_sim.simulation.checkpoint import Checkpointer
 from fedjax_sim.simulation.client_map import resolve_strategy
@@ -189,6 +191,8 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
     folder, where ``execution.client_state: host`` keeps its stores (``client_state/``; None:
     temporary files).
     """
+    if config.execution.num_devices is not None:  # CPU devices exist only if asked for early
+        resolve_num_devices(config.execution.num_devices, _cohort_cap(config))
     if dataset is None:
         dataset = build_dataset(config)
         validate_dataset(dataset)
@@ -265,7 +269,10 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
             raise
         raise ConfigError(f"config key 'execution.rounds_per_call': {error} (in the config: "
                           "execution.data_placement: device)") from None
-    evaluators = _build_evaluators(config, model, dataset)
+    # One process's devices split the pooled evaluations; several processes each evaluate on
+    # their first device (`Backend.local`).
+    eval_mesh = round_step.backend.mesh if not round_step.backend.multi_process else None
+    evaluators = _build_evaluators(config, model, dataset, eval_mesh)
     if attack is not None and attack.trigger is not None:
         evaluators["backdoor"] = _backdoor_evaluator(config, model, dataset, attack)
     example_privacy = None
@@ -281,12 +288,18 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
                       privacy, example_privacy)
 
 
+def _cohort_cap(config: Config) -> int:
+    """The cohort size that caps ``execution.num_devices: auto`` (Poisson: ``max_size`` when
+    given, else the expected size)."""
+    return config.cohort.max_size or config.cohort.size
+
+
 def _build_backend(config: Config, workdir: str | os.PathLike | None = None) -> Backend:
     """The placement of the ``execution:`` section: devices (every process's, when there are
     several), client execution, where the data and the per-client state live."""
     execution = config.execution
     try:
-        mesh = default_mesh(execution.num_devices)
+        mesh = default_mesh(resolve_num_devices(execution.num_devices, _cohort_cap(config)))
     except ValueError as error:
         raise ConfigError(f"config key 'execution.num_devices': {error}") from None
     try:
@@ -473,7 +486,8 @@ def _build_system(config: Config, num_clients: int):
         raise ConfigError(f"config key 'system': {error}") from None
 
 
-def _build_evaluators(config: Config, model: Model, dataset: FederatedDataset):
+def _build_evaluators(config: Config, model: Model, dataset: FederatedDataset,
+                      mesh: Mesh | None = None):
     """The ``eval:`` section's evaluators (see `build_evaluators`)."""
     section = config.eval
     if config.execution.client_batch_size:  # clients per chunk, as the round trains them
@@ -489,7 +503,7 @@ def _build_evaluators(config: Config, model: Model, dataset: FederatedDataset):
             fine_tune_steps=section.fine_tune_steps,
             fine_tune_learning_rate=(section.fine_tune_learning_rate
                                      or config.client.optimizer.learning_rate),
-            fine_tune_batch_size=config.client.batch_size, client_chunk=chunk)
+            fine_tune_batch_size=config.client.batch_size, client_chunk=chunk, mesh=mesh)
     except ValueError as error:
         key = "eval.per_client" if section.per_client else "eval.fine_tune_steps"
         raise ConfigError(f"config key {key!r}: {error}") from None
@@ -567,10 +581,12 @@ def run(
     unless ``overwrite``. Returns the final state, the per-round metrics and a summary.
     """
     if not isinstance(config, Config):
-        from fedjax_sim.config import config_from_dict
+        from fedjax_sim.config import config_from_dict, demo_config
 
         if isinstance(config, Mapping):
             config = config_from_dict(config, overrides)
+        elif config is None:
+            config = demo_config(overrides)
         else:
             config = load_config(config, overrides)
     start = time.perf_counter()

@@ -17,6 +17,7 @@ from fedjax_sim.simulation.evaluation import (
     PERCENTILES,
     build_evaluators,
     client_distribution,
+    make_evaluator,
     make_fine_tune_evaluator,
     make_per_client_evaluator,
     make_personal_evaluator,
@@ -87,6 +88,23 @@ def test_per_client_evaluation_matches_a_loop_over_clients(batch_size):
     expected = [reference_statistics(model, params, **test.client(k))
                 for k in range(test.num_clients)]
     assert_stats_close(stats, expected)
+
+
+@pytest.mark.parametrize("devices,batch_size", [(1, 7), (2, 7), (3, 5), (3, 64)])
+def test_pooled_evaluation_split_over_devices_matches_numpy(devices, batch_size):
+    """Each batch split over the mesh's devices (the batch rounded up to a multiple of them,
+    and 64 > the 32 examples: one batch, padded to 33) gives the pooled numpy statistics."""
+    from fedjax_sim.sharding import client_mesh
+
+    model, test = tiny_model(), tiny_data(TEST_SIZES, seed=1)
+    params = model.init(jax.random.key(0))
+    mesh = client_mesh(devices) if devices > 1 else None
+    out = jax.device_get(make_evaluator(model, test.arrays, batch_size, mesh=mesh)(params))
+    loss, correct, count = reference_statistics(model, params, test.arrays["x"],
+                                                test.arrays["y"])
+    assert out["examples"] == count == sum(TEST_SIZES)
+    np.testing.assert_allclose(out["accuracy"], correct / count, rtol=1e-6)
+    np.testing.assert_allclose(out["loss"], loss / count, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 4])
