@@ -5,8 +5,11 @@ local steps x 8 sequences of 80 characters, FedAvg, the CPU's sequential client 
 model size (2 layers of 256), each with ``model.cell=flax`` (``nn.RNN(nn.OptimizedLSTMCell)``)
 and ``model.cell=fused`` (the same parameters and function; every step's input projection in
 one matmul, a hand-written VJP whose recurrent-kernel gradient is one matmul over all steps).
-Round times are medians over ``--rounds`` rounds after two warm-up rounds, the two cells
-alternating ``--repeats`` times. MFU = analytical FLOPs (3 x the forward's matmuls over every
+A third arm, ``fused_devices``, is the fused cell with ``execution.num_devices=auto`` (the
+demo's setting: the cohort split over one XLA:CPU device per core, each device running its
+clients' recurrences on a thread of its own); the other two arms run on one device. Round times
+are medians over ``--rounds`` rounds after two warm-up rounds, the arms alternating
+``--repeats`` times. MFU = analytical FLOPs (3 x the forward's matmuls over every
 position of the [C, S, B, T] batch, padding included) / time / the f32 matmul peak measured in
 the same run.
 
@@ -30,6 +33,10 @@ import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax start
 import jax
 import numpy as np
 
+from fedjax_sim.sharding import request_cpu_devices, usable_cores
+
+request_cpu_devices(usable_cores())  # before JAX starts: the fused_devices arm's devices
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402
 
@@ -37,6 +44,7 @@ from fedjax_sim.config import load_config  # noqa: E402
 from fedjax_sim.simulation.loop import build_experiment  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARMS = {"flax": ("flax", 1), "fused": ("fused", 1), "fused_devices": ("fused", "auto")}
 SIZES = {"demo_128x1": ["model.hidden=128", "model.num_layers=1"],
          "tff_256x2": ["model.hidden=256", "model.num_layers=2"]}
 
@@ -77,10 +85,11 @@ def main() -> None:
     print(f"{machine_info()['cpu']}: f32 matmul {peak['median_gflops']:.1f} GFLOP/s", flush=True)
     experiments = {}
     for size, overrides in SIZES.items():
-        for cell in ("flax", "fused"):
+        for arm, (cell, devices) in ARMS.items():
             config = load_config(ROOT / "configs" / "shakespeare_fedavg.yaml",
-                                 [*overrides, f"model.cell={cell}", "log.progress=false"])
-            experiments[size, cell] = (config, build_experiment(config))
+                                 [*overrides, f"model.cell={cell}", "log.progress=false",
+                                  f"execution.num_devices={devices}"])
+            experiments[size, arm] = (config, build_experiment(config))
     times: dict = {key: [] for key in experiments}
     for _ in range(args.repeats):
         for key, (_, experiment) in experiments.items():
@@ -89,22 +98,26 @@ def main() -> None:
     results = {}
     for size in SIZES:
         results[size] = {}
-        for cell in ("flax", "fused"):
-            config, _ = experiments[size, cell]
-            median = float(np.median(times[size, cell]))
+        for arm in ARMS:
+            config, experiment = experiments[size, arm]
+            median = float(np.median(times[size, arm]))
             flops = round_flops(config)
-            results[size][cell] = {
-                "median_s_per_round": median, "times_s": times[size, cell],
+            results[size][arm] = {
+                "median_s_per_round": median, "times_s": times[size, arm],
                 "round_gflop": flops / 1e9,
                 "mfu": flops / median / (peak["median_gflops"] * 1e9),
+                "devices": experiment.round_step.backend.num_shards,
             }
-        results[size]["speedup_fused_over_flax"] = (results[size]["flax"]["median_s_per_round"]
-                                                    / results[size]["fused"]["median_s_per_round"])
-        print(f"{size}: flax {results[size]['flax']['median_s_per_round']:.3f} s "
-              f"(MFU {results[size]['flax']['mfu']:.1%}), fused "
-              f"{results[size]['fused']['median_s_per_round']:.3f} s "
-              f"(MFU {results[size]['fused']['mfu']:.1%}): "
-              f"{results[size]['speedup_fused_over_flax']:.2f}x", flush=True)
+        flax = results[size]["flax"]["median_s_per_round"]
+        for arm in ("fused", "fused_devices"):
+            results[size][f"speedup_{arm}_over_flax"] = (
+                flax / results[size][arm]["median_s_per_round"])
+        print(f"{size}: " + ", ".join(
+            f"{arm} {results[size][arm]['median_s_per_round']:.3f} s "
+            f"(MFU {results[size][arm]['mfu']:.1%}, {results[size][arm]['devices']} devices)"
+            for arm in ARMS) + f"; fused {results[size]['speedup_fused_over_flax']:.2f}x, "
+              f"fused_devices {results[size]['speedup_fused_devices_over_flax']:.2f}x the flax "
+              "cell", flush=True)
     report = {
         "benchmark": "lstm_recurrence",
         "date": datetime.date.today().isoformat(),

@@ -15,6 +15,10 @@ including data loading and compilation:
   ``sweep.execution``: configurations one after another inside one jitted step, one batched
   program, or each seed's configurations batched over their shared cohort and batches.
 
+* ``sequential_per_core`` / ``map_per_core``: ``sequential`` with each run's cohort split over
+  one XLA:CPU device per core (``execution.num_devices=auto``), and ``map`` with the sweep axis
+  split over them (``sweep.devices=auto``): each device trains its share on a thread of its own.
+
 ``--set key=value`` changes the sweep config for every mode (e.g. ``model.name=logistic``).
 ``--round-times SETTING ...`` also measures the seconds per round (compilation excluded) of
 ``map`` and ``by_seed`` for each setting (``;``-separated overrides, e.g.
@@ -151,7 +155,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--modes", nargs="*", default=["sequential", "cli", "map", "by_seed"],
-                        choices=["sequential", "cli", "map", "vmap", "by_seed"])
+                        choices=["sequential", "cli", "map", "vmap", "by_seed",
+                                 "sequential_per_core", "map_per_core"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every mode, e.g. model.name=logistic")
     parser.add_argument("--sensitivity", nargs="*", default=[], metavar="NNN",
@@ -166,6 +171,10 @@ def main() -> None:
         shared = ROOT.parent / "shared" / "data"
         if shared.is_dir():
             os.environ["FEDJAX_SIM_DATA"] = str(shared)
+    if any(mode.endswith("_per_core") for mode in args.modes):
+        from fedjax_sim.sharding import request_cpu_devices, usable_cores
+
+        request_cpu_devices(usable_cores())  # before JAX starts (matmul_peak starts it)
     overrides = [f"rounds={args.rounds}", "eval.every=10", "log.progress=false",
                  "log.plot=false", "checkpoint.every=null", *args.set]
     data, spec = load_sweep(CONFIG, overrides)
@@ -188,15 +197,21 @@ def main() -> None:
         for mode in args.modes:
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
-                if mode == "sequential":
+                if mode in ("sequential", "sequential_per_core"):
                     finals[mode] = {}
                     for point in points:
-                        result = run(point.config, workdir=pathlib.Path(tmp) / point.label)
+                        config = point.config
+                        if mode == "sequential_per_core":
+                            config = dataclasses.replace(config, execution=dataclasses.replace(
+                                config.execution, num_devices="auto"))
+                        result = run(config, workdir=pathlib.Path(tmp) / mode / point.label)
                         finals[mode][point.label] = _finals(result.history)
                 elif mode == "cli":
                     finals[mode] = _run_commands(points, overrides, pathlib.Path(tmp))
                 else:
-                    result = sweep(CONFIG, [*overrides, f"sweep.execution={mode}"],
+                    extra = (["sweep.execution=map", "sweep.devices=auto"]
+                             if mode == "map_per_core" else [f"sweep.execution={mode}"])
+                    result = sweep(CONFIG, [*overrides, *extra],
                                    workdir=pathlib.Path(tmp) / f"sweep_{mode}")
                     finals[mode] = {
                         p.label: _finals([json.loads(line) for line in (
@@ -204,7 +219,7 @@ def main() -> None:
                         ).read_text().splitlines()]) for p in points}
             seconds = time.perf_counter() - start
             report["results"][mode] = {"seconds": round(seconds, 2)}
-            if mode not in ("sequential", "cli"):
+            if mode not in ("sequential", "cli", "sequential_per_core"):
                 report["results"][mode]["programs"] = result.summary["programs"]
             print(f"{mode}: {seconds:.1f} s", flush=True)
     if "sequential" in finals:

@@ -18,6 +18,7 @@ A sweep config is a run config plus a ``sweep:`` section::
     execution: auto                         # by_seed, vmap, map or auto (see below)
     batch_size: null                        # map: configurations vmapped per step of the map
     devices: 1                              # shard the sweep axis over this many devices
+                                            # (auto: one XLA:CPU device per core on CPU)
 
 How it runs: every configuration is built exactly as `run` would build it, and configurations
 whose round step is the same program (the same jaxpr with the same constants, so they differ
@@ -93,7 +94,7 @@ class SweepSpec:
     mode: str = "max"
     execution: str = "auto"
     batch_size: int | None = None
-    devices: int = 1
+    devices: int | str = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +220,10 @@ def sweep_spec(section: Mapping[str, Any], where: str = "") -> SweepSpec:
         raise ConfigError(f"{where}config key 'sweep.batch_size': expected an integer >= 1 "
                           f"(configurations per chunk of the map) or null, got {batch_size!r}")
     devices = section.get("devices", 1)
-    if not isinstance(devices, int) or devices < 1:
-        raise ConfigError(f"{where}config key 'sweep.devices': expected an integer >= 1, got "
-                          f"{devices!r}")
+    if devices != "auto" and (not isinstance(devices, int) or isinstance(devices, bool)
+                              or devices < 1):
+        raise ConfigError(f"{where}config key 'sweep.devices': expected an integer >= 1 or "
+                          f"'auto', got {devices!r}")
     return SweepSpec(grid=dict(grid), random=dict(random) if random else None,
                      random_seed=int(section.get("random_seed", 0)), seeds=seeds,
                      metric=str(section.get("metric", "test/accuracy")),
@@ -496,10 +498,18 @@ def run_sweep(data: Mapping[str, Any], spec: SweepSpec, overrides: Sequence[str]
               workdir: str | os.PathLike | None = None, overwrite: bool = False,
               progress: bool | None = None) -> SweepResult:
     """Runs every configuration of ``spec`` over the run config ``data`` (YAML form)."""
+    from fedjax_sim.sharding import resolve_num_devices
+
     start = time.perf_counter()
     points = expand(data, spec, overrides)
     base = points[0].config
     workdir = Path(workdir or base.workdir or default_workdir(base.name))
+    if spec.devices != 1:  # before JAX starts: CPU devices are created only then
+        if spec.devices == "auto" and spec.execution == "by_seed":
+            spec = dataclasses.replace(spec, devices=1)  # by_seed runs on one device
+        else:
+            spec = dataclasses.replace(spec, devices=resolve_num_devices(spec.devices,
+                                                                         len(points)))
     groups = build_groups(points)  # every config or data error comes before any write
     if spec.execution == "by_seed" and spec.devices > 1:
         raise ConfigError("config key 'sweep.execution': by_seed runs on one device; with "

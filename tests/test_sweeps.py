@@ -71,6 +71,8 @@ def test_expand_grid_random_and_seeds():
     ({"mode": "maximum"}, "'sweep.mode'"),
     ({"random": {"num": 2, "keys": {"rounds": {"normal": [0, 1]}}}}, "log_uniform"),
     ({"random": {"num": 2, "keys": {"x": {"log_uniform": [0, 1]}}}}, "low > 0"),
+    ({"devices": "all"}, "'sweep.devices': expected an integer >= 1 or 'auto'"),
+    ({"devices": 0}, "'sweep.devices': expected an integer >= 1 or 'auto'"),
 ])
 def test_bad_sweep_sections_name_the_key(section, message):
     with pytest.raises(ConfigError, match=message):

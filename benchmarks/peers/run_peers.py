@@ -22,6 +22,9 @@ workload once in turn, so a change of load on the machine hits them alike:
   first: what a user's second run of a config pays for its first round. Every other arm of
   the project compiles from scratch (``FEDJAX_SIM_COMPILATION_CACHE=off``), and so does
   FedJAX (its default);
+* ``project ..., a device per core``: the same with the cohort split over one XLA:CPU device
+  per core (``execution.num_devices: auto``; each device trains its clients on a thread of its
+  own);
 * ``naive loop``: round_throughput's naive JAX loop (one jitted SGD step called from a Python
   loop over clients and batches), in the project's jax.
 
@@ -88,6 +91,7 @@ ARMS = {
         "project map": ("project", "map", 1),
         "project map, compilation cache": ("project", "map", 1),
         "project vmap": ("project", "vmap", 1),
+        "project map, a device per core": ("project", "map", 1),
         "naive loop": ("naive", None, 1),
     },
     LOGREG: {
@@ -95,9 +99,12 @@ ARMS = {
         "project map": ("project", "map", 1),
         "project vmap": ("project", "vmap", 1),
         "project vmap, 10 rounds/call": ("project", "vmap", 10),
+        "project vmap, a device per core": ("project", "vmap", 1),
+        "project vmap, a device per core, 10 rounds/call": ("project", "vmap", 10),
         "naive loop": ("naive", None, 1),
     },
 }
+PER_CORE = "a device per core"  # arms whose names hold this: execution.num_devices=auto
 ROUNDS = {CNN: (8, 1), LOGREG: (30, 10)}  # (timed rounds, untimed rounds after the first)
 CACHED = "compilation cache"  # arms whose names hold this read a warm persistent cache
 
@@ -109,6 +116,10 @@ def child(args: argparse.Namespace) -> None:
     """Times one arm (``--child WORKLOAD ARM``) in this process; prints one JSON line."""
     name, arm = args.child
     kind, strategy, per_call = ARMS[name][arm]
+    if PER_CORE in arm:  # before JAX starts
+        from fedjax_sim.sharding import request_cpu_devices, usable_cores
+
+        request_cpu_devices(usable_cores())
     if CACHED in arm:  # what `fedjax-sim run` does; the parent warmed the folder it names
         from fedjax_sim.compilation_cache import enable_compilation_cache
 
@@ -125,7 +136,8 @@ def child(args: argparse.Namespace) -> None:
     if kind == "naive":
         run_call = rt.naive_variant(workload, model, train, params=params).run_round
     else:
-        run_call = project_call(workload, model, train, strategy, per_call, params)
+        run_call = project_call(workload, model, train, strategy, per_call, params,
+                                per_core=PER_CORE in arm)
     run_call()
     first = time.perf_counter() - start
     for _ in range(max(1, warmup // per_call)):
@@ -144,9 +156,13 @@ def child(args: argparse.Namespace) -> None:
     }), flush=True)
 
 
-def project_call(workload, model, train, strategy: str, k: int, params):
+def project_call(workload, model, train, strategy: str, k: int, params, per_core: bool = False):
     """One round of the engine's round step (k = 1), or k rounds in one compiled call
-    (``run_rounds(state, k)``); blocked on."""
+    (``run_rounds(state, k)``); blocked on. ``per_core``: the cohort split over one XLA:CPU
+    device per core (``execution.num_devices: auto``)."""
+    from fedjax_sim.sharding import client_mesh, resolve_num_devices
+
+    devices = resolve_num_devices("auto", workload.cohort_size) if per_core else 1
     algorithm = fedjax_sim.fed_avg(model, optax.sgd(rt.CLIENT_LR), optax.sgd(rt.SERVER_LR))
     schedule = fedjax_sim.ClientSchedule.from_sizes(
         train.client_sizes, workload.batch_size, local_epochs=workload.local_epochs
@@ -155,6 +171,7 @@ def project_call(workload, model, train, strategy: str, k: int, params):
     round_step = fedjax_sim.build_round_step(
         algorithm, train, schedule, sampler, workload.cohort_size,
         client_execution=strategy, rounds_per_call=k,
+        mesh=client_mesh(devices) if devices > 1 else None,
     )
     holder = {"state": round_step.place(fedjax_sim.init_simulation_state(
         algorithm.init(params), 0))}
