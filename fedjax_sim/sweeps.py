@@ -456,6 +456,12 @@ def stacked_step(round_fn, execution: str = "vmap", mesh=None, batch_size: int |
 
     sweep = NamedSharding(mesh, PartitionSpec("sweep"))
     replicated = NamedSharding(mesh, PartitionSpec())
+    if execution == "map":
+        # Each device maps over its own configurations. Left to the partitioner, a lax.map over
+        # the sharded axis gathers every state and runs the whole map on every device.
+        step = jax.shard_map(step, mesh=mesh, check_vma=False,
+                             in_specs=(PartitionSpec("sweep"),) * 2 + (PartitionSpec(),) * 2,
+                             out_specs=(PartitionSpec("sweep"),) * 2)
     return jax.jit(step, donate_argnums=0, in_shardings=(sweep, sweep, replicated, replicated),
                    out_shardings=(sweep, sweep))
 

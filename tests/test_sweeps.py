@@ -101,11 +101,17 @@ def test_sweep_equals_separate_runs_and_masks_a_diverging_configuration(tmp_path
     # Two of the configurations, run alone (other learning rate and seed), agree row by row.
     data, spec = load_sweep(path)
     points = expand(data, spec)
+    # The same with lax.map, its configurations split over 4 devices (each maps over its own,
+    # padded to 8): the same rows.
+    mapped = sweep(path, ["sweep.execution=map"], workdir=tmp_path / "mapped")
+    assert mapped.summary["execution"] == "map" and mapped.summary["devices"] == 4
+    assert {row["config"]: row["status"] for row in mapped.rows} == status
     for label in ("001", "002"):
         point = next(p for p in points if p.label == label)
         alone = run(point.config, workdir=tmp_path / f"alone_{label}")
-        _assert_same_rows(_rows(tmp_path / "sweep" / "configs" / label / "metrics.jsonl"),
-                          alone.history)
+        for folder in ("sweep", "mapped"):
+            _assert_same_rows(_rows(tmp_path / folder / "configs" / label / "metrics.jsonl"),
+                              alone.history)
     # sweep.csv: one row per configuration with its values; best.yaml runs the best combination.
     with open(tmp_path / "sweep" / "sweep.csv") as handle:
         table = list(csv.DictReader(handle))
