@@ -210,7 +210,8 @@ def main() -> None:
                     finals[mode] = _run_commands(points, overrides, pathlib.Path(tmp))
                 else:
                     extra = (["sweep.execution=map", "sweep.devices=auto"]
-                             if mode == "map_per_core" else [f"sweep.execution={mode}"])
+                             if mode == "map_per_core"
+                             else [f"sweep.execution={mode}", "sweep.devices=1"])
                     result = sweep(CONFIG, [*overrides, *extra],
                                    workdir=pathlib.Path(tmp) / f"sweep_{mode}")
                     finals[mode] = {
