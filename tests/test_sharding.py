@@ -43,3 +43,20 @@ def test_a_fresh_process_gets_its_cpu_devices(setting, expected):
     cores = len(os.sched_getaffinity(0))
     assert int(out[0]) == (expected or cores)
     assert int(out[1]) == max(expected or cores, cores)
+
+
+def test_backend_local_copies_replicated_arrays_and_keeps_split_ones_whole():
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from fedjax_sim.simulation.backend import Backend
+
+    mesh = client_mesh(2)
+    replicated = jax.device_put(np.arange(6.0), NamedSharding(mesh, PartitionSpec()))
+    split = jax.device_put(np.arange(8.0).reshape(4, 2),
+                           NamedSharding(mesh, PartitionSpec("clients")))
+    out = Backend(mesh=mesh).local({"r": replicated, "s": split, "n": 3})
+    assert out["r"].devices() == {jax.devices()[0]}
+    np.testing.assert_array_equal(out["r"], np.arange(6.0))
+    np.testing.assert_array_equal(out["s"], np.arange(8.0).reshape(4, 2))
+    assert out["n"] == 3

@@ -220,13 +220,22 @@ class Backend:
         return out
 
     def local(self, tree: PyTree) -> PyTree:
-        """A replicated ``tree`` as arrays on this process's first device, to evaluate with
-        local data there (a computation on arrays replicated over the mesh would run once on
-        every device); unchanged with one device."""
+        """``tree``'s replicated arrays as arrays on this process's first device, to evaluate
+        with local data there (a computation on arrays replicated over the mesh would run once
+        on every device); unchanged with one device. In one process, an array split over the
+        devices (``client_state="sharded"``) stays whole; several processes take their first
+        device's part of every array."""
         if self.num_shards == 1 and not self.multi_process:
             return tree
-        return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a,
-                            tree)
+
+        def local(a):
+            if not isinstance(a, jax.Array):
+                return a
+            if self.multi_process or a.is_fully_replicated:
+                return a.addressable_data(0)
+            return a
+
+        return jax.tree.map(local, tree)
 
     def describe(self) -> dict[str, Any]:
         """The placement for a run's summary."""
