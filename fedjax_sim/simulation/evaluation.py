@@ -41,18 +41,19 @@ Params = Any
 
 def pad_to_batches(
     arrays: Mapping[str, np.ndarray], batch_size: int, max_examples: int | None = None,
-    rng: np.random.Generator | None = None,
+    rng: np.random.Generator | None = None, multiple: int = 1,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``{feature: [N, ...]}`` -> ``{feature: [num_batches, batch, ...]}`` and a mask.
 
     With ``max_examples`` a uniform subset (drawn with ``rng``) of that many examples is kept.
+    The batch (at most the examples) is rounded up to a ``multiple``, the padding masked.
     """
     n = len(next(iter(arrays.values())))
     rows = np.arange(n)
     if max_examples is not None and n > max_examples:
         rng = rng or np.random.default_rng(0)
         rows = np.sort(rng.choice(n, max_examples, replace=False))
-    batch_size = max(1, min(batch_size, len(rows)))
+    batch_size = -(-max(1, min(batch_size, len(rows))) // multiple) * multiple
     num_batches = -(-len(rows) // batch_size)
     padded = np.zeros(num_batches * batch_size, np.int64)
     padded[: len(rows)] = rows
@@ -89,14 +90,8 @@ def make_evaluator(
     sums all-reduced, so every device evaluates its share; ``params`` may live on any of them.
     """
     devices = 1 if mesh is None else mesh.shape[CLIENT_AXIS]
-    if devices > 1:
-        batch_size = -(-batch_size // devices) * devices
-    batches, mask = pad_to_batches(arrays, batch_size, max_examples, np.random.default_rng(seed))
-    if devices > 1 and mask.shape[1] % devices:  # fewer examples than one batch
-        extra = devices - mask.shape[1] % devices
-        batches = {k: np.concatenate([v, np.zeros_like(v[:, :extra])], 1)
-                   for k, v in batches.items()}
-        mask = np.concatenate([mask, np.zeros_like(mask[:, :extra])], 1)
+    batches, mask = pad_to_batches(arrays, batch_size, max_examples, np.random.default_rng(seed),
+                                   multiple=devices)
     if devices == 1:
         batches, mask = jax.device_put((batches, mask))
         return lambda params: _evaluate(model, params, batches, mask)

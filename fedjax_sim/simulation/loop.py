@@ -191,8 +191,8 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
     folder, where ``execution.client_state: host`` keeps its stores (``client_state/``; None:
     temporary files).
     """
-    if config.execution.num_devices is not None:  # CPU devices exist only if asked for early
-        resolve_num_devices(config.execution.num_devices, _cohort_cap(config))
+    # First: CPU devices exist only if asked for before JAX starts (building the data starts it).
+    num_devices = resolve_num_devices(config.execution.num_devices, _cohort_cap(config))
     if dataset is None:
         dataset = build_dataset(config)
         validate_dataset(dataset)
@@ -233,7 +233,7 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
             f"clients ({train.num_clients}) in dataset {config.dataset.name!r}"
         )
     cohort_size = config.cohort.size
-    backend = _build_backend(config, workdir)
+    backend = _build_backend(config, num_devices, workdir)
     try:
         if backend.data_placement == "sharded":
             if config.cohort.sampler != "uniform":
@@ -294,12 +294,14 @@ def _cohort_cap(config: Config) -> int:
     return config.cohort.max_size or config.cohort.size
 
 
-def _build_backend(config: Config, workdir: str | os.PathLike | None = None) -> Backend:
-    """The placement of the ``execution:`` section: devices (every process's, when there are
-    several), client execution, where the data and the per-client state live."""
+def _build_backend(config: Config, num_devices: int | None,
+                   workdir: str | os.PathLike | None = None) -> Backend:
+    """The placement of the ``execution:`` section (``num_devices``: its `resolve_num_devices`):
+    devices (every process's, when there are several), client execution, where the data and the
+    per-client state live."""
     execution = config.execution
     try:
-        mesh = default_mesh(resolve_num_devices(execution.num_devices, _cohort_cap(config)))
+        mesh = default_mesh(num_devices)
     except ValueError as error:
         raise ConfigError(f"config key 'execution.num_devices': {error}") from None
     try:
