@@ -25,16 +25,45 @@ from fedjax_sim.models.conv import canonical_conv
 from fedjax_sim.models.dropout import Dropout
 
 
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool with stride 2 ('VALID') as a reshape + max.
+    """2x2 max-pool with stride 2 ('VALID') as a reshape + max, with a one-pass gradient.
 
-    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``; its gradient is a cheap
-    elementwise mask instead of XLA's select-and-scatter, which is 3x slower on CPU (0.65 vs
-    0.20 ms per EMNIST CNN step). Tied maxima share the gradient instead of the first taking it.
+    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``. Its gradient is JAX's for the
+    reshape + max (tied maxima share it: each gets ``g / ties``), written as one elementwise
+    pass over the four window positions: XLA's select-and-scatter (flax's max-pool gradient) is
+    3x slower on CPU (0.65 vs 0.20 ms per EMNIST CNN step), and autodiff's reduce-max rule
+    adds a reduction over the window that a trial run of the CNN's 50-step client loop timed at
+    about 1 ms a step. Bit for bit what autodiff gives (tested).
     """
+    return _pool_windows(x).max(axis=(2, 4))
+
+
+def _pool_windows(x: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` -> ``[B, H // 2, 2, W // 2, 2, C]`` (an odd last row/column dropped)."""
     b, h, w, c = x.shape
     x = x[:, : h - h % 2, : w - w % 2]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
+    x, y = residuals
+    windows = _pool_windows(x)
+    hits = windows == y[:, :, None, :, None, :]
+    ties = sum(hits[:, :, i, :, j].astype(g.dtype) for i in (0, 1) for j in (0, 1))
+    share = (g / ties)[:, :, None, :, None, :]
+    grad = jnp.where(hits, share, jnp.zeros((), g.dtype)).reshape(
+        windows.shape[0], windows.shape[1] * 2, windows.shape[3] * 2, windows.shape[5])
+    pad = [(0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)]
+    return (jnp.pad(grad, pad),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _flatten(x: jax.Array) -> jax.Array:

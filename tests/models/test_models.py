@@ -289,3 +289,27 @@ def test_reshape_max_pool_matches_flax_max_pool(shape):
     grad = jax.grad(lambda v: jnp.sum(max_pool_2x2(v) ** 2))(x)
     grad_ref = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), strides=(2, 2)) ** 2))(x)
     np.testing.assert_allclose(grad, grad_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 24, 3), (1, 7, 9, 2), (3, 6, 5, 4)])
+def test_max_pool_gradient_is_autodiffs_of_reshape_max_bit_for_bit(shape):
+    """Reference: JAX's own reduce-max gradient of the same reshape + max (ties share it)."""
+    from fedjax_sim.models.classifiers import max_pool_2x2
+
+    def autodiff_pool(v):
+        b, h, w, c = v.shape
+        v = v[:, : h - h % 2, : w - w % 2]
+        return v.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+    x = jax.random.normal(jax.random.key(1), shape)
+    x = jnp.where(x > 0.8, 0.8, x)  # ties: clipped values share a window's maximum
+    x = jnp.where(x < -1.0, 0.0, x)
+    g = jax.random.normal(jax.random.key(2), autodiff_pool(x).shape)
+    ours = jax.vjp(max_pool_2x2, x)[1](g)[0]
+    reference = jax.vjp(autodiff_pool, x)[1](g)[0]
+    np.testing.assert_array_equal(max_pool_2x2(x), autodiff_pool(x))
+    np.testing.assert_array_equal(ours, reference)
+    windows = np.asarray(x)[:, : shape[1] // 2 * 2, : shape[2] // 2 * 2]
+    windows = windows.reshape(shape[0], shape[1] // 2, 2, shape[2] // 2, 2, shape[3])
+    ties = (windows == windows.max(axis=(2, 4), keepdims=True)).sum(axis=(2, 4))
+    assert ties.max() >= 2  # the case where sharing matters is exercised
