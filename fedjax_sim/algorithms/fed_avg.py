@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -87,7 +88,7 @@ def server_fields(params: Params, client_optimizer, server_optimizer, exponent: 
         params=params,
         opt_state=server_optimizer.init(params),
         client_hyperparams=optimizer_hyperparams(client_optimizer, params),
-        weight_exponent=jnp.asarray(exponent, jnp.float32),
+        weight_exponent=jax.device_put(np.float32(exponent)),  # no eager program to compile
         aggregator=aggregator.init(params),
     )
 

@@ -61,11 +61,14 @@ def init_simulation_state(algorithm_state: PyTree, seed: int | jax.Array) -> Sim
     """Round 0 of a simulation from an algorithm state and a seed (or a raw root key).
 
     The state is copied: the round step donates its input, and the caller's arrays (e.g. the
-    initial params it may still use) must stay valid.
+    initial params it may still use) must stay valid. The copies are ``device_put`` copies, not
+    ``jnp.copy``: eagerly, each ``jnp.copy`` of a new shape compiles a program (about 12 ms
+    each on XLA:CPU; 0.13 s of the EMNIST CNN's first round).
     """
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-    algorithm_state = jax.tree.map(jnp.copy, algorithm_state)
-    return SimulationState(algorithm_state, jnp.zeros((), jnp.int32), key)
+    algorithm_state = jax.tree.map(lambda x: jax.device_put(x, may_alias=False),
+                                   algorithm_state)
+    return SimulationState(algorithm_state, jax.device_put(np.zeros((), np.int32)), key)
 
 
 STORE_CHECK_ELEMENTS = 1 << 22
