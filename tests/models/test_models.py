@@ -313,3 +313,25 @@ def test_max_pool_gradient_is_autodiffs_of_reshape_max_bit_for_bit(shape):
     windows = windows.reshape(shape[0], shape[1] // 2, 2, shape[2] // 2, 2, shape[3])
     ties = (windows == windows.max(axis=(2, 4), keepdims=True)).sum(axis=(2, 4))
     assert ties.max() >= 2  # the case where sharing matters is exercised
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("emnist_cnn", dict(num_classes=62, input_shape=(28, 28, 1))),
+    ("char_lstm", dict(num_classes=90, input_shape=(80,), input_dtype="int32")),
+    ("celeba_cnn", dict(num_classes=2, input_shape=(84, 84, 3))),
+    ("sent140_lstm", dict(num_classes=2, input_shape=(6,), input_dtype="int32", vocab_size=40)),
+    ("tag_logistic", dict(num_classes=50, input_shape=(20,), input_dtype="int32",
+                          vocab_size=100)),
+])
+def test_init_is_flax_init_bit_for_bit(name, kwargs):
+    """`Model.init` compiles with `INIT_COMPILER_OPTIONS` on CPU; reference: flax's own
+    ``module.init`` jitted with XLA's default options (dense, convolutional, GroupNorm and LSTM
+    initializers)."""
+    model = create_model(name, **kwargs)
+    key = jax.random.PRNGKey(3)
+    ours = model.init(key)
+    reference = jax.jit(lambda k: model.module.init(
+        {"params": k}, jnp.asarray(model.sample_input), train=False)["params"])(key)
+    assert jax.tree.structure(ours) == jax.tree.structure(reference)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(a, b)
