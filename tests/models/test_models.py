@@ -319,14 +319,13 @@ def test_max_pool_gradient_is_autodiffs_of_reshape_max_bit_for_bit(shape):
     ("emnist_cnn", dict(num_classes=62, input_shape=(28, 28, 1))),
     ("char_lstm", dict(num_classes=90, input_shape=(80,), input_dtype="int32")),
     ("celeba_cnn", dict(num_classes=2, input_shape=(84, 84, 3))),
-    ("sent140_lstm", dict(num_classes=2, input_shape=(6,), input_dtype="int32", vocab_size=40)),
     ("tag_logistic", dict(num_classes=50, input_shape=(20,), input_dtype="int32",
                           vocab_size=100)),
 ])
 def test_init_is_flax_init_bit_for_bit(name, kwargs):
     """`Model.init` compiles with `INIT_COMPILER_OPTIONS` on CPU; reference: flax's own
     ``module.init`` jitted with XLA's default options (dense, convolutional, GroupNorm and LSTM
-    initializers)."""
+    initializers; the suite's time budget keeps it to these four)."""
     model = create_model(name, **kwargs)
     key = jax.random.PRNGKey(3)
     ours = model.init(key)
