@@ -20,7 +20,6 @@ import argparse
 import datetime
 import pathlib
 import sys
-import time
 
 import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax starts)
 
@@ -34,7 +33,7 @@ import optax
 from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402
+from round_throughput import machine_info, matmul_peak, median_ms, write_report  # noqa: E402
 
 from fedjax_sim.models import classifiers  # noqa: E402
 from fedjax_sim.models.conv import _conv_nhwc_bwd, canonical_conv  # noqa: E402
@@ -42,16 +41,6 @@ from fedjax_sim.models.dropout import Dropout  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 STEPS, BATCH = 50, 20
-
-
-def median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def conv_ops(repeats: int) -> dict:

@@ -83,10 +83,10 @@ class Model:
         compiles every random draw on its own, seconds for a CNN or an LSTM).
 
         On CPU the program is compiled with LLVM at -O1 (`INIT_COMPILER_OPTIONS`): it runs once,
-        and -O1 compiled the EMNIST CNN's init in 0.67 s instead of 1.16 s and the char-LSTM's
-        in 1.21 instead of 1.47 (trial runs, a fresh process each); the parameters are flax's
-        bit for bit (tested). Under a trace (inside the caller's jit or vmap) it is traced into
-        the caller's program: compiler options belong to top-level programs only."""
+        and -O1 compiled the EMNIST CNN's and the char-LSTM's inits faster in trial runs (a
+        fresh process each); the parameters are flax's bit for bit (tested). Under a trace
+        (inside the caller's jit or vmap) it is traced into the caller's program: compiler
+        options belong to top-level programs only."""
         if isinstance(rng, jax.core.Tracer):
             return self._init_fn(rng)
         return self._jitted_init(rng)

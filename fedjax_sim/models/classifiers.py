@@ -33,8 +33,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     reshape + max (tied maxima share it: each gets ``g / ties``), written as one elementwise
     pass over the four window positions: XLA's select-and-scatter (flax's max-pool gradient) is
     3x slower on CPU (0.65 vs 0.20 ms per EMNIST CNN step), and autodiff's reduce-max rule
-    adds a reduction over the window that a trial run of the CNN's 50-step client loop timed at
-    about 1 ms a step. Bit for bit what autodiff gives (tested).
+    adds a reduction over the window (`benchmarks/cnn_step.py` times this gradient and the
+    packed dropout together against autodiff's and flax's mask). Bit for bit what autodiff
+    gives (tested).
     """
     return _pool_windows(x).max(axis=(2, 4))
 
@@ -47,7 +48,7 @@ def _pool_windows(x: jax.Array) -> jax.Array:
 
 
 def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    y = max_pool_2x2(x)
+    y = _pool_windows(x).max(axis=(2, 4))
     return y, (x, y)
 
 

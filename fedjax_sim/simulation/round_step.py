@@ -62,8 +62,8 @@ def init_simulation_state(algorithm_state: PyTree, seed: int | jax.Array) -> Sim
 
     The state is copied: the round step donates its input, and the caller's arrays (e.g. the
     initial params it may still use) must stay valid. The copies are ``device_put`` copies, not
-    ``jnp.copy``: eagerly, each ``jnp.copy`` of a new shape compiles a program (about 12 ms
-    each on XLA:CPU; 0.13 s of the EMNIST CNN's first round).
+    ``jnp.copy``: eagerly, each ``jnp.copy`` of a new shape compiles a program of its own
+    (a test checks that no program is compiled here).
     """
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
     algorithm_state = jax.tree.map(lambda x: jax.device_put(x, may_alias=False),
