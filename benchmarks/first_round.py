@@ -12,14 +12,19 @@ interleaved, ``--repeats`` times:
   replaced by one xor per word, to show what the round's threefry call sites cost to compile.
 
 Per arm and repetition: seconds to trace, lower and compile the round (``jit.trace``,
-``.lower``, ``.compile``), the first call's run and the median of the next 3, the number of
-fusions and while loops in the compiled program, and a digest of the parameters after 4 rounds
-(equal digests = the same bits). The wall clock starts after the data and the initial
+``.lower``, ``.compile``), the first call's run and the median of the later rounds (3 for the
+CNN, 10 for the MLP, 50 for logistic regression), the number of fusions and while loops in the
+compiled program, and a digest of the parameters after them (equal digests = the same bits).
+``--workload`` picks another of `round_throughput.py`'s workloads (the logistic regression, the
+MLP of the padding workload); the legacy emitters are what `create_model` gives these three
+models (`Model.compiler_options`); the step here is built without them, so that the arms
+differ only in the options each compile passes. The wall clock starts after the data and the initial
 parameters are made, as `peers/run_peers.py`'s first round does.
 
-  python benchmarks/first_round.py [--data-dir DIR] [--repeats 3] [--out PATH]
+  python benchmarks/first_round.py [--data-dir DIR] [--repeats 3] [--workload W] [--out PATH]
 
-Writes ``benchmarks/results/first_round-<date>-<machine>.json``.
+Writes ``benchmarks/results/first_round-<date>-<machine>.json`` (the CNN) or
+``first_round-<workload>-<date>-<machine>.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ ARMS = {
 }
 STUB = "threefry stubbed"
 PREFIX = "FIRST_ROUND_JSON "
+# Rounds timed after the first (their median is "later"): logistic regression's take ms.
+LATER_ROUNDS = {rt.CNN: 3, rt.LOGREG: 50, rt.PADDING: 10}
 
 
 def _stub_threefry() -> None:
@@ -66,10 +73,10 @@ def _stub_threefry() -> None:
                            platform="cpu")
 
 
-def child(arm: str, data_dir: str) -> None:
+def child(arm: str, data_dir: str, workload_name: str) -> None:
     if arm == STUB:
         _stub_threefry()
-    workload = rt.SPECS[rt.CNN]
+    workload = rt.SPECS[workload_name]
     images, _ = rt.load_fashion_mnist_arrays(data_dir)
     train, model = rt.build_data(workload, images), rt.build_model(workload)
     params = jax.block_until_ready(model.init(jax.random.PRNGKey(0)))
@@ -91,7 +98,7 @@ def child(arm: str, data_dir: str) -> None:
     state, _ = jax.block_until_ready(compiled(state, step.data, step.offsets))
     t_first = time.perf_counter()
     runs = []
-    for _ in range(3):
+    for _ in range(LATER_ROUNDS[workload_name]):
         run_start = time.perf_counter()
         state, _ = jax.block_until_ready(compiled(state, step.data, step.offsets))
         runs.append(time.perf_counter() - run_start)
@@ -103,7 +110,7 @@ def child(arm: str, data_dir: str) -> None:
         "compile_s": t_compiled - t_lowered, "first_run_s": t_first - t_compiled,
         "first_round_s": t_first - start, "later_round_median_s": float(np.median(runs)),
         "fusions": text.count(" fusion("), "while_loops": text.count(" while("),
-        "params_sha256_after_4_rounds": digest[:16],
+        "params_sha256_after_later_rounds": digest[:16],
     }), flush=True)
 
 
@@ -112,20 +119,23 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("FEDJAX_SIM_DATA"),
                         help="root data folder holding fashion-mnist/ (default: $FEDJAX_SIM_DATA)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workload", choices=list(LATER_ROUNDS), default=rt.CNN,
+                        help="a round_throughput.py workload (default: the CNN)")
     parser.add_argument("--out", type=pathlib.Path)
     parser.add_argument("--child", choices=list(ARMS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.data_dir:
         parser.error("give --data-dir (the folder holding fashion-mnist/) or set FEDJAX_SIM_DATA")
     if args.child:
-        child(args.child, args.data_dir)
+        child(args.child, args.data_dir, args.workload)
         return
     peak_before = rt.matmul_peak()
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for repeat in range(args.repeats):
         for arm in ARMS:
             done = subprocess.run(
-                [sys.executable, __file__, "--child", arm, "--data-dir", args.data_dir],
+                [sys.executable, __file__, "--child", arm, "--data-dir", args.data_dir,
+                 "--workload", args.workload],
                 capture_output=True, text=True, check=False)
             line = next((x for x in done.stdout.splitlines() if x.startswith(PREFIX)), None)
             if line is None:
@@ -143,7 +153,7 @@ def main() -> None:
             "later_round_median_s")
     summary = {arm: {f"{k}_median": float(np.median([r[k] for r in rs])) for k in keys}
                for arm, rs in results.items()}
-    digests = {arm: sorted({r["params_sha256_after_4_rounds"] for r in rs})
+    digests = {arm: sorted({r["params_sha256_after_later_rounds"] for r in rs})
                for arm, rs in results.items()}
     same_bits = digests["default"] == digests["legacy emitters"] and len(digests["default"]) == 1
     report = {
@@ -152,7 +162,7 @@ def main() -> None:
         "machine": rt.machine_info(),
         "matmul_peak_before": peak_before,
         "matmul_peak_after": peak_after,
-        "workload": rt.CNN,
+        "workload": args.workload,
         "repeats": args.repeats,
         "arms": {arm: {"compiler_options": ARMS[arm], "runs": results[arm],
                        "summary": summary[arm]} for arm in ARMS},
@@ -161,7 +171,8 @@ def main() -> None:
                  " + compile + first run; 'threefry stubbed' computes wrong random bits"
                  " (diagnostic of the threefry call sites' compile cost only)",
     }
-    out = rt.write_report(report, args.out, "first_round-")
+    prefix = "first_round-" if args.workload == rt.CNN else f"first_round-{args.workload}-"
+    out = rt.write_report(report, args.out, prefix)
     print(f"\nmatmul {peak_before['median_gflops']:.0f} / {peak_after['median_gflops']:.0f} "
           f"GFLOP/s before/after; legacy emitters the same bits: {same_bits}")
     for arm in ARMS:

@@ -276,6 +276,7 @@ def engine_variant(
         workload.cohort_size,
         client_execution=strategy,
         client_batch_size=client_batch_size,
+        compiler_options=model.compiler_options,  # what `fedjax-sim run` compiles with
     )
     holder = {
         "state": fedjax_sim.init_simulation_state(

@@ -109,7 +109,8 @@ def round_times(overrides: list[str], repeats: int = 2, rounds: int = 5) -> dict
             if mode == "by_seed":
                 slots, _, seeds = seed_layout([np.asarray(s.key) for s in states])
             stacked = stack_states([states[i] for i in slots])
-            step = stacked_step(fn, mode, None, None, seeds)
+            step = stacked_step(fn, mode, None, None, seeds,
+                                group.experiment.round_step.compiler_options)
             alive = jax.numpy.ones(len(slots), bool)
             rs = group.experiment.round_step
             stacked, _ = step(stacked, alive, rs.data, rs.offsets)

@@ -422,7 +422,7 @@ def seed_layout(keys: Sequence[np.ndarray]) -> tuple[list[int], list[bool], int]
 
 
 def stacked_step(round_fn, execution: str = "vmap", mesh=None, batch_size: int | None = None,
-                 seeds: int = 1):
+                 seeds: int = 1, compiler_options=None):
     """``(states, alive, data, offsets) -> (states, metrics)`` over a leading sweep axis, jitted
     with the states donated. A configuration whose ``alive`` is False keeps its state.
 
@@ -430,7 +430,8 @@ def stacked_step(round_fn, execution: str = "vmap", mesh=None, batch_size: int |
     the axis name `SWEEP_AXIS`), `RoundStep.shared_fn` for ``by_seed`` (the sweep axis is
     ``seeds`` equal rows, one per root key: `seed_layout`; a ``lax.map`` over the rows).
     ``batch_size`` (``map``): configurations vmapped together in each step of the map
-    (``lax.map(batch_size=...)``): a vmap in chunks, bounding memory."""
+    (``lax.map(batch_size=...)``): a vmap in chunks, bounding memory. ``compiler_options``:
+    the XLA options of the round step (`RoundStep.compiler_options`)."""
 
     def step(states, alive, data, offsets):
         if execution == "map":
@@ -451,7 +452,7 @@ def stacked_step(round_fn, execution: str = "vmap", mesh=None, batch_size: int |
         return jax.tree.map(keep, new, states), metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(step, donate_argnums=0, compiler_options=compiler_options)
     from jax.sharding import NamedSharding, PartitionSpec
 
     sweep = NamedSharding(mesh, PartitionSpec("sweep"))
@@ -463,7 +464,7 @@ def stacked_step(round_fn, execution: str = "vmap", mesh=None, batch_size: int |
                              in_specs=(PartitionSpec("sweep"),) * 2 + (PartitionSpec(),) * 2,
                              out_specs=(PartitionSpec("sweep"),) * 2)
     return jax.jit(step, donate_argnums=0, in_shardings=(sweep, sweep, replicated, replicated),
-                   out_shardings=(sweep, sweep))
+                   out_shardings=(sweep, sweep), compiler_options=compiler_options)
 
 
 def stack_states(states: Sequence[Any]) -> Any:
@@ -624,7 +625,8 @@ def _train_group(group: _Group, number: int, workdir: Path, spec: SweepSpec, exe
     round_fn = {"vmap": round_step.sweep_fn, "by_seed": round_step.shared_fn}.get(
         execution, round_step.fn)
     step = stacked_step(round_fn, execution, mesh,
-                        spec.batch_size if execution == "map" else None, seeds)
+                        spec.batch_size if execution == "map" else None, seeds,
+                        round_step.compiler_options)
     folders = [workdir / "configs" / m.point.label for m in members]
     checkpointer = Checkpointer(workdir / "checkpoints" / f"group_{number:02d}",
                                 keep=config.checkpoint.keep)

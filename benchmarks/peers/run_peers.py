@@ -175,6 +175,7 @@ def project_call(workload, model, train, strategy: str, k: int, params, per_core
         algorithm, train, schedule, sampler, workload.cohort_size,
         client_execution=strategy, rounds_per_call=k,
         mesh=client_mesh(devices) if devices > 1 else None,
+        compiler_options=model.compiler_options,  # what `fedjax-sim run` compiles with
     )
     holder = {"state": round_step.place(fedjax_sim.init_simulation_state(
         algorithm.init(params), 0))}

@@ -15,6 +15,7 @@ import flax.linen as nn
 import numpy as np
 
 from fedjax_sim.models.base import (
+    LEGACY_FUSION_EMITTERS,
     RECALL_AT,
     STATISTICS,
     TASKS,
@@ -42,6 +43,7 @@ __all__ = [
     "CharLSTM",
     "EmnistCNN",
     "GroupNormResNet",
+    "LEGACY_FUSION_EMITTERS",
     "LogisticRegression",
     "Model",
     "RECALL_AT",
@@ -74,6 +76,11 @@ MODELS: dict[str, tuple[type[nn.Module], str]] = {
 
 # Models whose inputs are token ids.
 _TOKEN_MODELS = ("char_lstm", "stackoverflow_lstm", "tag_logistic", "sent140_lstm")
+# Models whose rounds compile with XLA:CPU's legacy fusion emitters (`LEGACY_FUSION_EMITTERS`):
+# measured to compile faster and to run as fast, with the same bits, by
+# benchmarks/first_round.py on Fashion-MNIST. The recurrent models keep XLA's default: the
+# legacy emitters run the char-LSTM's round slower.
+_LEGACY_EMITTER_MODELS = ("logistic", "mlp", "emnist_cnn")
 # The task a model is built for when `create_model` is not told.
 _DEFAULT_TASKS = {"tag_logistic": "multilabel"}
 
@@ -175,4 +182,6 @@ def create_model(
         name=name,
         task=task,
         ignore_labels=tuple(ignore_labels),
+        compiler_options=(dict(LEGACY_FUSION_EMITTERS) if name in _LEGACY_EMITTER_MODELS
+                          else None),
     )

@@ -40,6 +40,12 @@ INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 """XLA options of `Model.init`'s program on CPU: LLVM at -O1 (a one-shot program: compile time
 is what counts)."""
 
+LEGACY_FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
+"""XLA:CPU's legacy fusion emitters as a per-program option: the rounds of the models that
+`create_model` gives it (`Model.compiler_options`) compile faster with the same bits
+(``benchmarks/first_round.py``; ``tests/test_fusion_emitters.py``). Not for every model: they
+run the char-LSTM's round slower."""
+
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class Model:
@@ -57,6 +63,10 @@ class Model:
       ignore_labels: label values never counted in accuracy (they still count in the loss
         unless they equal ``pad_label``): TFF's StackOverflow next-word accuracy leaves out
         padding, out-of-vocabulary and end-of-sentence tokens. Classification only.
+      compiler_options: XLA compiler options for the top-level CPU programs that train this
+        model (the round step, its multi-round loop, a sweep's step); None: XLA's defaults.
+        `create_model` gives the models measured to compile faster and run as fast with them
+        `LEGACY_FUSION_EMITTERS`. Other backends ignore it.
     """
 
     module: nn.Module
@@ -66,6 +76,7 @@ class Model:
     name: str = "model"
     task: str = "classification"
     ignore_labels: tuple[int, ...] = ()
+    compiler_options: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:

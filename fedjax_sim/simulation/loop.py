@@ -263,6 +263,7 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
         round_step = build_round_step(
             algorithm, train, schedule, sampler, cohort_size, backend=backend, system=system,
             rounds_per_call=config.execution.rounds_per_call,
+            compiler_options=model.compiler_options,
         )
     except ValueError as error:
         if "rounds_per_call" not in str(error):

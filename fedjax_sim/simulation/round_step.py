@@ -173,6 +173,8 @@ class RoundStep:
         None when k is 1.
       backend: the placement the step was built for (devices, mesh, processes, data).
       num_clients: clients in the training data (the leading size of per-client state).
+      compiler_options: the XLA options ``jitted`` and ``multi_round`` were compiled with
+        (None: XLA's defaults); a sweep compiles its step with them too.
     """
 
     fn: Callable[..., tuple[SimulationState, dict[str, jax.Array]]]
@@ -188,6 +190,7 @@ class RoundStep:
     multi_round: Callable[..., tuple[SimulationState, dict[str, jax.Array]]] | None = None
     backend: Backend = dataclasses.field(default_factory=Backend)
     num_clients: int = 0
+    compiler_options: Mapping[str, Any] | None = None
 
     def place(self, state: SimulationState) -> SimulationState:
         """``state`` committed to where the step runs (replicated over every process's devices).
@@ -250,6 +253,7 @@ def build_round_step(
     mesh: Mesh | None = None,
     data_placement: str = "device",
     prefetch: int | None = None,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> RoundStep:
     """Builds the jitted round step.
 
@@ -280,6 +284,8 @@ def build_round_step(
         `blocked_uniform_sampler` over `client_blocks`) or ``"auto"``; ``prefetch`` the rounds
         the host path prepares ahead (None: 2 on GPU/TPU, 0 on CPU, where a feeder thread
         competes with XLA for the same cores and measured slower).
+      compiler_options: XLA compiler options for the step's programs on CPU (e.g. the model's
+        `Model.compiler_options`); ignored on other backends.
     """
     if backend is None:
         backend = Backend(mesh, client_execution, client_batch_size, data_placement, prefetch)
@@ -398,24 +404,33 @@ def build_round_step(
         return train_fn(state, batch, plan, local)
 
     donate_argnums = (0,) if donate else ()
+    options = cpu_compiler_options(compiler_options)
     if not on_host:
-        jitted = jax.jit(round_fn, donate_argnums=donate_argnums)
+        jitted = jax.jit(round_fn, donate_argnums=donate_argnums, compiler_options=options)
         multi_round = None
         if rounds_per_call > 1:
             multi_round = jax.jit(_multi_round(round_fn, rounds_per_call),
-                                  donate_argnums=donate_argnums)
+                                  donate_argnums=donate_argnums, compiler_options=options)
         return RoundStep(round_fn, jitted, data, offsets, cohort_size, target=target,
                          sweep_fn=sweep_round_fn, shared_fn=shared_round_fn,
                          rounds_per_call=rounds_per_call,
                          multi_round=multi_round, backend=backend,
-                         num_clients=train.num_clients)
+                         num_clients=train.num_clients, compiler_options=options)
     prefetch = backend.prefetch
     if prefetch is None:
         prefetch = 0 if jax.default_backend() == "cpu" else 2
     feeder = HostFeeder(plan_fn, train.arrays, train.offsets, target, prefetch)
-    jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums)
+    jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums, compiler_options=options)
     return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder, target,
-                     backend=backend, num_clients=train.num_clients)
+                     backend=backend, num_clients=train.num_clients, compiler_options=options)
+
+
+def cpu_compiler_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``options`` as a dict when JAX's default backend is the CPU, else None (XLA:CPU options
+    such as the fusion emitters mean nothing to other backends)."""
+    if not options or jax.default_backend() != "cpu":
+        return None
+    return dict(options)
 
 
 def _shard_by_clients(backend: Backend, train: FederatedData, sampler: Sampler,
