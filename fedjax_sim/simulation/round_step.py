@@ -124,18 +124,34 @@ class CohortPlan:
     drawn: jax.Array
 
 
+def _round_key_set(key: jax.Array, round_index: jax.Array) -> jax.Array:
+    """``[5, 2]``: the round's keys (sampling, batching, clients, system, server).
+
+    Under JAX's partitionable threefry (its default), key i of ``split(k, n)`` is threefry of
+    the counter i, whatever n, and ``fold_in(k, 4)`` is threefry of the counter 4: so these are
+    ``split(k, 4)`` and ``fold_in(k, 4)`` bit for bit, drawn by one threefry call instead of
+    two (each call site is a loop XLA compiles on its own). With the partitionable mode off,
+    they are computed as before.
+    """
+    round_key = jax.random.fold_in(key, round_index)
+    if jax.config.jax_threefry_partitionable:
+        return jax.random.split(round_key, 5)
+    return jnp.concatenate([jax.random.split(round_key, 4),
+                            jax.random.fold_in(round_key, 4)[None]])
+
+
 def _round_keys(key: jax.Array, round_index: jax.Array) -> list[jax.Array]:
     """The round's keys: sampling, batching, clients, system."""
-    return list(jax.random.split(jax.random.fold_in(key, round_index), 4))
+    return list(_round_key_set(key, round_index)[:4])
 
 
 def _server_key(key: jax.Array, round_index: jax.Array) -> jax.Array:
     """The round's fifth key, for server-side randomness (aggregator noise).
 
-    Folded in rather than split beside the other four, so those (and every result that does
-    not use server randomness) stay what they were before this key existed.
+    ``fold_in(fold_in(key, round), 4)``, which leaves the other four (and every result that does
+    not use server randomness) what they were before this key existed.
     """
-    return jax.random.fold_in(jax.random.fold_in(key, round_index), 4)
+    return _round_key_set(key, round_index)[4]
 
 
 PLACEMENTS = DATA_PLACEMENTS

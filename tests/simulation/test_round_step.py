@@ -276,3 +276,22 @@ def test_a_fresh_state_copies_without_compiling_and_stays_valid_after_donation()
         assert fresh.unsafe_buffer_pointer() != original.unsafe_buffer_pointer()
         np.testing.assert_array_equal(fresh, original)
     assert int(state.round) == 0 and state.round.dtype == jnp.int32
+
+
+def test_round_keys_are_jax_randoms_split_and_fold_in_drawn_by_one_threefry_call():
+    """Reference: jax.random called directly. The four round keys are
+    ``split(fold_in(key, round), 4)`` and the server key ``fold_in(fold_in(key, round), 4)``, bit
+    for bit; the compiled program draws them with one threefry loop after the fold_in (two
+    while loops, where a split and a second fold_in made three)."""
+    from fedjax_sim.simulation.round_step import _round_keys, _server_key
+
+    for seed, round_index in ((0, 0), (3, 5), (11, 1234)):
+        key = jax.random.PRNGKey(seed)
+        round_key = jax.random.fold_in(key, round_index)
+        got = _round_keys(key, jnp.int32(round_index))
+        np.testing.assert_array_equal(np.stack(got), jax.random.split(round_key, 4))
+        np.testing.assert_array_equal(_server_key(key, jnp.int32(round_index)),
+                                      jax.random.fold_in(round_key, 4))
+    both = jax.jit(lambda k, r: (jnp.stack(_round_keys(k, r)), _server_key(k, r)))
+    text = both.lower(jax.random.PRNGKey(0), jnp.int32(1)).compile().as_text()
+    assert text.count(" while(") == 2
