@@ -47,6 +47,14 @@ LEGACY_FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 run the char-LSTM's round slower."""
 
 
+def cpu_compiler_options(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``options`` as a dict when JAX's default backend is the CPU, else None (XLA:CPU options
+    such as the fusion emitters or LLVM's level mean nothing to other backends)."""
+    if not options or jax.default_backend() != "cpu":
+        return None
+    return dict(options)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class Model:
     """A classifier, sequence tagger or multi-label classifier built from a flax module.
@@ -108,8 +116,7 @@ class Model:
 
     @functools.cached_property
     def _jitted_init(self):
-        options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-        return jax.jit(self._init_fn, compiler_options=options)
+        return jax.jit(self._init_fn, compiler_options=cpu_compiler_options(INIT_COMPILER_OPTIONS))
 
     def apply(
         self, params: Params, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None

@@ -29,6 +29,7 @@ from fedjax_sim.core import ClientInput, Cohort, FederatedAlgorithm, ShardedData
 from fedjax_sim.data.batching import ClientSchedule, cohort_indices
 from fedjax_sim.data.federated_data import FederatedData
 from fedjax_sim.data.sampling import Sampler, client_blocks
+from fedjax_sim.models.base import cpu_compiler_options
 from fedjax_sim.simulation.backend import (  # noqa: F401  (re-exported: the placement names)
     DATA_PLACEMENTS,
     DEVICE_BYTES_LIMIT,
@@ -439,14 +440,6 @@ def build_round_step(
     jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums, compiler_options=options)
     return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder, target,
                      backend=backend, num_clients=train.num_clients, compiler_options=options)
-
-
-def cpu_compiler_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """``options`` as a dict when JAX's default backend is the CPU, else None (XLA:CPU options
-    such as the fusion emitters mean nothing to other backends)."""
-    if not options or jax.default_backend() != "cpu":
-        return None
-    return dict(options)
 
 
 def _shard_by_clients(backend: Backend, train: FederatedData, sampler: Sampler,
