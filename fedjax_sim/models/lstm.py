@@ -3,8 +3,10 @@
 Same parameters (names, shapes, initializers: a checkpoint or an init of one is one of the
 other), same outputs; two things differ in how it computes:
 
-* the input projection of every time step is one matmul before the recurrence (the scan only
-  adds ``h @ W_h``);
+* under a gradient, the input projection of every time step is one matmul before the
+  recurrence (the scan only adds ``h @ W_h``); evaluated without one, each step's projection
+  runs inside the loop instead, so no ``[T, B, 4H]`` array is written (at evaluation batches
+  that array's memory traffic cost more than the recurrence: `benchmarks/lstm_eval.py`);
 * the recurrence has a hand-written VJP (`lstm_recurrence`): the reverse scan returns each
   step's gate gradients, and the recurrent kernel's gradient is **one** matmul over all steps
   afterwards. Under autodiff the reverse scan instead adds an outer product into a
@@ -99,10 +101,52 @@ class FusedLSTM(nn.Module):
         return fused_lstm(x, *LSTMParams(self.hidden, name="cell")(x.shape[-1]))
 
 
+def _projection(x, wi):
+    """Every step's input projection at once: ``[B, T, F] @ [F, 4H] -> [T, B, 4H]``."""
+    return jnp.einsum("btf,fg->tbg", x, wi)
+
+
+def _inference(x, wi, bias, wh):
+    """The forward alone, each step's input projection inside the loop: no ``[T, B, 4H]``
+    array, which at evaluation batches (512 sequences of 80 steps: 84 MB) costs more in memory
+    traffic than the recurrence. The same values bit for bit (tests/models/test_lstm.py)."""
+    xt = jnp.swapaxes(x, 0, 1)  # [T, B, F]
+    zeros = jnp.zeros_like((xt[0] @ wi)[..., :wh.shape[0]])  # varying as x is, under shard_map
+
+    def step(carry, x_t):
+        carry, _ = _cell(wh, carry, x_t @ wi + bias)
+        return carry, carry[0]
+
+    return jax.lax.scan(step, (zeros, zeros), xt)[1]
+
+
+@jax.custom_vjp
+def _fused_time_major(x, wi, bias, wh):
+    return _inference(x, wi, bias, wh)
+
+
+def _fused_fwd(x, wi, bias, wh):
+    hs, residuals = _forward(_projection(x, wi) + bias, wh)
+    return hs, (residuals, x, wi)
+
+
+def _fused_bwd(residuals, dhs):
+    recurrence, x, wi = residuals
+    dxp, dwh = _backward(recurrence, dhs)
+    dx, dwi = jax.vjp(_projection, x, wi)[1](dxp)
+    return dx, dwi, jnp.sum(dxp, axis=(0, 1)), dwh
+
+
+_fused_time_major.defvjp(_fused_fwd, _fused_bwd)
+
+
 def fused_lstm(x: jax.Array, wi: jax.Array, bias: jax.Array, wh: jax.Array) -> jax.Array:
-    """``[B, T, F] -> [B, T, H]`` with `LSTMParams`' concatenated kernels."""
-    xp = jnp.einsum("btf,fg->tbg", x, wi) + bias  # every step's input projection at once
-    return jnp.swapaxes(lstm_recurrence(xp, wh), 0, 1)
+    """``[B, T, F] -> [B, T, H]`` with `LSTMParams`' concatenated kernels.
+
+    Differentiated, every step's input projection is one matmul before the recurrence and the
+    gradients are those of autodiff through it and `lstm_recurrence`, bit for bit; evaluated
+    without a gradient, the projection runs inside the loop (`_inference`)."""
+    return jnp.swapaxes(_fused_time_major(x, wi, bias, wh), 0, 1)
 
 
 CELLS = ("fused", "flax")

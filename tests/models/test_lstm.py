@@ -9,7 +9,7 @@ import pytest
 
 from fedjax_sim.models.char_lstm import CharLSTM
 from fedjax_sim.models.leaf_models import Sent140LSTM
-from fedjax_sim.models.lstm import FusedLSTM, lstm_recurrence
+from fedjax_sim.models.lstm import FusedLSTM, fused_lstm, lstm_recurrence
 from fedjax_sim.models.stackoverflow import StackOverflowLSTM
 
 
@@ -48,6 +48,39 @@ def test_fused_lstm_module_matches_nn_rnn_under_vmap():
         return jax.vmap(lambda xi: jax.grad(lambda p: jnp.sum(module.apply(p, xi) ** 2))(params))(x)
 
     _close(grads(FusedLSTM(6)), grads(rnn), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch, steps, features, hidden, exact", [
+    (8, 80, 8, 128, True),  # the demo's training batch and evaluation shapes, bit for bit
+    (512, 20, 8, 128, True),
+    (5, 7, 96, 16, False),  # a wide input: the in-loop matmul may round differently
+])
+def test_forward_without_a_gradient_equals_the_differentiated_forward(
+        batch, steps, features, hidden, exact):
+    """Evaluated alone, `fused_lstm` projects each step's input inside the loop; under a
+    gradient it projects every step first. Both are the recurrence written out in numpy."""
+    k = jax.random.split(jax.random.PRNGKey(batch + features), 4)
+    x = jax.random.normal(k[0], (batch, steps, features))
+    wi = 0.3 * jax.random.normal(k[1], (features, 4 * hidden))
+    bias = 0.1 * jax.random.normal(k[2], (4 * hidden,))
+    wh = 0.3 * jax.random.normal(k[3], (hidden, 4 * hidden))
+    alone = jax.jit(fused_lstm)(x, wi, bias, wh)
+    differentiated = jax.jit(lambda *a: jax.vjp(fused_lstm, *a)[0])(x, wi, bias, wh)
+    if exact:
+        np.testing.assert_array_equal(alone, differentiated)
+    else:
+        _close(alone, differentiated)
+
+    def sigmoid(v):
+        return 1 / (1 + np.exp(-v))
+
+    xs, wi64, b64, wh64 = (np.asarray(a, np.float64) for a in (x, wi, bias, wh))
+    h = c = np.zeros((batch, hidden))
+    for t in range(steps):  # gates in OptimizedLSTMCell's order: i, f, g, o
+        i, f, g, o = np.split(xs[:, t] @ wi64 + b64 + h @ wh64, 4, axis=-1)
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+        np.testing.assert_allclose(alone[:, t], h, rtol=1e-4, atol=1e-5)
 
 
 def test_recurrence_gradient_equals_autodiff_in_float64():
