@@ -26,13 +26,13 @@ def test_char_lstm_fused_equals_flax_cell(hidden, layers):
     params = fused.init(jax.random.PRNGKey(0), x)
     np.testing.assert_equal(jax.device_get(params),
                             jax.device_get(flax_cell.init(jax.random.PRNGKey(0), x)))
-    _close(fused.apply(params, x), flax_cell.apply(params, x))
+    _close(jax.jit(fused.apply)(params, x), jax.jit(flax_cell.apply)(params, x))
 
-    def loss(model):
+    def loss(model):  # jitted: one program instead of an eager program per operation
         def f(p):
             logits = model.apply(p, x)
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1))
-        return jax.grad(f)(params)
+        return jax.jit(jax.grad(f))(params)
 
     _close(loss(fused), loss(flax_cell), rtol=1e-4, atol=1e-6)
 
@@ -45,7 +45,8 @@ def test_fused_lstm_module_matches_nn_rnn_under_vmap():
         FusedLSTM(6).init(jax.random.PRNGKey(1), x[0]))
 
     def grads(module):
-        return jax.vmap(lambda xi: jax.grad(lambda p: jnp.sum(module.apply(p, xi) ** 2))(params))(x)
+        return jax.jit(jax.vmap(
+            lambda xi: jax.grad(lambda p: jnp.sum(module.apply(p, xi) ** 2))(params)))(x)
 
     _close(grads(FusedLSTM(6)), grads(rnn), rtol=1e-4, atol=1e-6)
 
@@ -100,8 +101,9 @@ def test_recurrence_gradient_equals_autodiff_in_float64():
             zeros = jnp.zeros((3, 5), jnp.float64)
             return jax.lax.scan(cell, (zeros, zeros), xp)[1]
 
-        ours = jax.grad(lambda a, b: jnp.sum(jnp.sin(lstm_recurrence(a, b)) * w), (0, 1))(xp, wh)
-        ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(plain(a, b)) * w), (0, 1))(xp, wh)
+        ours = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(lstm_recurrence(a, b)) * w),
+                                (0, 1)))(xp, wh)
+        ref = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(plain(a, b)) * w), (0, 1)))(xp, wh)
         _close(ours, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -115,7 +117,7 @@ def test_other_lstm_models_fused_equal_flax_cell(make):
     params = fused.init(jax.random.PRNGKey(0), x)
     np.testing.assert_equal(jax.device_get(params),
                             jax.device_get(flax_cell.init(jax.random.PRNGKey(0), x)))
-    _close(fused.apply(params, x), flax_cell.apply(params, x))
-    grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params)
+    _close(jax.jit(fused.apply)(params, x), jax.jit(flax_cell.apply)(params, x))
+    grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x)))))(params)
              for m in (fused, flax_cell)]
     _close(*grads, rtol=1e-4, atol=1e-6)
