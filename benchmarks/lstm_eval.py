@@ -38,6 +38,7 @@ from round_throughput import machine_info, matmul_peak, write_report  # noqa: E4
 import fedjax_sim as fs  # noqa: E402
 from fedjax_sim.config import load_config  # noqa: E402
 from fedjax_sim.models import create_model, lstm  # noqa: E402
+from fedjax_sim.models.char_lstm import CharLSTM  # noqa: E402
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "shakespeare_fedavg.yaml"
 
@@ -98,7 +99,8 @@ def main() -> None:
                 start = time.perf_counter()
                 jax.block_until_ready(evaluate(params))
                 times[name].append(time.perf_counter() - start)
-    gflop = forward_gflop(dataset.test.arrays, hidden, 8, info["num_classes"], batch_size)
+    gflop = forward_gflop(dataset.test.arrays, hidden, CharLSTM.embed_dim, info["num_classes"],
+                          batch_size)
     report = {
         "benchmark": "lstm_eval",
         "date": datetime.date.today().isoformat(),

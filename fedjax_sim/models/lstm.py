@@ -109,7 +109,8 @@ def _projection(x, wi):
 def _inference(x, wi, bias, wh):
     """The forward alone, each step's input projection inside the loop: no ``[T, B, 4H]``
     array, which at evaluation batches (512 sequences of 80 steps: 84 MB) costs more in memory
-    traffic than the recurrence. The same values bit for bit (tests/models/test_lstm.py)."""
+    traffic than the recurrence. The values of the differentiated forward: bit for bit at the
+    demo's shapes, within float32 rounding for a wide input (tests/models/test_lstm.py)."""
     xt = jnp.swapaxes(x, 0, 1)  # [T, B, F]
     zeros = jnp.zeros_like((xt[0] @ wi)[..., :wh.shape[0]])  # varying as x is, under shard_map
 
