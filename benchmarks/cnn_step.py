@@ -8,8 +8,14 @@
    CNN in one jitted ``lax.scan`` with dropout on, for the model as it is and for the previous
    formulation (flax's ``jax.random.bernoulli`` mask of 32-bit words, drawn flat, and the
    autodiff gradient of the reshape + max pool), interleaved; median ms per step of each.
+3. With real data (``--data-dir``, default ``$FEDJAX_SIM_DATA``; skipped without it): the
+   engine's round of the peers workload (`round_throughput.py`'s ``emnist-cnn-fedavg``: 10
+   clients x 5 steps of 20 Fashion-MNIST images, the sequential client map, compiled with the
+   model's compiler options as `fedjax-sim run` does) against the same 50 steps as one bare
+   ``lax.scan`` over those clients' batches (item 2's current arm), interleaved: what the round
+   adds around the model's steps (sampling, gathers, aggregation, server update).
 
-  python benchmarks/cnn_step.py [--repeats 7] [--out PATH]
+  python benchmarks/cnn_step.py [--repeats 7] [--data-dir DIR] [--out PATH]
 
 Writes ``benchmarks/results/cnn_step-<date>-<machine>.json``.
 """
@@ -18,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import pathlib
 import sys
+import time
 
 import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax starts)
 
@@ -33,6 +41,7 @@ import optax
 from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import round_throughput as rt  # noqa: E402
 from round_throughput import machine_info, matmul_peak, median_ms, write_report  # noqa: E402
 
 from fedjax_sim.models import classifiers  # noqa: E402
@@ -100,10 +109,13 @@ class _PreviousCNN(nn.Module):
         return nn.Dense(62)(x)
 
 
-def local_training(module: nn.Module):
+def local_training(module: nn.Module, x=None, y=None):
+    """50 SGD steps in one jitted scan over ``x [STEPS, BATCH, 28, 28, 1]``, ``y [STEPS, BATCH]``
+    (uniform noise and random labels when not given: the speed does not depend on the values)."""
     key = jax.random.PRNGKey(0)
-    x = jax.random.uniform(key, (STEPS, BATCH, 28, 28, 1))
-    y = jax.random.randint(key, (STEPS, BATCH), 0, 62)
+    if x is None:
+        x = jax.random.uniform(key, (STEPS, BATCH, 28, 28, 1))
+        y = jax.random.randint(key, (STEPS, BATCH), 0, 62)
     params = module.init(key, x[0])
 
     def loss(params, xb, yb, rng):
@@ -122,9 +134,42 @@ def local_training(module: nn.Module):
     return run, (params, x, y)
 
 
+def round_against_bare_steps(data_dir: str, repeats: int) -> dict:
+    """The engine's peers-workload round vs its 50 steps as a bare scan (same images), ms."""
+    workload = rt.SPECS[rt.CNN]
+    images, _ = rt.load_fashion_mnist_arrays(data_dir)
+    train, model = rt.build_data(workload, images), rt.build_model(workload)
+    engine = rt.engine_variant(workload, model, train, "map", None)
+    # 10 clients x 5 batches of 20: the first 1,000 images in the round's batch shape.
+    n = STEPS * BATCH
+    x = jnp.asarray(train.arrays["x"][:n]).reshape(STEPS, BATCH, 28, 28, 1)
+    y = jnp.asarray(train.arrays["y"][:n]).reshape(STEPS, BATCH)
+    bare, inputs = local_training(classifiers.EmnistCNN(), x, y)
+    for _ in range(2):  # compile and warm both
+        engine.run_round()
+        jax.block_until_ready(bare(*inputs))
+    assert engine.examples() == n, engine.examples()  # every client ran its 5 full steps
+    times: dict[str, list[float]] = {"engine round": [], "bare 50-step scan": []}
+    for _ in range(repeats):  # interleaved, 3 calls each
+        start = time.perf_counter()
+        for _ in range(3):
+            engine.run_round()
+        times["engine round"].append((time.perf_counter() - start) / 3 * 1e3)
+        start = time.perf_counter()
+        for _ in range(3):
+            jax.block_until_ready(bare(*inputs))
+        times["bare 50-step scan"].append((time.perf_counter() - start) / 3 * 1e3)
+    medians = {arm: float(np.median(t)) for arm, t in times.items()}
+    return {"ms": medians, "ms_all": times,
+            "round_over_bare": medians["engine round"] / medians["bare 50-step scan"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--data-dir", default=os.environ.get("FEDJAX_SIM_DATA"),
+                        help="root data folder holding fashion-mnist/ for the round arm "
+                             "(default: $FEDJAX_SIM_DATA; the arm is skipped without it)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     peak = matmul_peak()
@@ -144,6 +189,14 @@ def main() -> None:
     ratio = steps["previous"]["ms_per_step"] / steps["current"]["ms_per_step"]
     print(f"local training, ms per step: current {steps['current']['ms_per_step']:.2f}, "
           f"previous {steps['previous']['ms_per_step']:.2f} ({ratio:.2f}x)", flush=True)
+    if args.data_dir:
+        rounds = round_against_bare_steps(args.data_dir, args.repeats)
+        print(f"engine round {rounds['ms']['engine round']:.0f} ms, its 50 steps as a bare scan "
+              f"{rounds['ms']['bare 50-step scan']:.0f} ms ({rounds['round_over_bare']:.3f}x)",
+              flush=True)
+    else:
+        rounds = None
+        print("no --data-dir / $FEDJAX_SIM_DATA: the engine-round arm is skipped", flush=True)
     conv_ms = sum(ops[name]["ms"] for name in ("forward", "weight_gradient", "input_gradient"))
     report = {
         "benchmark": "cnn_step",
@@ -156,6 +209,7 @@ def main() -> None:
         "second_conv_ms": conv_ms,
         "local_training": steps,
         "previous_over_current": ratio,
+        "round_against_bare_steps": rounds,
         "second_conv_share_of_step": conv_ms / steps["current"]["ms_per_step"],
     }
     print(f"second conv: {conv_ms:.2f} ms of the {steps['current']['ms_per_step']:.2f} ms step")
