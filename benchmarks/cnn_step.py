@@ -27,7 +27,6 @@ import datetime
 import os
 import pathlib
 import sys
-import time
 
 import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax starts)
 
@@ -149,16 +148,11 @@ def round_against_bare_steps(data_dir: str, repeats: int) -> dict:
         engine.run_round()
         jax.block_until_ready(bare(*inputs))
     assert engine.examples() == n, engine.examples()  # every client ran its 5 full steps
-    times: dict[str, list[float]] = {"engine round": [], "bare 50-step scan": []}
-    for _ in range(repeats):  # interleaved, 3 calls each
-        start = time.perf_counter()
-        for _ in range(3):
-            engine.run_round()
-        times["engine round"].append((time.perf_counter() - start) / 3 * 1e3)
-        start = time.perf_counter()
-        for _ in range(3):
-            jax.block_until_ready(bare(*inputs))
-        times["bare 50-step scan"].append((time.perf_counter() - start) / 3 * 1e3)
+    arms = {"engine round": engine.run_round, "bare 50-step scan": lambda: bare(*inputs)}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for _ in range(repeats):  # interleaved: each arm's median of 3 calls
+        for arm, fn in arms.items():
+            times[arm].append(median_ms(fn, repeats=3))
     medians = {arm: float(np.median(t)) for arm, t in times.items()}
     return {"ms": medians, "ms_all": times,
             "round_over_bare": medians["engine round"] / medians["bare 50-step scan"]}
