@@ -11,6 +11,10 @@ import pytest
 from fedjax_sim.data.federated_data import FederatedData
 from fedjax_sim.models.base import Model
 
+USERS_BACKEND_OPT = {"xla_backend_optimization_level": 3}
+"""XLA's default LLVM level as a per-program option: the suite compiles at level 1
+(`tests/conftest.py`); tests that check what users' programs compute pass this."""
+
 
 class TinyMLP(nn.Module):
     num_classes: int = 3

@@ -2,13 +2,23 @@
 compile the recurrent models' rounds with the default emitters, and the logistic, MLP and CNN
 rounds with the legacy ones (`Model.compiler_options`, for a faster compile). Reference: the
 same round compiled with the default emitters (a per-program compiler option) must give the
-same bits, so the tests check what users run and the option changes no result."""
+same bits, so the tests check what users run and the option changes no result. Both arms compile
+at XLA's default LLVM level, as users' programs do; the suite's level 1 (`tests/conftest.py`)
+changes a round's results only by rounding (checked here against level 3)."""
 
 import jax
 import numpy as np
 import optax
 import pytest
-from helpers import FASHION_MNIST_FILES, REPO, SHARED_DATA, needs_shared_data, tiny_data, tiny_model
+from helpers import (
+    FASHION_MNIST_FILES,
+    REPO,
+    SHARED_DATA,
+    USERS_BACKEND_OPT,
+    needs_shared_data,
+    tiny_data,
+    tiny_model,
+)
 
 import fedjax_sim
 from fedjax_sim.config import load_config
@@ -17,15 +27,14 @@ from fedjax_sim.simulation.loop import build_experiment
 from fedjax_sim.sweeps import stacked_step
 
 
-def _round_results(model, data, use_fusion_emitters: bool):
-    algorithm = fedjax_sim.fed_avg(model, optax.sgd(0.3), optax.sgd(1.0))
+def _round_results(model, data, options: dict):
+    algorithm = fedjax_sim.fed_avg(model, optax.sgd(0.05), optax.sgd(1.0))
     schedule = fedjax_sim.ClientSchedule.from_sizes(data.client_sizes, 4, local_epochs=1)
     sampler = fedjax_sim.uniform_sampler(data.num_clients, 3)
     step = fedjax_sim.build_round_step(algorithm, data, schedule, sampler, 3)
     state = step.place(fedjax_sim.init_simulation_state(
         algorithm.init(model.init(jax.random.PRNGKey(0))), 1))
-    compiled = step.jitted.lower(state, step.data, step.offsets).compile(
-        compiler_options={"xla_cpu_use_fusion_emitters": use_fusion_emitters})
+    compiled = step.jitted.lower(state, step.data, step.offsets).compile(compiler_options=options)
     for _ in range(2):
         state, metrics = compiled(state, step.data, step.offsets)
     return [np.asarray(x) for x in jax.tree.leaves((state.algorithm, metrics))]
@@ -37,7 +46,7 @@ def _round_results(model, data, use_fusion_emitters: bool):
     ("mlp", (28, 28), "image", 10),
     ("char_lstm", (20,), "tokens", 86),
 ])
-def test_legacy_and_default_fusion_emitters_train_the_same_bits(name, x_shape, x_kind, classes):
+def test_emitters_keep_the_bits_and_the_suites_llvm_level_rounds(name, x_shape, x_kind, classes):
     rng = np.random.default_rng(0)
     clients = {}
     for i, n in enumerate((7, 12, 5, 9)):
@@ -52,10 +61,15 @@ def test_legacy_and_default_fusion_emitters_train_the_same_bits(name, x_shape, x
     options = {"hidden": 16} if name == "char_lstm" else {}
     model = create_model(name, num_classes=classes, input_shape=x_shape,
                          input_dtype="int32" if x_kind == "tokens" else "float32", **options)
-    legacy = _round_results(model, data, False)
-    default = _round_results(model, data, True)
+    legacy = _round_results(model, data, {**LEGACY_FUSION_EMITTERS, **USERS_BACKEND_OPT})
+    default = _round_results(model, data, {"xla_cpu_use_fusion_emitters": True,
+                                           **USERS_BACKEND_OPT})
     for a, b in zip(legacy, default, strict=True):
         np.testing.assert_array_equal(a, b)
+    # The suite's LLVM level 1: the same round up to rounding (fused multiply-adds)
+    suites = _round_results(model, data, {"xla_backend_optimization_level": 1})
+    for a, b in zip(suites, legacy, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_create_model_gives_the_legacy_emitters_to_the_measured_models_only():
