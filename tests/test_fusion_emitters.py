@@ -66,7 +66,7 @@ def test_emitters_keep_the_bits_and_the_suites_llvm_level_rounds(name, x_shape, 
                                            **USERS_BACKEND_OPT})
     for a, b in zip(legacy, default, strict=True):
         np.testing.assert_array_equal(a, b)
-    # The suite's LLVM level 1: the same round up to rounding (fused multiply-adds)
+    # The suite's LLVM level 1: the same round up to rounding
     suites = _round_results(model, data, {"xla_backend_optimization_level": 1})
     for a, b in zip(suites, legacy, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
