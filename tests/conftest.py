@@ -16,15 +16,15 @@ _FAST_COMPILE = ("" if os.environ.get("FEDJAX_SIM_TEST_FUSION_EMITTERS") == "def
 # within a tolerance or two programs compiled under the same flags, `tests/test_fusion_emitters.py`
 # compiles its rounds at level 3 (`helpers.USERS_BACKEND_OPT`, what users run) and bounds the
 # level-1 difference.
-# FEDJAX_SIM_TEST_BACKEND_OPT=default keeps XLA's level.
+# And one LLVM module a program, not split for parallel code generation: the suite's two
+# workers already keep both cores busy (same bits; trial runs of two test subsets 5% and 16%
+# faster). `benchmarks/suite_time.py` times the suite with and without both.
+# FEDJAX_SIM_TEST_BACKEND_OPT=default keeps XLA's defaults for both.
 _FAST_LLVM = ("" if os.environ.get("FEDJAX_SIM_TEST_BACKEND_OPT") == "default"
-              else " --xla_backend_optimization_level=1")
-# One LLVM module a program, not split for parallel code generation: the suite's two workers
-# already keep both cores busy (same bits; trial runs of two test subsets 5% and 16% faster).
-_ONE_MODULE = " --xla_cpu_parallel_codegen_split_count=1"
+              else " --xla_backend_optimization_level=1 --xla_cpu_parallel_codegen_split_count=1")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _FAST_COMPILE
-    + _FAST_LLVM + _ONE_MODULE
+    + _FAST_LLVM
 ).strip()
 
 import pytest  # noqa: E402
