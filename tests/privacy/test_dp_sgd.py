@@ -4,6 +4,7 @@ cohorts, and epsilon against dp-accounting called directly."""
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +70,51 @@ def test_noiseless_gradient_is_the_mean_of_clipped_per_example_gradients_numpy()
     _, batch_stats = softmax_regression(params, data, mask, None)
     for key in batch_stats:
         np.testing.assert_allclose(stats[key], batch_stats[key], rtol=1e-5)
+
+
+class _DropoutMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Dense(8)(x))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(K)(x)
+
+
+def test_gradient_equals_optax_differentially_private_aggregate_with_dropout_and_noise():
+    """Reference: optax's ``differentially_private_aggregate`` called directly on the
+    per-example gradients (``vmap`` of ``grad``, the same per-example dropout keys and noise
+    key), which the clipped sum here replaces by one backward pass of the scaled losses."""
+    module = _DropoutMLP()
+    _, data, mask = _problem(batch=9)
+    params = module.init(jax.random.PRNGKey(1), data["x"])
+
+    def loss_fn(params, batch, mask, rng):
+        logits = module.apply(params, batch["x"], train=True, rngs={"dropout": rng})
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        m = mask.astype(jnp.float32)
+        return jnp.sum(losses * m) / jnp.maximum(jnp.sum(m), 1.0), {"count": jnp.sum(m)}
+
+    clip, z, rng = 0.05, 0.8, jax.random.PRNGKey(7)
+
+    def reference(params):
+        def one(example, example_mask, key):
+            single = jax.tree.map(lambda a: a[None], example)
+            return jax.grad(loss_fn, has_aux=True)(params, single, example_mask[None], key)[0]
+
+        keys = jax.random.split(jax.random.fold_in(rng, 0), len(mask))
+        per_example = jax.vmap(one)(data, mask, keys)
+        aggregate = optax.contrib.differentially_private_aggregate(
+            clip, z, key=jax.random.wrap_key_data(jax.random.fold_in(rng, 1)))
+        return aggregate.update(per_example, aggregate.init(params))[0]
+
+    expected = jax.jit(reference)(params)
+    got, stats = jax.jit(dp_sgd_loss(loss_fn, clip, z).gradient)(params, data, mask, rng)
+    assert int(stats["count"]) == mask.sum()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    clean, _ = dp_sgd_loss(loss_fn, clip, 0.0).gradient(params, data, mask, rng)
+    assert any(np.abs(np.asarray(a) - b).max() > 1e-3  # the noise is in both
+               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(clean), strict=True))
 
 
 def test_noise_has_std_z_times_clip_over_batch_and_follows_the_key():
