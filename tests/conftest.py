@@ -10,15 +10,14 @@ import os
 # FEDJAX_SIM_TEST_FUSION_EMITTERS=default keeps XLA's default.
 _FAST_COMPILE = ("" if os.environ.get("FEDJAX_SIM_TEST_FUSION_EMITTERS") == "default"
                  else " --xla_cpu_use_fusion_emitters=false")
-# LLVM at -O1 instead of XLA's default level 3: the suite's cold run took 551 s against 681 s
-# (2-core AMD EPYC, 2026-12-07). Unlike the emitters this changes results by rounding (a few
-# ulps: 1.9e-9 at most on a logistic-regression round): every test compares against a reference
+# LLVM at -O1 instead of XLA's default level 3: it compiles faster. Unlike the emitters this
+# changes results by rounding: every test compares against a reference
 # within a tolerance or two programs compiled under the same flags, `tests/test_fusion_emitters.py`
 # compiles its rounds at level 3 (`helpers.USERS_BACKEND_OPT`, what users run) and bounds the
 # level-1 difference.
 # And one LLVM module a program, not split for parallel code generation: the suite's two
-# workers already keep both cores busy (same bits; trial runs of two test subsets 5% and 16%
-# faster). `benchmarks/suite_time.py` times the suite with and without both.
+# workers already keep both cores busy (same bits). `benchmarks/suite_time.py` times the suite
+# with and without both (README, Tests).
 # FEDJAX_SIM_TEST_BACKEND_OPT=default keeps XLA's defaults for both.
 _FAST_LLVM = ("" if os.environ.get("FEDJAX_SIM_TEST_BACKEND_OPT") == "default"
               else " --xla_backend_optimization_level=1 --xla_cpu_parallel_codegen_split_count=1")

@@ -172,8 +172,8 @@ class Backend:
     def _replicated_global(self, leaf: Any) -> Any:
         """A host value replicated over every process's devices, each process placing its own
         copies. `jax.device_put` of a host value onto devices of several processes first
-        checks that every process holds the same value (an all-gather program per leaf: 2 s of
-        each of three 4-round runs' start-up in a two-process trial); the values here are, by
+        checks that every process holds the same value (an all-gather program per leaf, a
+        large part of a short multi-process run's start-up); the values here are, by
         construction (the same config and seed), and the multi-process tests compare the
         result with one process. Python scalars keep `jax.device_put` (their weak type)."""
         if not isinstance(leaf, (np.ndarray, np.generic)):
