@@ -67,7 +67,9 @@ class FedBuffState(ServerState):
 
     Attributes:
       slot_deltas: ``[M, ...params]`` each in-flight client's ``start params - trained params``.
-      slot_finish: ``[M]`` float32 simulated time at which the client reports (inf: empty slot).
+      slot_finish: ``[M]`` float32 simulated time at which the client reports (0 in an empty
+        slot, which ``slot_filled`` marks: the state holds no inf, which the engine's NaN/inf
+        check of the state would read as a diverged run).
       slot_version: ``[M]`` int32 server version the client started from.
       slot_weight: ``[M]`` float32 aggregation weight (0: dropped or padding client).
       slot_client: ``[M]`` int32 the in-flight client's id (for per-client aggregation stages).
@@ -142,7 +144,7 @@ def fed_buff(
             **server_fields(params, client_optimizer, server_optimizer, exponent, aggregator),
             slot_deltas=jax.tree.map(lambda p: jnp.zeros((slots, *jnp.shape(p)), p.dtype),
                                      params),
-            slot_finish=jnp.full((slots,), jnp.inf, jnp.float32),
+            slot_finish=jnp.zeros((slots,), jnp.float32),  # empty slots: see slot_filled
             slot_version=jnp.zeros((slots,), jnp.int32),
             slot_weight=jnp.zeros((slots,), jnp.float32),
             slot_client=jnp.zeros((slots,), jnp.int32),

@@ -140,3 +140,21 @@ def test_registry_and_bad_options():
     round_step = build_round_step(algorithm, data, schedule, uniform_sampler(len(SIZES), 2), 2)
     with pytest.raises(ValueError, match="multiple of the cohort size"):
         round_step(init_simulation_state(algorithm.init(model.init(jax.random.key(0))), 0))
+
+
+def test_filling_pipeline_leaves_the_state_finite(tmp_path):
+    """While the buffer fills (concurrency > cohort size) empty slots must not read as a
+    diverged run: `run` checks the state for NaN/inf after every round."""
+    from fedjax_sim.simulation.loop import run
+
+    tiny = ["cohort.size=2", "client.local_steps=2", "model.hidden=8", "eval.every=1000",
+            "eval.max_examples=50", "log.every=1", "log.progress=false", "log.plot=false"]
+    result = run(None, overrides=[*tiny, "rounds=4", "algorithm=fed_buff",
+                                  "algorithm.concurrency=6"], workdir=tmp_path / "run")
+    assert [row["round"] for row in result.history] == [1, 2, 3, 4]
+    # M / K = 3 rounds fill the buffer, the 4th applies the first update
+    assert [row["system/updates"] for row in result.history] == [0.0, 0.0, 0.0, 1.0]
+    for leaf in jax.tree.leaves(jax.device_get(result.state.algorithm)):
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.floating):
+            assert np.isfinite(leaf).all()
