@@ -93,3 +93,28 @@ def test_readme_new_stage_example_runs_and_drops_the_nan_client(capsys):
     assert [float(v) for v in namespace["mean"]["w"]] == [2.0, 3.0]
     assert int(namespace["metrics"]["aggregator/drop_nonfinite/dropped"]) == 1
     assert "[2. 3.]" in capsys.readouterr().out
+
+
+def test_readme_compression_example_builds_an_algorithm_that_trains():
+    """The compression block, with its free names (model, data, optimizers) set to tiny ones."""
+    import jax
+    import optax
+    from helpers import tiny_data, tiny_model
+
+    import fedjax_sim as fs
+
+    data, model = tiny_data(), tiny_model()
+    namespace = {"fs": fs, "model": model, "data": data, "client_opt": optax.sgd(0.1),
+                 "server_opt": optax.sgd(1.0)}
+    exec(compile(_block("<!-- readme-compression"), str(README), "exec"), namespace)
+    algorithm = namespace["algorithm"]
+    assert isinstance(algorithm, fs.FederatedAlgorithm)
+    schedule = fs.ClientSchedule.from_sizes(data.client_sizes, batch_size=4, local_steps=2)
+    step = fs.build_round_step(algorithm, data, schedule, fs.uniform_sampler(5, 3), 3)
+    params = model.init(jax.random.key(0))
+    state, metrics = step(fs.init_simulation_state(algorithm.init(params), seed=0))
+    # top-1% of the tiny model's 43 parameters: one coordinate a client, 32 value bits + 6
+    assert float(metrics["aggregator/top_k/bits_per_client"]) == 32 + 6
+    moved = [np.count_nonzero(np.asarray(a) != np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(state.algorithm.params), jax.tree.leaves(params), strict=True)]
+    assert 1 <= sum(moved) <= 3  # at most one coordinate from each of the 3 clients
