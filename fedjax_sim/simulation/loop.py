@@ -32,7 +32,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from fedjax_sim.aggregators import as_aggregator, create_aggregator, dp_fedavg_aggregator
-from fedjax_sim.algorithms import algorithm_factory, algorithm_options, create_algorithm
+from fedjax_sim.algorithms import (
+    ALGORITHMS,
+    algorithm_factory,
+    algorithm_options,
+    create_algorithm,
+)
 from fedjax_sim.algorithms.local import model_loss
 from fedjax_sim.attacks import ATTACKS, Attack, attack_options, create_attack, prepend
 from fedjax_sim.config import Config, ConfigError, check_options, config_to_yaml, load_config
@@ -214,6 +219,7 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
                                          path="server.optimizer")
     train = dataset.train
     aggregator, privacy = _build_aggregator(config, train.num_clients, model)
+    _check_user_level_privacy(config, privacy)
     if attack is not None and attack.update is not None:  # update attacks: the first stage
         aggregator = prepend(attack.update, as_aggregator(aggregator))
     schedule = ClientSchedule.from_sizes(
@@ -432,6 +438,33 @@ def _build_aggregator(config: Config, num_clients: int, model: Model):
     except ValueError as error:
         raise ConfigError(f"config key 'privacy': {error}") from None
     return aggregator, ledger
+
+
+# Algorithms whose server reads more from the clients than the message of ``aggregator=``
+# (the only one a config's privacy: or aggregator: list privatizes): what else it reads.
+UNPRIVATIZED_MESSAGES = {
+    "scaffold": "the control-variate deltas (control_aggregator)",
+    "mime": "the full-batch gradients (gradient_aggregator)",
+    "mime_lite": "the full-batch gradients (gradient_aggregator)",
+    "fed_dyn": "the drifts' mean for h (drift_aggregator)",
+    "q_ffl": "the clients' losses and update norms, which scale the step",
+    "afl": "the clients' losses, which set the mixture weights",
+}
+
+
+def _check_user_level_privacy(config: Config, privacy: PrivacyLedger | None) -> None:
+    """ConfigError when a user-level privacy ledger would report an epsilon for an algorithm
+    whose server also reads client data that the noised aggregator never sees."""
+    name = config.algorithm.name
+    if privacy is None or name not in UNPRIVATIZED_MESSAGES:
+        return
+    covered = sorted(set(ALGORITHMS) - set(UNPRIVATIZED_MESSAGES))
+    raise ConfigError(
+        f"config key 'algorithm.name': {name!r} also sends the server "
+        f"{UNPRIVATIZED_MESSAGES[name]}, which the noised aggregator does not see (neither "
+        f"clipped nor noised), so the reported epsilon would not hold; user-level DP from a "
+        f"config covers {covered} (from Python, privatize every message with the algorithm's "
+        "own aggregators)")
 
 
 def _equal_local_steps(config: Config, schedule: ClientSchedule, client_sizes) -> bool:

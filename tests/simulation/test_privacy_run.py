@@ -64,3 +64,45 @@ def test_dp_sgd_config_reports_the_example_level_epsilon(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["privacy/example_epsilon"] == privacy["epsilon"]
     assert "privacy" not in result.summary  # no user-level DP in this run
+
+
+def test_user_level_privacy_refuses_algorithms_with_unprivatized_messages():
+    """SCAFFOLD's server adds the plain mean of the control-variate deltas to its state, which
+    it broadcasts; the privacy: aggregator only clips and noises the model deltas. Checked
+    from Python first (a clip of 1e-9 and noise 0 leave the model where it was, while the
+    control variate moves by the clients' unclipped mean), then refused from a config."""
+    import jax
+    import numpy as np
+    import optax
+    import pytest
+    from helpers import tiny_data, tiny_model
+
+    import fedjax_sim as fs
+    from fedjax_sim.aggregators import dp_fedavg_aggregator
+    from fedjax_sim.algorithms import create_algorithm
+    from fedjax_sim.config import ConfigError, load_config
+    from fedjax_sim.simulation.loop import build_experiment
+
+    data, model = tiny_data(), tiny_model()
+    algorithm = create_algorithm(
+        "scaffold", model, optax.sgd(0.5), optax.sgd(1.0), client_learning_rate=0.5,
+        client_weighting="uniform", num_clients=5,
+        aggregator=dp_fedavg_aggregator(0.0, 1e-9, 5.0))
+    schedule = fs.ClientSchedule.from_sizes(data.client_sizes, batch_size=4, local_steps=2)
+    step = fs.build_round_step(algorithm, data, schedule, fs.full_participation(5), 5)
+    params = model.init(jax.random.key(0))
+    state, _ = step(fs.init_simulation_state(algorithm.init(params), seed=0))
+    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+        jax.tree.leaves(state.algorithm.params), jax.tree.leaves(params), strict=True))
+    control = max(float(np.max(np.abs(np.asarray(c))))
+                  for c in jax.tree.leaves(state.algorithm.control))
+    assert moved < 1e-8 and control > 1e-3  # the second message bypasses the clip
+
+    quick = ["rounds=1", "model.hidden=8", "cohort.size=3", "privacy.noise_multiplier=1.0",
+             "log.progress=false"]
+    for name in ("scaffold", "mime", "mime_lite", "fed_dyn", "q_ffl", "afl"):
+        with pytest.raises(ConfigError, match=f"'algorithm.name': '{name}' also sends"):
+            uniform = ["client.weighting=uniform"] if name == "scaffold" else []  # no warning
+            build_experiment(load_config(None, [*quick, *uniform, f"algorithm.name={name}"]))
+    experiment = build_experiment(load_config(None, [*quick, "algorithm.name=fed_prox"]))
+    assert experiment.privacy is not None
