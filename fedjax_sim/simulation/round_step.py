@@ -66,7 +66,8 @@ def init_simulation_state(algorithm_state: PyTree, seed: int | jax.Array) -> Sim
     ``jnp.copy``: eagerly, each ``jnp.copy`` of a new shape compiles a program of its own
     (a test checks that no program is compiled here).
     """
-    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+    # a NumPy integer (a seed from np.arange or a NumPy generator) is a seed too, not key data
+    key = jax.random.PRNGKey(int(seed)) if isinstance(seed, int | np.integer) else seed
     algorithm_state = jax.tree.map(lambda x: jax.device_put(x, may_alias=False),
                                    algorithm_state)
     return SimulationState(algorithm_state, jax.device_put(np.zeros((), np.int32)), key)

@@ -295,3 +295,16 @@ def test_round_keys_are_jax_randoms_split_and_fold_in_drawn_by_one_threefry_call
     both = jax.jit(lambda k, r: (jnp.stack(_round_keys(k, r)), _server_key(k, r)))
     text = both.lower(jax.random.PRNGKey(0), jnp.int32(1)).compile().as_text()
     assert text.count(" while(") == 2
+
+
+def test_numpy_integer_seed_is_a_seed():
+    """``seed=np.int64(3)`` (from np.arange, a NumPy generator) is jax.random.PRNGKey(3), as the
+    Python int 3 is, not a scalar taken for raw key data (which the first round rejected)."""
+    model, data = tiny_model(), tiny_data()
+    algorithm = fed_avg(model, optax.sgd(0.1), optax.sgd(1.0))
+    state = init_simulation_state(algorithm.init(model.init(jax.random.key(0))), np.int64(3))
+    np.testing.assert_array_equal(np.asarray(state.key), np.asarray(jax.random.PRNGKey(3)))
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_steps=2)
+    step = build_round_step(algorithm, data, schedule, uniform_sampler(5, 2), 2)
+    state, _ = step(state)
+    assert int(state.round) == 1
