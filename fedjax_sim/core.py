@@ -122,12 +122,17 @@ class Aggregator(NamedTuple):
     """How the server combines one client-to-server message of the cohort, as a pure pair.
 
       init(example) -> state            ``example``: one client's message (no client axis)
-      apply(state, values, weights, key, client_ids=None) -> (aggregate, state, metrics)
+      apply(state, values, weights, key, client_ids=None, cohort_size=None)
+          -> (aggregate, state, metrics)
 
     ``values`` has a leading client axis ``[C, ...]``; ``weights`` ``[C]`` are the algorithm's
     aggregation weights (0 for padding and dropped clients); ``client_ids`` ``[C]`` int32 say
     whose messages they are (every algorithm passes them, as a keyword; stages that keep
     per-client state, such as error feedback, or model an attack on chosen clients read them).
+    ``cohort_size`` (static, optional) counts the real rows when the engine padded the cohort
+    for the devices (the padding is the last rows); the built-in algorithms pass it through
+    `aggregators.apply_aggregator`, only to an ``apply`` that takes it (as optax passes extra
+    arguments), so an ``apply`` without it keeps working.
     The default, `aggregators.mean`, is the weighted mean. Stages (clipping, noise, compression,
     robust reducers) compose with `aggregators.chain` like ``optax.chain``.
 

@@ -23,6 +23,7 @@ from fedjax_sim.aggregators.base import (
     REDUCE,
     SERVER,
     Stage,
+    apply_aggregator,
     chain,
     client_norms,
     no_state,
@@ -122,7 +123,8 @@ def create_aggregator(specs: Sequence[Mapping[str, Any]], where: str = "aggregat
 
 
 __all__ = [
-    "CLIENT", "REDUCE", "SERVER", "STAGES", "Aggregator", "Stage", "as_aggregator", "chain",
+    "CLIENT", "REDUCE", "SERVER", "STAGES", "Aggregator", "Stage", "apply_aggregator",
+    "as_aggregator", "chain",
     "client_norms", "clip", "create_aggregator", "dp_fedavg_aggregator", "gaussian_noise",
     "masked_modular_sum", "mean", "no_state", "participating", "quantize", "random_k",
     "register_stage", "secure_mean", "secure_sum", "split_noise_multiplier", "stage_options",

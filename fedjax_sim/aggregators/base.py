@@ -19,6 +19,10 @@ can calibrate to what an earlier one guaranteed:
 * ``denominator``: that denominator (the expected cohort size for a fixed-denominator mean);
 * ``client_ids``: ``[C]`` int32, whose messages the values are (when the algorithm passes them,
   as every built-in one does): per-client state (error feedback) and attacks key on them.
+* ``cohort_size``: a static Python int, the cohort's real rows when the engine padded it with
+  zero-weight rows to a multiple of the devices (the padding is the last rows; absent without
+  padding): a stage that simulates a protocol among the clients (secure aggregation) leaves
+  the padding out, so its results do not depend on the device count.
 
 Gaussian noise of multiplier z then has std ``z * sensitivity * weight_bound * scale`` on the
 aggregate: ``z * sensitivity`` on the sum, as DP-FedAvg prescribes (McMahan et al. 2018).
@@ -26,6 +30,7 @@ aggregate: ``z * sensitivity`` on the sum, as DP-FedAvg prescribes (McMahan et a
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -108,6 +113,39 @@ def client_norms(values: PyTree) -> jax.Array:
     return jnp.sqrt(sum(squares))
 
 
+def initial_context(client_ids: jax.Array | None, cohort_size: int | None) -> Context:
+    """The context the first stage of a chain sees (see the module docstring)."""
+    context: Context = {} if client_ids is None else {"client_ids": client_ids}
+    if cohort_size is not None:
+        context["cohort_size"] = int(cohort_size)
+    return context
+
+
+def apply_aggregator(aggregator: Aggregator, state: PyTree, values: PyTree, weights: jax.Array,
+                     key: jax.Array, *, client_ids: jax.Array | None = None,
+                     cohort_size: int | None = None) -> tuple[PyTree, PyTree, dict]:
+    """``aggregator.apply`` as the built-in algorithms call it.
+
+    ``cohort_size`` (static: the real rows of a cohort padded for the devices, or None) is
+    passed only to an ``apply`` that takes it (a ``cohort_size`` or ``**kwargs`` parameter, as
+    `chain`'s does), the way optax hands extra arguments only to the transformations that
+    accept them: an aggregator written to the older ``apply(state, values, weights, key,
+    client_ids=None)`` keeps working.
+    """
+    if cohort_size is not None and _accepts(aggregator.apply, "cohort_size"):
+        return aggregator.apply(state, values, weights, key, client_ids=client_ids,
+                                cohort_size=cohort_size)
+    return aggregator.apply(state, values, weights, key, client_ids=client_ids)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def participating(weights: jax.Array) -> jax.Array:
     """``[C]`` bool: the clients that send a message (weight > 0)."""
     return weights > 0
@@ -144,9 +182,9 @@ def chain(*stages: Stage | Aggregator) -> Aggregator:
         return tuple(stage.init(example) for stage in stages)
 
     def apply(state: tuple, values: PyTree, weights: jax.Array, key: jax.Array,
-              client_ids: jax.Array | None = None):
+              client_ids: jax.Array | None = None, cohort_size: int | None = None):
         keys = jax.random.split(key, len(stages)) if len(stages) > 1 else [key]
-        context: Context = {} if client_ids is None else {"client_ids": client_ids}
+        context = initial_context(client_ids, cohort_size)
         metrics: dict[str, jax.Array] = {}
         new_state = []
         aggregate = None

@@ -170,6 +170,11 @@ def _secure(name: str, mean: bool, bits: int, scale: float | None, clip: float |
 
     def apply(state, values, weights, key, context):
         flat, unflatten = flatten_clients(values)
+        real = context.get("cohort_size")
+        if real is not None and real < flat.shape[0]:
+            # Rows past the cohort only pad it for the devices: they are not clients of the
+            # protocol (they neither mask nor count), so nothing depends on the device count.
+            flat, weights = flat[:real], weights[:real]
         num, size = flat.shape
         drop_key, round_key, noise_key, mask_key = jax.random.split(key, 4)
         sending = participating(weights)
@@ -289,7 +294,8 @@ def secure_sum(bits: int = 32, *, scale: float | None = None, clip: float | None
     ``weighting="given"``) is clipped to ``[-clip, clip]`` (optional), scaled by ``scale``,
     stochastically rounded to integers (unbiased) and masked mod 2^bits; after masking each
     client drops out with probability ``dropout`` (so do weight-0 clients); the server removes
-    the masks (reconstructing the dropouts') and decodes the signed sum.
+    the masks (reconstructing the dropouts') and decodes the signed sum. Rows that only pad
+    the cohort for the devices (the context's ``cohort_size``) take no part in the protocol.
 
     Args:
       bits: k, the modulus 2^k of the masked arithmetic (2..32).

@@ -162,7 +162,8 @@ def afl(
         weights = jnp.where(active, state.mixture[clients.client_id], 0.0)
         new_state, aggregator_metrics = server_step(state, server_optimizer, aggregator, deltas,
                                                     weights, cohort.server_key(),
-                                                    client_ids=cohort.clients.client_id)
+                                                    client_ids=cohort.clients.client_id,
+                                                    cohort_size=cohort.size)
 
         num_active = jnp.maximum(jnp.sum(active), 1).astype(jnp.float32)
         target = jnp.where(active, clients.client_id, num_clients)  # inactive: dropped

@@ -162,7 +162,8 @@ def ditto(
         weights = client_weights(clients, state.weight_exponent)
         new_state, aggregator_metrics = server_step(state, server_optimizer, aggregator, deltas,
                                                     weights, cohort.server_key(),
-                                                    client_ids=clients.client_id)
+                                                    client_ids=clients.client_id,
+                                                    cohort_size=cohort.size)
         trained = clients.valid & (clients.num_steps > 0)
         personal_params = scatter_client_state(
             state.personal_params, clients.client_id, personal, trained

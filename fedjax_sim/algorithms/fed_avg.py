@@ -33,7 +33,7 @@ import optax
 from flax import struct
 
 from fedjax_sim.aggregators import as_aggregator
-from fedjax_sim.aggregators.base import Stage
+from fedjax_sim.aggregators.base import Stage, apply_aggregator
 from fedjax_sim.algorithms.local import (
     STAT_KEYS,
     GradCorrection,
@@ -126,16 +126,18 @@ def fed_avg_client(loss_fn: LossFn, client_optimizer,
 
 def server_step(state, server_optimizer, aggregator: Aggregator, deltas, weights: jax.Array,
                 key: jax.Array, transform: Callable[[Params], Params] | None = None,
-                client_ids: jax.Array | None = None):
+                client_ids: jax.Array | None = None, cohort_size: int | None = None):
     """Aggregates the clients' ``deltas`` and steps the server optimizer on the result.
 
     ``state`` has ``params``, ``opt_state`` and ``aggregator`` fields; ``transform`` (optional)
     maps the aggregate to the pseudo-gradient; ``client_ids`` (``[C]``) tell per-client stages
-    (error feedback, attacks) whose messages these are. Returns the new state and the
-    aggregator's metrics.
+    (error feedback, attacks) whose messages these are; ``cohort_size`` (``Cohort.size``) the
+    real rows of a cohort padded for the devices. Returns the new state and the aggregator's
+    metrics.
     """
-    aggregate, aggregator_state, metrics = aggregator.apply(state.aggregator, deltas, weights,
-                                                            key, client_ids=client_ids)
+    aggregate, aggregator_state, metrics = apply_aggregator(
+        aggregator, state.aggregator, deltas, weights, key, client_ids=client_ids,
+        cohort_size=cohort_size)
     pseudo_gradient = aggregate if transform is None else transform(aggregate)
     updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -298,7 +300,8 @@ def averaging_algorithm(model: Model, client_optimizer, server_optimizer,
             else reweight(weights, cohort.clients, hyperparams))
         new_state, aggregator_metrics = server_step(
             state, server_optimizer, aggregator, deltas, aggregation_weights,
-            cohort.server_key(), transform=transform, client_ids=cohort.clients.client_id)
+            cohort.server_key(), transform=transform, client_ids=cohort.clients.client_id,
+            cohort_size=cohort.size)
         return new_state, {**round_metrics(stats, weights), **metrics, **aggregator_metrics}
 
     return FederatedAlgorithm(init, apply)

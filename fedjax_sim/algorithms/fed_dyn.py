@@ -34,7 +34,7 @@ import optax
 from flax import struct
 
 from fedjax_sim.aggregators import as_aggregator
-from fedjax_sim.aggregators.base import Stage
+from fedjax_sim.aggregators.base import Stage, apply_aggregator
 from fedjax_sim.algorithms.client_state import (
     gather_client_state,
     init_client_state,
@@ -160,9 +160,9 @@ def fed_dyn(
         count = jnp.sum(trained.astype(jnp.float32))
         # h <- h - alpha / N * sum_i (w_i - theta), over the clients that trained.
         key_model, key_h = jax.random.split(cohort.server_key())
-        mean_drift, drift_aggregator_state, drift_metrics = drift_aggregator.apply(
-            state.drift_aggregator, drifts, trained.astype(jnp.float32), key_h,
-            client_ids=clients.client_id)
+        mean_drift, drift_aggregator_state, drift_metrics = apply_aggregator(
+            drift_aggregator, state.drift_aggregator, drifts, trained.astype(jnp.float32), key_h,
+            client_ids=clients.client_id, cohort_size=cohort.size)
         h = jax.tree.map(lambda h, d: h - (alpha * count / num_clients) * d, state.h, mean_drift)
 
         def pseudo_gradient(weighted_drift):

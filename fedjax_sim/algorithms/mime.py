@@ -34,7 +34,7 @@ import optax
 from flax import struct
 
 from fedjax_sim.aggregators import as_aggregator
-from fedjax_sim.aggregators.base import Stage
+from fedjax_sim.aggregators.base import Stage, apply_aggregator
 from fedjax_sim.algorithms.fed_avg import (
     client_delta,
     client_weights,
@@ -144,19 +144,20 @@ def _mime(model, client_optimizer, server_optimizer, corrected: bool,
         key_gradients, key_deltas = jax.random.split(cohort.server_key())
         if corrected:
             gradients = map_clients(full_gradient, clients, (state.params, cohort.data))
-            control, gradient_state, gradient_metrics = gradient_aggregator.apply(
-                state.gradient_aggregator, gradients, weights, key_gradients,
-                client_ids=clients.client_id)
+            control, gradient_state, gradient_metrics = apply_aggregator(
+                gradient_aggregator, state.gradient_aggregator, gradients, weights,
+                key_gradients, client_ids=clients.client_id, cohort_size=cohort.size)
             deltas, stats = map_clients(
                 mime_client, clients, (state.params, state.base_state, control, cohort.data))
         else:
             deltas, gradients, stats = map_clients(
                 mime_lite_client, clients, (state.params, state.base_state, cohort.data))
-            control, gradient_state, gradient_metrics = gradient_aggregator.apply(
-                state.gradient_aggregator, gradients, weights, key_gradients,
-                client_ids=clients.client_id)
+            control, gradient_state, gradient_metrics = apply_aggregator(
+                gradient_aggregator, state.gradient_aggregator, gradients, weights,
+                key_gradients, client_ids=clients.client_id, cohort_size=cohort.size)
         new_state, metrics = server_step(state, server_optimizer, aggregator, deltas, weights,
-                                         key_deltas, client_ids=clients.client_id)
+                                         key_deltas, client_ids=clients.client_id,
+                                         cohort_size=cohort.size)
         # s <- V(c, s) at x; a round in which no client trained leaves the statistics alone.
         _, base_state = client_optimizer.update(control, state.base_state, state.params)
         trained = jnp.sum(weights) > 0

@@ -190,7 +190,7 @@ def q_ffl(
         new_state, aggregator_metrics = server_step(
             state, server_optimizer, aggregator, deltas, numerator_weights, cohort.server_key(),
             transform=lambda mean: jax.tree.map(lambda x: x * scale.astype(x.dtype), mean),
-            client_ids=cohort.clients.client_id)
+            client_ids=cohort.clients.client_id, cohort_size=cohort.size)
         active = weights > 0
         metrics = {**round_metrics(stats, weights), **aggregator_metrics}
         metrics["q_ffl/initial_loss"] = (

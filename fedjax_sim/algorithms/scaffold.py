@@ -41,7 +41,7 @@ import optax
 from flax import struct
 
 from fedjax_sim.aggregators import as_aggregator
-from fedjax_sim.aggregators.base import Stage
+from fedjax_sim.aggregators.base import Stage, apply_aggregator
 from fedjax_sim.algorithms.client_state import (
     gather_client_state,
     init_client_state,
@@ -244,12 +244,14 @@ def scaffold(
         trained = weights > 0  # valid clients with at least one real step
         key_deltas, key_controls = jax.random.split(cohort.server_key())
         new_state, metrics = server_step(state, server_optimizer, aggregator, deltas, weights,
-                                         key_deltas, client_ids=clients.client_id)
+                                         key_deltas, client_ids=clients.client_id,
+                                         cohort_size=cohort.size)
         # c <- c + 1/N sum_{i in S} (c_i+ - c_i), over the clients that trained.
-        summed, control_aggregator_state, control_metrics = control_aggregator.apply(
-            state.control_aggregator,
+        summed, control_aggregator_state, control_metrics = apply_aggregator(
+            control_aggregator, state.control_aggregator,
             jax.tree.map(jnp.subtract, new_controls, client_controls),
-            trained.astype(jnp.float32), key_controls, client_ids=clients.client_id)
+            trained.astype(jnp.float32), key_controls, client_ids=clients.client_id,
+            cohort_size=cohort.size)
         fraction = jnp.sum(trained.astype(jnp.float32)) / num_clients
         control = jax.tree.map(lambda c, s: c + fraction * s, state.control, summed)
         new_state = new_state.replace(

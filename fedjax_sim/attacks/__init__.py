@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from fedjax_sim.aggregators.base import Stage
+from fedjax_sim.aggregators.base import Stage, apply_aggregator, initial_context
 from fedjax_sim.attacks.data import add_trigger, flip_labels, poison_backdoor, trigger_set
 from fedjax_sim.attacks.updates import (
     boosted_update,
@@ -152,13 +152,14 @@ def prepend(stage: Stage, aggregator: Aggregator) -> Aggregator:
     def init(example):
         return (stage.init(example), aggregator.init(example))
 
-    def apply(state, values, weights, key, client_ids=None):
+    def apply(state, values, weights, key, client_ids=None, cohort_size=None):
         stage_key, key = jax.random.split(key)
-        context = {} if client_ids is None else {"client_ids": client_ids}
+        context = initial_context(client_ids, cohort_size)
         values, weights, stage_state, metrics, _ = stage.apply(state[0], values, weights,
                                                                stage_key, context)
-        aggregate, inner_state, inner_metrics = aggregator.apply(state[1], values, weights, key,
-                                                                 client_ids=client_ids)
+        aggregate, inner_state, inner_metrics = apply_aggregator(
+            aggregator, state[1], values, weights, key, client_ids=client_ids,
+            cohort_size=cohort_size)
         metrics = {**{f"aggregator/{stage.name}/{k}": v for k, v in metrics.items()},
                    **inner_metrics}
         return aggregate, (stage_state, inner_state), metrics

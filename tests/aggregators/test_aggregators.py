@@ -415,3 +415,33 @@ def test_dp_fedavg_on_four_devices_equals_one_device():
     assert float(single_metrics[-1]["aggregator/clip/clip_norm"]) != pytest.approx(0.05)
     # the clients' sum crosses devices as an all-reduce, not a gather of every client's update
     assert "all-reduce" in hlo
+
+
+def test_apply_aggregator_hands_the_cohort_size_only_to_an_apply_that_takes_it():
+    """The engine's call passes ``cohort_size`` (a padded cohort's real rows) to `chain`'s
+    apply, whose stages see it in the context, and leaves it out for an aggregator written to
+    ``apply(state, values, weights, key, client_ids=None)``, which keeps working."""
+    from fedjax_sim.aggregators.base import CLIENT, Stage, apply_aggregator
+    from fedjax_sim.core import Aggregator
+
+    values = jnp.arange(8.0).reshape(4, 2)
+    weights = jnp.array([1.0, 2.0, 1.0, 0.0])
+    expected = np.average(np.arange(8.0).reshape(4, 2), axis=0, weights=[1, 2, 1, 0])
+    seen = []
+
+    def spy(state, values, weights, key, context):
+        seen.append(context.get("cohort_size"))
+        return values, weights, state, {}, context
+
+    chained = agg.chain(Stage(CLIENT, lambda example: (), spy, "spy"), agg.mean())
+    old_style = Aggregator(lambda example: (),
+                           lambda state, values, weights, key, client_ids=None: (
+                               agg.weighted_mean(values, weights), state, {}))
+    key = jax.random.PRNGKey(0)
+    for aggregator in (chained, old_style):
+        for size in (3, None):
+            aggregate, _, _ = apply_aggregator(aggregator, aggregator.init(values[0]), values,
+                                               weights, key, client_ids=jnp.arange(4),
+                                               cohort_size=size)
+            np.testing.assert_allclose(aggregate, expected, rtol=1e-6)
+    assert seen == [3, None]

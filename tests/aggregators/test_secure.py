@@ -12,6 +12,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fedjax_sim import aggregators as agg
@@ -166,3 +167,44 @@ def test_weighted_secure_mean_is_the_weighted_mean_of_the_quantized_values():
     integers = np.round(x * scale).astype(np.int64)
     expected = (weights[:, None].astype(np.int64) * integers).sum(0) / scale / weights.sum()
     np.testing.assert_allclose(np.asarray(out["w"]), expected, rtol=1e-6)
+
+
+def test_device_padding_takes_no_part_in_the_protocol():
+    """A cohort of 3 over 2 devices is padded with a zero-weight row; secure aggregation
+    leaves it out, so the round equals the one-device round (8 devices = 1 device): the same
+    protocol metrics (overheads, reconstructed masks, scale) and the same model."""
+    from helpers import tiny_data, tiny_model
+
+    from fedjax_sim.algorithms.fed_avg import fed_avg
+    from fedjax_sim.data.batching import ClientSchedule
+    from fedjax_sim.data.sampling import uniform_sampler
+    from fedjax_sim.sharding import client_mesh
+    from fedjax_sim.simulation.backend import Backend
+    from fedjax_sim.simulation.round_step import build_round_step, init_simulation_state
+
+    data = tiny_data(sizes=(5, 17, 40, 3, 11, 9))
+    model = tiny_model()
+    aggregator = agg.chain(agg.clip(1.0), agg.secure_mean(16, dropout=0.3))
+
+    def rounds(backend):
+        algorithm = fed_avg(model, optax.sgd(0.1), optax.sgd(1.0), aggregator=aggregator)
+        schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_epochs=1)
+        step = build_round_step(algorithm, data, schedule, uniform_sampler(data.num_clients, 3),
+                                3, backend=backend)
+        state = step.place(init_simulation_state(
+            algorithm.init(model.init(jax.random.PRNGKey(0))), 1))
+        history = []
+        for _ in range(3):
+            state, metrics = step(state)
+            history.append({k: float(v) for k, v in jax.device_get(metrics).items()
+                            if k.startswith("aggregator/secure_mean/")})
+        return jax.device_get(state.algorithm.params), history
+
+    params, history = rounds(Backend())
+    padded_params, padded_history = rounds(Backend(client_mesh(2), "vmap"))
+    assert history[0]["aggregator/secure_mean/overhead_upload_bits_per_client"] == (
+        2 * 256 + 2 * 2 * 256 + 2 * 256)  # 2 neighbours: 3 clients, not 4 slots
+    for one, two in zip(history, padded_history, strict=True):
+        assert one == pytest.approx(two, rel=1e-6, abs=0)
+    for a, b in zip(jax.tree.leaves(padded_params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
