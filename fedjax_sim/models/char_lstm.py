@@ -17,7 +17,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from fedjax_sim.models.lstm import lstm_layer
+from fedjax_sim.models.lstm import check_num_layers, lstm_layer
 
 
 class CharLSTM(nn.Module):
@@ -41,6 +41,7 @@ class CharLSTM(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout
+        check_num_layers(self.num_layers)
         h = nn.Embed(self.vocab_size, self.embed_dim)(x)
         for layer in range(self.num_layers):
             h = lstm_layer(h, self.hidden, layer, self.cell)

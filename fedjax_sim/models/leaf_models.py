@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from fedjax_sim.models.classifiers import max_pool_2x2
 from fedjax_sim.models.conv import canonical_conv
-from fedjax_sim.models.lstm import lstm_layer
+from fedjax_sim.models.lstm import check_num_layers, lstm_layer
 
 NORMS = ("group", "none")
 """`CelebaCNN`'s normalization choices."""
@@ -96,6 +96,7 @@ class Sent140LSTM(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout
+        check_num_layers(self.num_layers)
         if x.ndim != 2:
             raise ValueError(f"Sent140LSTM expects word ids [B, T], got shape {x.shape}")
         ids = jnp.where((x >= 0) & (x < self.vocab_size), x, self.oov_id)

@@ -153,6 +153,13 @@ def fused_lstm(x: jax.Array, wi: jax.Array, bias: jax.Array, wh: jax.Array) -> j
 CELLS = ("fused", "flax")
 
 
+def check_num_layers(num_layers: int) -> None:
+    """Rejects a stack of fewer than one LSTM layer (``range`` of 0 or less builds a model
+    without its LSTM and no error)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers={num_layers!r}: expected an integer >= 1")
+
+
 def lstm_layer(h: jax.Array, hidden: int, layer: int, cell: str = "fused") -> jax.Array:
     """One LSTM layer ``[B, T, F] -> [B, T, hidden]`` inside a compact module's ``__call__``.
 

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.models.lstm import lstm_layer
+from fedjax_sim.models.lstm import check_num_layers, lstm_layer
 
 # TFF's next-word layout: pad, 10,000 words, one oov bucket, bos, eos.
 WORD_VOCAB_SIZE = 10_000
@@ -80,6 +80,7 @@ class StackOverflowLSTM(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout
+        check_num_layers(self.num_layers)
         embed = nn.Embed(
             self.vocab_size,
             self.embed_dim,

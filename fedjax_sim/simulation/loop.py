@@ -181,6 +181,12 @@ def build_model(config: Config, info: Mapping[str, Any]) -> Model:
         )
     except (ValueError, TypeError) as error:
         raise ConfigError(f"config key 'model': {error}") from None
+    try:  # shapes only: a bad option value (hidden: -5, [0]) fails now, before the workdir
+        jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    except (ValueError, TypeError, ZeroDivisionError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"config key 'model' ({config.model.name}): the model cannot be built "
+                          f"with options {config.model.options}: {first}") from None
     return model
 
 
