@@ -22,6 +22,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from fedjax_sim.config import ConfigError
@@ -148,9 +150,12 @@ def make_optimizer(
     for key in options:
         if key not in parameters or key == "learning_rate":
             valid = sorted(p for p in parameters if p != "learning_rate")
+            # the config's own keys (learning_rate, schedule) are options' neighbours there
+            close = difflib.get_close_matches(str(key), [*valid, "learning_rate", "schedule"], n=1)
+            hint = f"; did you mean '{path}.{close[0]}'?" if close else ""
             raise ConfigError(
-                f"config key '{path}.options.{key}': optax.{name} has no option {key!r}; "
-                f"valid options: {valid}"
+                f"unknown config key '{path}.{key}': optax.{name} has no option {key!r}{hint} "
+                f"(valid options: {valid})"
             )
     rate: float | Schedule = learning_rate
     schedules: dict[str, Schedule] = {}
@@ -168,4 +173,21 @@ def make_optimizer(
         raise ConfigError(
             f"config key '{path}': optax.{name} rejected it: {error}"
         ) from None
+    if options:  # a bad option value (momentum: abc) fails now, not inside the first round
+        try:
+            jax.eval_shape(_init_and_update(optimizer),
+                           {"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
+        except (TypeError, ValueError, ZeroDivisionError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise ConfigError(
+                f"config key '{path}': optax.{name} rejected its options {options}: {first}"
+            ) from None
     return optimizer, schedules
+
+
+def _init_and_update(optimizer: optax.GradientTransformation):
+    """One ``init`` and ``update`` of ``optimizer`` (traced by `make_optimizer`'s check)."""
+    def step(params):
+        return optimizer.update(params, optimizer.init(params), params)
+
+    return step

@@ -48,7 +48,9 @@ def test_fashion_mnist_config_finds_data_through_the_env_var(tmp_path, monkeypat
         (["demo", "model.name=resnet"], "unknown model"),
         (["demo", "model.hiden=3"], "did you mean 'model.hidden'"),
         (["demo", "client.optimizer.name=adamm"], "did you mean 'adam'"),
-        (["demo", "client.optimizer.momentun=0.9"], "'client.optimizer.options.momentun'"),
+        (["demo", "client.optimizer.momentun=0.9"],  # the key as the user writes it
+         "unknown config key 'client.optimizer.momentun': optax.sgd has no option 'momentun'; "
+         "did you mean 'client.optimizer.momentum'?"),
         (["demo", "cohort.size=100000"], "'cohort.size': 100000 is larger than the number"),
         (["demo", "dataset.test_fraction=1.5"], "test_fraction"),
         (["run", "no/such/config.yaml"], "does not exist"),
