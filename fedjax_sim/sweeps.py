@@ -219,13 +219,17 @@ def sweep_spec(section: Mapping[str, Any], where: str = "") -> SweepSpec:
                                    or batch_size < 1):
         raise ConfigError(f"{where}config key 'sweep.batch_size': expected an integer >= 1 "
                           f"(configurations per chunk of the map) or null, got {batch_size!r}")
+    random_seed = section.get("random_seed", 0)
+    if isinstance(random_seed, bool) or not isinstance(random_seed, int) or random_seed < 0:
+        raise ConfigError(f"{where}config key 'sweep.random_seed': expected an integer >= 0, "
+                          f"got {random_seed!r}")
     devices = section.get("devices", 1)
     if devices != "auto" and (not isinstance(devices, int) or isinstance(devices, bool)
                               or devices < 1):
         raise ConfigError(f"{where}config key 'sweep.devices': expected an integer >= 1 or "
                           f"'auto', got {devices!r}")
     return SweepSpec(grid=dict(grid), random=dict(random) if random else None,
-                     random_seed=int(section.get("random_seed", 0)), seeds=seeds,
+                     random_seed=random_seed, seeds=seeds,
                      metric=str(section.get("metric", "test/accuracy")),
                      mode=section.get("mode", "max"),
                      execution=section.get("execution", "auto"), batch_size=batch_size,
@@ -568,9 +572,30 @@ def run_sweep(data: Mapping[str, Any], spec: SweepSpec, overrides: Sequence[str]
     if diverged:
         line += f"; {len(diverged)} diverged ({', '.join(r['config'] for r in diverged)})"
     print(line)
-    print(f"fedjax_sim: wrote {workdir}/sweep.csv, sweep.json, best.yaml"
-          + (", sweep.png" if base.log.plot else "") + ", configs/NNN/metrics.jsonl")
+    written = ["sweep.csv", "sweep.json", *(["best.yaml"] if best else []),
+               *(["sweep.png"] if base.log.plot else []), "configs/NNN/metrics.jsonl"]
+    print(f"fedjax_sim: wrote {workdir}/{', '.join(written)}")
+    _check_metric_reported(spec, [status[point.index] for point in points])
     return SweepResult(workdir, rows, best, summary)
+
+
+def _check_metric_reported(spec: SweepSpec, statuses: Sequence[Mapping[str, Any]]) -> None:
+    """ConfigError when no configuration reported ``sweep.metric`` although one trained to
+    the end (whose last round is evaluated): a misspelt name ranks nothing and writes no
+    best.yaml. The sweep's other outputs are written by then."""
+    histories = [info["history"] for info in statuses]
+    if (any(_metric_values(history, spec.metric) for history in histories)
+            or all(info["diverged_at"] is not None for info in statuses)):
+        return
+    reported = sorted({key for history in histories for row in history for key in row}
+                      - {"round", "wall_time"})
+    import difflib
+
+    close = difflib.get_close_matches(spec.metric, reported, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"config key 'sweep.metric': no configuration reported {spec.metric!r}"
+                      f"{hint} (the metrics: {reported}); nothing was ranked and no best.yaml "
+                      "written (sweep.csv and sweep.json were)")
 
 
 def _prepare_workdir(workdir: Path, data, spec: SweepSpec, overrides, overwrite: bool) -> bool:

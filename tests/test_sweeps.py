@@ -235,3 +235,25 @@ def test_configurations_with_other_training_data_of_equal_shapes_train_apart(tmp
     alone = run(points[1].config, workdir=tmp_path / "alone")
     _assert_same_rows(_rows(tmp_path / "sweep" / "configs" / "001" / "metrics.jsonl"),
                       alone.history)
+
+
+def test_a_misspelt_metric_is_an_error_and_no_best_yaml_is_claimed(tmp_path, capsys):
+    """No configuration reports 'test/acc' (the metrics are 'test/accuracy', ...): the sweep
+    trains, keeps sweep.csv and sweep.json, writes no best.yaml and must not say it did, and
+    exits 2 with one line naming the key and the metric it meant."""
+    path = _write(tmp_path, {"grid": {"client.optimizer.learning_rate": [0.5]},
+                             "metric": "test/acc"}, rounds=2)
+    code = main(["sweep", str(path), "--workdir", str(tmp_path / "w")])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert err.count("\n") == 1 and "config key 'sweep.metric'" in err
+    assert "did you mean 'test/accuracy'?" in err
+    assert (tmp_path / "w" / "sweep.csv").exists() and (tmp_path / "w" / "sweep.json").exists()
+    assert not (tmp_path / "w" / "best.yaml").exists()
+    assert "best.yaml" not in out
+
+
+@pytest.mark.parametrize("value", ["abc", 1.5, -1, True])
+def test_a_bad_random_seed_names_the_key(value):
+    with pytest.raises(ConfigError, match="'sweep.random_seed': expected an integer >= 0"):
+        sweep_spec({"random_seed": value})
