@@ -598,6 +598,11 @@ def _check_metric_reported(spec: SweepSpec, statuses: Sequence[Mapping[str, Any]
                       "written (sweep.csv and sweep.json were)")
 
 
+SWEEP_OUTPUTS = ("sweep_spec.json", "sweep.csv", "sweep.json", "sweep.png", "best.yaml",
+                 "configs", "checkpoints")
+"""What a sweep writes into its workdir (``--overwrite`` replaces these, nothing else)."""
+
+
 def _prepare_workdir(workdir: Path, data, spec: SweepSpec, overrides, overwrite: bool) -> bool:
     """Creates the workdir; True when it holds this very sweep (to resume)."""
     text = json.dumps({"config": data, "sweep": dataclasses.asdict(spec),
@@ -609,7 +614,12 @@ def _prepare_workdir(workdir: Path, data, spec: SweepSpec, overrides, overwrite:
         if not overwrite:
             raise ConfigError(f"workdir {str(workdir)!r} holds another sweep; pass --overwrite "
                               "to replace it, or choose another --workdir")
-        shutil.rmtree(workdir)
+        for name in SWEEP_OUTPUTS:  # the sweep's own outputs; other files in it stay
+            path = workdir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
     saved.write_text(text)
     return False

@@ -257,3 +257,24 @@ def test_a_misspelt_metric_is_an_error_and_no_best_yaml_is_claimed(tmp_path, cap
 def test_a_bad_random_seed_names_the_key(value):
     with pytest.raises(ConfigError, match="'sweep.random_seed': expected an integer >= 0"):
         sweep_spec({"random_seed": value})
+
+
+def test_overwrite_replaces_the_sweep_and_keeps_the_users_files(tmp_path, capsys):
+    """--overwrite replaces another sweep's outputs, as `run --overwrite` replaces a run's, and
+    leaves the user's own files in the workdir alone (it deleted the whole folder)."""
+    workdir = tmp_path / "w"
+    first = _write(tmp_path, {"grid": {"client.optimizer.learning_rate": [0.5, 1.0]}}, rounds=1)
+    assert main(["sweep", str(first), "--workdir", str(workdir)]) == 0
+    (workdir / "notes.txt").write_text("mine")
+    (workdir / "analysis").mkdir()
+    (workdir / "analysis" / "table.csv").write_text("1,2\n")
+    second = _write(tmp_path, {"grid": {"client.optimizer.learning_rate": [0.25]}}, rounds=1)
+    assert main(["sweep", str(second), "--workdir", str(workdir)]) == 2  # refused without it
+    assert main(["sweep", str(second), "--workdir", str(workdir), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert (workdir / "notes.txt").read_text() == "mine"
+    assert (workdir / "analysis" / "table.csv").read_text() == "1,2\n"
+    assert sorted(p.name for p in (workdir / "configs").iterdir()) == ["000"]  # 001 is gone
+    with open(workdir / "sweep.csv") as handle:
+        assert [row["client.optimizer.learning_rate"] for row in csv.DictReader(handle)] == [
+            "0.25"]
