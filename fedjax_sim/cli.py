@@ -157,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedjax_sim.data.errors import DataError
     from fedjax_sim.simulation.loop import DivergenceError, run
 
+    if args.command == "data" and args.data_command == "stats" and args.sample < 1:
+        print(f"fedjax-sim: error: --sample: expected an integer >= 1, got {args.sample} "
+              "(clients in the label-distribution heatmap)", file=sys.stderr)
+        return EXIT_USAGE
     if args.command != "data":
         enable_compilation_cache()  # a repeated run reads its programs instead of compiling
     try:

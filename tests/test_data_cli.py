@@ -91,12 +91,16 @@ def test_data_convert_builds_a_cache_the_loader_then_opens(emnist_h5, tmp_path, 
         (["data", "stats", CONFIG, "dataset.train_file=/nonexistent.h5"], "/nonexistent.h5 not"),
         (["data", "convert"], "the following arguments are required: config"),
         (["data", "summary", CONFIG], "invalid choice: 'summary'"),
+        (["data", "stats", CONFIG, "--sample", "-3"], "--sample: expected an integer >= 1, got -3"),
+        (["data", "stats", CONFIG, "--sample", "0"], "--sample: expected an integer >= 1, got 0"),
     ],
 )
-def test_bad_data_commands_exit_2_with_one_line(args, message, capsys):
+def test_bad_data_commands_exit_2_with_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # no plots folder either
 
 
 @pytest.mark.slow  # ~50 s on a loaded 2-core CPU: compiling the CNN's 5-epoch local scan
