@@ -814,7 +814,7 @@ def _train(
         if writer is not None:
             writer.close()
         checkpointer.close()
-    return state, history, first_round_seconds or 0.0
+    return state, history, first_round_seconds  # None: every round was done before
 
 
 def _postfix(history: list[dict[str, float]]) -> dict[str, str]:
@@ -848,10 +848,23 @@ def _tensorboard_writer(workdir: Path):
     return SummaryWriter(str(workdir / "tensorboard"))
 
 
+TIMINGS = ("first_round_seconds", "train_seconds", "seconds_per_round", "rounds_per_second")
+"""summary.json's timings of the training; a run started again after its last round keeps
+those its earlier process measured."""
+
+
 def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -> dict:
     config = experiment.config
     train_seconds = history[-1]["wall_time"]
     rounds = int(history[-1]["round"])  # fewer than config.rounds when a callback stopped it
+    earlier = None
+    if first is None:  # resumed after the last round: nothing trained, nothing timed now
+        path = workdir / "summary.json"
+        try:
+            earlier = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            earlier = None
+        first = (earlier or {}).get("first_round_seconds") or 0.0
     steady = (train_seconds - first) / max(rounds - 1, 1)
     final = {k: v for k, v in history[-1].items() if k not in ("wall_time",)}
     summary = {
@@ -869,6 +882,8 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
         "placement": experiment.round_step.backend.describe(),
         "workdir": str(workdir),
     }
+    if earlier is not None and all(key in earlier for key in TIMINGS):
+        summary.update({key: earlier[key] for key in TIMINGS})
     if experiment.privacy is not None:
         ledger = experiment.privacy
         summary["privacy"] = {

@@ -157,3 +157,23 @@ def test_nonfinite_state_is_divergence_even_when_the_loss_is_finite():
     assert float(count_nonfinite({"w": small}, 1024, np.array([1]))) == 2048.0
     with pytest.raises(DivergenceError, match="round 7: the state .* holds 2 NaN/inf values"):
         _check_finite(7, {"train/loss": 0.5, "state/nonfinite": 2.0})
+
+
+def test_running_a_finished_run_again_keeps_its_timings(tmp_path, capsys):
+    """The same command after the last round resumes with nothing to train: summary.json keeps
+    the timings of the process that trained (it had first_round_seconds 0 and a seconds per
+    round of train_seconds / (rounds - 1), 15x the measured one, in a trial)."""
+    args = ["demo", *TINY, "rounds=3", "--workdir", str(tmp_path / "w")]
+    assert main(args) == 0
+    trained = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert trained["first_round_seconds"] > 0
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "resuming after round 3" in out
+    again = json.loads((tmp_path / "w" / "summary.json").read_text())
+    for key in ("first_round_seconds", "train_seconds", "seconds_per_round",
+                "rounds_per_second"):
+        assert again[key] == trained[key], key
+    assert f"first round {trained['first_round_seconds']:.1f} s" in out
+    assert again["final"] == trained["final"]
