@@ -199,6 +199,11 @@ def validate(config: AnalyticsConfig) -> AnalyticsConfig:
         raise ConfigError(f"config key 'privacy.clip_norm': expected a number > 0, got "
                           f"{privacy.clip_norm!r}")
     _choice("privacy.accountant", privacy.accountant, ("rdp", "pld"))
+    for key in ("histogram.low", "histogram.high", "quantiles.low", "quantiles.high"):
+        section, field = key.split(".")
+        value = getattr(getattr(config, section), field)
+        if not math.isfinite(value):  # NaN passes every comparison below unnoticed
+            raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
     if config.histogram.high <= config.histogram.low:
         raise ConfigError(f"config key 'histogram.high': must exceed histogram.low "
                           f"({config.histogram.low}), got {config.histogram.high}")

@@ -100,3 +100,16 @@ def test_every_analytics_config_loads(path):
 
     config = load_analytics_config(path)
     assert config.name == path.stem
+
+
+@pytest.mark.parametrize("override", ["histogram.low=.nan", "histogram.high=.inf",
+                                      "quantiles.low=.nan", "quantiles.high=.nan"])
+def test_a_bound_that_is_not_finite_names_the_key(override):
+    """A NaN bound passed `high <= low` (NaN compares False) and released a histogram of
+    nothing (exact total 0)."""
+    from fedjax_sim.analytics.runner import load_analytics_config
+    from fedjax_sim.config import ConfigError
+
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}': expected a finite number"):
+        load_analytics_config(CONFIGS / "shakespeare_line_lengths.yaml", [override])
