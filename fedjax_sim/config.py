@@ -571,10 +571,22 @@ def config_from_dict(data: Mapping[str, Any] | None, overrides: Sequence[str] = 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML file (ConfigError: missing, not YAML, not a mapping)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; expected a YAML file, e.g. "
+                          f"{str(path / 'fashion_mnist_fedavg.yaml')!r}")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {error.start}: "
+                          f"{error.object[error.start:error.start + 1]!r}); expected a YAML "
+                          "file") from None
+    except OSError as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: "
+                          f"{error.strerror or error}") from None
+    try:
+        data = safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(
             f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}"

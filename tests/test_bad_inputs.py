@@ -52,6 +52,14 @@ def write(name: str, text: str) -> Maker:
     return make
 
 
+def write_bytes(name: str, content: bytes) -> Maker:
+    def make(tmp: Path, monkeypatch) -> list[str]:
+        (tmp / name).write_bytes(content)
+        return []
+
+    return make
+
+
 def fashion_mnist_copy(damage: Callable[[bytes], bytes | None], how: str = "data_dir") -> Maker:
     """A data folder with the real files (symlinked) except ``train-labels``, damaged.
 
@@ -151,6 +159,11 @@ CASES = [
      ["config file 'bad.yaml'", "not valid YAML", "line 2"]),
     ("yaml-not-a-mapping", ["run", "list.yaml"], write("list.yaml", "- 1\n- 2\n"),
      ["config file 'list.yaml'", "expected a mapping at the top level"]),
+    ("config-file-not-utf8", ["run", "latin1.yaml"],
+     write_bytes("latin1.yaml", "name: caf\u00e9\nrounds: 2\n".encode("latin-1")),
+     ["config file 'latin1.yaml'", "is not UTF-8 text", "expected a YAML file"]),
+    ("config-file-is-a-folder", ["run", "."], None,
+     ["config file '.'", "is a folder; expected a YAML file"]),
     ("config-file-missing", ["run", "no/such/config.yaml"], None,
      ["config file 'no/such/config.yaml' does not exist"]),
     ("unknown-model-option", ["demo", "model.hiden=3", *QUICK], None,
