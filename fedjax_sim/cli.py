@@ -157,6 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedjax_sim.data.errors import DataError
     from fedjax_sim.simulation.loop import DivergenceError, run
 
+    for flag in ("workdir", "out"):  # a file where a folder goes: before any work
+        if getattr(args, flag, None):
+            from fedjax_sim.config import ConfigError, check_folder
+
+            try:
+                check_folder(getattr(args, flag), f"--{flag}")
+            except ConfigError as error:
+                print(f"fedjax-sim: error: {error}", file=sys.stderr)
+                return EXIT_USAGE
     if args.command == "data" and args.data_command == "stats" and args.sample < 1:
         print(f"fedjax-sim: error: --sample: expected an integer >= 1, got {args.sample} "
               "(clients in the label-distribution heatmap)", file=sys.stderr)

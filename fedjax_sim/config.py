@@ -568,6 +568,20 @@ def config_from_dict(data: Mapping[str, Any] | None, overrides: Sequence[str] = 
     return _build(Config, merged, "")
 
 
+def check_folder(path: str | Path, what: str = "workdir") -> None:
+    """ConfigError when ``path`` cannot become a folder because it, or the nearest of its
+    parents that exists, is a file (``what`` names the flag or key, e.g. '--out'). Writes
+    nothing."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "" if candidate == path else f" (its parent {str(candidate)!r} is a file)"
+                raise ConfigError(f"{what} {str(path)!r}: expected a folder, but it is not "
+                                  f"one{where}; choose another {what}")
+            return
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML file (ConfigError: missing, not YAML, not a mapping)."""
     path = Path(path)

@@ -67,6 +67,7 @@ import numpy as np
 from fedjax_sim.config import (
     Config,
     ConfigError,
+    check_folder,
     config_from_dict,
     config_to_yaml,
     parse_override,
@@ -605,6 +606,7 @@ SWEEP_OUTPUTS = ("sweep_spec.json", "sweep.csv", "sweep.json", "sweep.png", "bes
 
 def _prepare_workdir(workdir: Path, data, spec: SweepSpec, overrides, overwrite: bool) -> bool:
     """Creates the workdir; True when it holds this very sweep (to resume)."""
+    check_folder(workdir)
     text = json.dumps({"config": data, "sweep": dataclasses.asdict(spec),
                        "overrides": list(overrides)}, sort_keys=True, default=str, indent=1)
     saved = workdir / "sweep_spec.json"

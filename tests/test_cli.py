@@ -93,3 +93,26 @@ def test_tensorboard_events_are_written_when_asked(tmp_path):
     events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
     assert not (tmp_path / "tb" / "learning_curve.png").exists()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["demo", "rounds=1"], "--workdir"),
+    (["sweep", "configs/sweeps/fashion_mnist_fedavg_lr.yaml"], "--workdir"),
+    (["analytics", "configs/analytics/shakespeare_line_lengths.yaml"], "--workdir"),
+    (["data", "stats", "configs/shakespeare_fedavg.yaml"], "--out"),
+    (["data", "convert", "configs/shakespeare_fedavg.yaml"], "--out"),
+])
+@pytest.mark.parametrize("below", [False, True], ids=["the-file", "below-the-file"])
+def test_a_file_where_the_output_folder_goes_is_a_one_line_error(args, flag, below, tmp_path,
+                                                                 capsys, monkeypatch):
+    """--workdir / --out naming an existing file (or a path below one) was FileExistsError's
+    traceback from mkdir; the file is left as it was."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    target = blocker / "run" if below else blocker
+    assert main([*args, flag, str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{flag} {str(target)!r}: expected a folder" in err
+    assert blocker.read_text() == "mine"

@@ -49,6 +49,7 @@ from fedjax_sim.config import (
     _build,
     _merge_user,
     apply_overrides,
+    check_folder,
     read_yaml_mapping,
 )
 
@@ -424,6 +425,7 @@ def _heavy_hitters(config, values, key, on_round):
 
 
 def _prepare_workdir(workdir: Path, config: AnalyticsConfig, overwrite: bool) -> None:
+    check_folder(workdir)
     saved = workdir / "config.yaml"
     text = config_yaml(dataclasses.replace(config, workdir=None))
     if saved.exists() and saved.read_text() != text and not overwrite:

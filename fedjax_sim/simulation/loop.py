@@ -41,7 +41,14 @@ from fedjax_sim.algorithms import (
 )
 from fedjax_sim.algorithms.local import model_loss
 from fedjax_sim.attacks import ATTACKS, Attack, attack_options, create_attack, prepend
-from fedjax_sim.config import Config, ConfigError, check_options, config_to_yaml, load_config
+from fedjax_sim.config import (
+    Config,
+    ConfigError,
+    check_folder,
+    check_options,
+    config_to_yaml,
+    load_config,
+)
 from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
 from fedjax_sim.data.errors import DataError
@@ -711,6 +718,7 @@ def _prepare_workdir_once(workdir: Path, config: Config, overwrite: bool) -> boo
 
 def _prepare_workdir(workdir: Path, config: Config, overwrite: bool) -> bool:
     """Creates the workdir; returns True when it holds this config's run (to resume)."""
+    check_folder(workdir)
     saved = workdir / "config.yaml"
     text = config_to_yaml(dataclasses.replace(config, workdir=None))
     if saved.exists():
