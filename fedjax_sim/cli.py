@@ -132,13 +132,28 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
             _one_line_errors(sub)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``key=value`` overrides may also follow the flags
+    (``run CONFIG --workdir DIR rounds=3``): argparse takes a ``nargs="*"`` positional only in
+    one piece, and called the later overrides unrecognized arguments."""
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    stray = [arg for arg in extra
+             if not takes_overrides or arg.startswith("-") or "=" not in arg]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     _one_line_errors(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
     except _ArgumentError as error:
         print(f"fedjax-sim: error: {error} (see fedjax-sim --help)", file=sys.stderr)
         return EXIT_USAGE

@@ -116,3 +116,23 @@ def test_a_file_where_the_output_folder_goes_is_a_one_line_error(args, flag, bel
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"{flag} {str(target)!r}: expected a folder" in err
     assert blocker.read_text() == "mine"
+
+
+def test_overrides_may_follow_the_flags(tmp_path, capsys):
+    """`run CONFIG --workdir DIR rounds=1` (overrides after a flag) said 'unrecognized
+    arguments: rounds=1'; the overrides after the flags apply after those before them."""
+    import yaml
+
+    workdir = tmp_path / "w"
+    args = ["demo", "rounds=5", "--workdir", str(workdir), "rounds=1", "cohort.size=2",
+            "client.local_steps=1", "model.hidden=8", "eval.max_examples=50",
+            "log.progress=false", "log.plot=false"]
+    assert main(args) == 0, capsys.readouterr().err
+    saved = yaml.safe_load((workdir / "config.yaml").read_text())
+    assert (saved["rounds"], saved["cohort"]["size"], saved["model"]["hidden"]) == (1, 2, 8)
+    assert main(["demo", "--workdir", str(tmp_path / "x"), "rounds=1", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "shakespeare_fedavg.yaml")
+    assert main(["run", demo, "--workdir", str(tmp_path / "x"), "rounds=1", "stray"]) == 2
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
