@@ -63,10 +63,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
 from fedjax_sim.config import (
     Config,
     ConfigError,
+    _yaml_problem,
     check_folder,
     config_from_dict,
     config_to_yaml,
@@ -113,14 +115,35 @@ class SweepPoint:
 
 def parse_grid_option(text: str) -> tuple[str, list[Any]]:
     """``"client.optimizer.learning_rate=0.01,0.1"`` -> (key, [0.01, 0.1])."""
-    parts, _ = parse_override(text.split(",")[0])  # checks the key's form
+    key, sep, _ = text.partition("=")
+    parts, _ = parse_override(key + sep)  # checks the key's form (and that there is a '=')
     raw = text.partition("=")[2]
     values = []
-    for item in raw.split(","):
+    for item in _split_top_level(raw):
         if not item.strip():
             raise ConfigError(f"--grid {text!r}: empty value in the comma-separated list")
-        values.append(safe_load(item))
+        try:
+            values.append(safe_load(item))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--grid {text!r}: value {item!r} is not valid YAML "
+                              f"({_yaml_problem(error)})") from None
     return ".".join(parts), values
+
+
+def _split_top_level(raw: str) -> list[str]:
+    """``"[32,32],[64,64],0.1"`` -> ``["[32,32]", "[64,64]", "0.1"]``: the commas outside
+    brackets and braces separate the values (a list value keeps its own commas)."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(raw):
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            items.append(raw[start:i])
+            start = i + 1
+    items.append(raw[start:])
+    return items
 
 
 def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = (),

@@ -278,3 +278,18 @@ def test_overwrite_replaces_the_sweep_and_keeps_the_users_files(tmp_path, capsys
     with open(workdir / "sweep.csv") as handle:
         assert [row["client.optimizer.learning_rate"] for row in csv.DictReader(handle)] == [
             "0.25"]
+
+
+def test_grid_values_may_be_lists_and_bad_yaml_is_a_config_error():
+    """--grid split on every comma: 'model.hidden=[32,32],[64]' became '[32', '32]', '[64]'
+    and YAML's traceback (exit 1)."""
+    from fedjax_sim.sweeps import parse_grid_option
+
+    assert parse_grid_option("model.hidden=[32,32],[64]") == ("model.hidden", [[32, 32], [64]])
+    assert parse_grid_option("algorithm=fed_avg,fed_prox") == ("algorithm",
+                                                              ["fed_avg", "fed_prox"])
+    assert parse_grid_option("x.y={a: 1, b: 2},3") == ("x.y", [{"a": 1, "b": 2}, 3])
+    with pytest.raises(ConfigError, match=r"--grid 'a=0.1,\[0.2': value '\[0.2' is not valid"):
+        parse_grid_option("a=0.1,[0.2")
+    with pytest.raises(ConfigError, match="malformed override 'foo'"):
+        parse_grid_option("foo")
