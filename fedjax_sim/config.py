@@ -622,11 +622,26 @@ def demo_config(overrides: Sequence[str] = ()) -> Config:
     return load_config(None, [*DEMO_OVERRIDES, *overrides])
 
 
+ANALYTICS_KEYS = ("statistic", "heavy_hitters", "histogram", "quantiles")
+"""Top-level keys only an analytics config has (`fedjax_sim.analytics.runner`)."""
+
+
+def refuse_analytics_config(path: str | Path, data: Mapping[str, Any], command: str) -> None:
+    """ConfigError naming the file when a run or sweep command is given an analytics config
+    (its keys would otherwise be reported one by one as unknown run keys)."""
+    found = [key for key in ANALYTICS_KEYS if key in data]
+    if found:
+        raise ConfigError(f"config file {str(path)!r}: config key {found[0]!r}: this is an "
+                          f"analytics config, not a {command} config; run it with "
+                          f"`fedjax-sim analytics {path}`")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Reads a YAML config file (or the defaults when None) and applies overrides."""
     data: Any = {}
     if path is not None:
         data = read_yaml_mapping(path)
+        refuse_analytics_config(path, data, "run")
         if "sweep" in data:
             raise ConfigError(f"config file {str(path)!r}: config key 'sweep': this is a sweep "
                               f"config; run it with `fedjax-sim sweep {path}` (or remove the "

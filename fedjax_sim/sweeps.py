@@ -74,6 +74,7 @@ from fedjax_sim.config import (
     config_to_yaml,
     parse_override,
     read_yaml_mapping,
+    refuse_analytics_config,
     safe_load,
 )
 from fedjax_sim.simulation.round_step import SWEEP_AXIS
@@ -155,6 +156,7 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = (),
     by ``0 .. seeds-1`` offsets from the config's seed.
     """
     data = read_yaml_mapping(path)
+    refuse_analytics_config(path, data, "sweep")
     section = dict(data.pop("sweep", None) or {})
     for text in overrides:  # sweep.<key>=value overrides set the sweep section
         parts, value = parse_override(text)

@@ -44,6 +44,7 @@ from fedjax_sim.analytics import heavy_hitters as hh
 from fedjax_sim.analytics import mechanisms
 from fedjax_sim.analytics.sources import shakespeare_roles
 from fedjax_sim.config import (
+    Config,
     ConfigError,
     DatasetConfig,
     _build,
@@ -235,12 +236,22 @@ def validate(config: AnalyticsConfig) -> AnalyticsConfig:
     return config
 
 
+ANALYTICS_FIELDS = {field.name for field in dataclasses.fields(AnalyticsConfig)}
+RUN_FIELDS = {field.name for field in dataclasses.fields(Config)} | {"sweep"}
+
+
 def load_analytics_config(path: str | os.PathLike | None = None,
                           overrides: Sequence[str] = ()) -> AnalyticsConfig:
     """Reads a YAML analytics config and applies dotted overrides (errors: ConfigError)."""
     data: Any = {}
     if path is not None:
         data = read_yaml_mapping(path)
+        run_keys = [key for key in data if key not in ANALYTICS_FIELDS and key in RUN_FIELDS]
+        if run_keys:  # a run or sweep config: say so, not "unknown key" for each of its keys
+            command = "sweep" if "sweep" in data else "run"
+            raise ConfigError(f"config file {str(path)!r}: config key {run_keys[0]!r}: this is "
+                              f"a {command} config, not an analytics config; run it with "
+                              f"`fedjax-sim {command} {path}`")
     merged = dataclasses.asdict(AnalyticsConfig())
     _merge_user(merged, data)
     apply_overrides(merged, overrides)

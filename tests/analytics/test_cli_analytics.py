@@ -113,3 +113,20 @@ def test_a_bound_that_is_not_finite_names_the_key(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"config key '{key}': expected a finite number"):
         load_analytics_config(CONFIGS / "shakespeare_line_lengths.yaml", [override])
+
+
+@pytest.mark.parametrize("command, config, says", [
+    ("analytics", "configs/fashion_mnist_fedavg.yaml", "this is a run config"),
+    ("analytics", "configs/sweeps/fashion_mnist_fedavg_lr.yaml", "this is a sweep config"),
+    ("sweep", "configs/analytics/shakespeare_heavy_hitters.yaml", "this is an analytics config"),
+])
+def test_a_config_of_another_command_is_named_as_such(command, config, says, capsys, tmp_path,
+                                                      monkeypatch):
+    """A run config given to `analytics` said "unknown config key 'log.every'; valid keys:
+    plot, progress", an analytics config given to `run` or `sweep` "unknown config key
+    'privacy.epsilon'; did you mean 'privacy.target_epsilon'?"."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    assert main([command, config, "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"config file {config!r}" in err and says in err
+    assert not (tmp_path / "w").exists()
