@@ -264,6 +264,8 @@ CASES = [
      ["aggregator[0].name", "'clipp'", "did you mean 'clip'"]),
     ("aggregator-unknown-option", ["demo", "aggregator=[{name: clip, nrom: 1.0}]", *QUICK], None,
      ["aggregator[0].nrom", "did you mean 'norm'"]),
+    ("aggregator-option-wrong-type", ["demo", "aggregator=[{name: clip, norm: abc}]", *QUICK],
+     None, ["config key 'aggregator[0].norm'", "expected a number", "'abc'"]),
     ("aggregator-two-reducers", ["demo", "aggregator=[{name: mean}, {name: sum}]", *QUICK], None,
      ["'aggregator'", "exactly one reducer"]),
     ("privacy-negative-epsilon", ["demo", "privacy.target_epsilon=-1", *QUICK], None,

@@ -45,6 +45,7 @@ from fedjax_sim.aggregators.robust import (
     trimmed_mean,
 )
 from fedjax_sim.aggregators.secure import masked_modular_sum, secure_mean, secure_sum
+from fedjax_sim.config import check_number_option
 from fedjax_sim.core import Aggregator
 
 # Stage factories a config's ``aggregator:`` list may name.
@@ -107,6 +108,9 @@ def create_aggregator(specs: Sequence[Mapping[str, Any]], where: str = "aggregat
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{key}.{option}: stage {name!r} has no option {option!r} "
                                  f"(options: {allowed}){hint}")
+        parameters = inspect.signature(STAGES[name]).parameters
+        for option, value in options.items():  # 'abc' for a number: named, not float()'s error
+            check_number_option(f"{key}.{option}", value, parameters.get(option))
         if num_clients is not None and "num_clients" in allowed and "num_clients" not in options:
             options["num_clients"] = int(num_clients)
         try:

@@ -20,7 +20,6 @@ import inspect
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +44,7 @@ from fedjax_sim.config import (
     Config,
     ConfigError,
     check_folder,
+    check_number_option,
     check_options,
     config_to_yaml,
     load_config,
@@ -505,7 +505,7 @@ def _build_algorithm(config: Config, model: Model, client_optimizer, server_opti
                   algorithm_options(name))
     accepted = inspect.signature(factory).parameters
     for key, value in config.algorithm.options.items():
-        _check_numeric_option(f"algorithm.{key}", value, accepted.get(key))
+        check_number_option(f"config key 'algorithm.{key}'", value, accepted.get(key))
     if "client_weighting" not in accepted and config.client.weighting != "num_examples":
         raise ConfigError(f"config key 'client.weighting': algorithm {name!r} does not take a "
                           "client weighting")
@@ -524,29 +524,6 @@ def _build_algorithm(config: Config, model: Model, client_optimizer, server_opti
         if str(error).startswith("client_weighting="):  # the engine passes client.weighting
             raise ConfigError(f"config key 'client.weighting': {error}") from None
         raise ConfigError(f"config key 'algorithm' ({name}): {error}") from None
-
-
-def _check_numeric_option(path: str, value: Any, parameter: inspect.Parameter | None) -> None:
-    """A factory option annotated ``int`` or ``float`` (optionally ``| None``) must be given a
-    number (or null where None is its default or in its annotation): the factories' own checks
-    compare it with numbers and would report 'abc' as a Python comparison error."""
-    if parameter is None:
-        return
-    annotation = str(parameter.annotation)
-    integer = re.search(r"\bint\b", annotation) is not None
-    number = integer or re.search(r"\bfloat\b", annotation) is not None
-    if not number or re.search(r"\b(str|bool|Any)\b", annotation):
-        return
-    nullable = parameter.default is None or re.search(r"\bNone\b", annotation) is not None
-    if value is None and nullable:
-        return
-    floats_too = re.search(r"\bfloat\b", annotation) is not None
-    ok = (not isinstance(value, bool) and isinstance(value, int | float)
-          and (floats_too or isinstance(value, int)))
-    if not ok:
-        kind = "a number" if floats_too else "an integer"
-        raise ConfigError(f"config key {path!r}: expected {kind}{' or null' if nullable else ''}"
-                          f", got {value!r}")
 
 
 def _build_system(config: Config, num_clients: int):
