@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import math
 import re
 import types
@@ -455,30 +454,6 @@ def check_options(section: str, owner: str, options: Mapping[str, Any], valid) -
             hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
             takes = f"valid: {valid}" if valid else f"{owner.split()[-1]} takes no options"
             raise ConfigError(f"unknown config key '{section}.{key}' for {owner}{hint} ({takes})")
-
-
-def check_number_option(where: str, value: Any, parameter: inspect.Parameter | None) -> None:
-    """A factory option annotated ``int`` or ``float`` (optionally ``| None``) must be given a
-    number (or null where None is its default or in its annotation): the factories' own checks
-    compare it with numbers and would report 'abc' as a Python comparison error. ``where``
-    names the option in the error, e.g. "config key 'algorithm.mu'"."""
-    if parameter is None:
-        return
-    annotation = str(parameter.annotation)
-    integer = re.search(r"\bint\b", annotation) is not None
-    number = integer or re.search(r"\bfloat\b", annotation) is not None
-    if not number or re.search(r"\b(str|bool|Any)\b", annotation):
-        return
-    nullable = parameter.default is None or re.search(r"\bNone\b", annotation) is not None
-    if value is None and nullable:
-        return
-    floats_too = re.search(r"\bfloat\b", annotation) is not None
-    # What YAML gives that is no number (arrays and numpy scalars from Python pass)
-    wrong = isinstance(value, bool | str | bytes | Mapping | list | tuple) or value is None
-    if wrong or (not floats_too and isinstance(value, float)):
-        kind = "a number" if floats_too else "an integer"
-        raise ConfigError(f"{where}: expected {kind}{' or null' if nullable else ''}, got "
-                          f"{value!r}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -45,8 +45,8 @@ from fedjax_sim.aggregators.robust import (
     trimmed_mean,
 )
 from fedjax_sim.aggregators.secure import masked_modular_sum, secure_mean, secure_sum
-from fedjax_sim.config import check_number_option
 from fedjax_sim.core import Aggregator
+from fedjax_sim.options import check_number_option
 
 # Stage factories a config's ``aggregator:`` list may name.
 STAGES: dict[str, Callable[..., Stage]] = {

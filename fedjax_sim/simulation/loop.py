@@ -44,7 +44,6 @@ from fedjax_sim.config import (
     Config,
     ConfigError,
     check_folder,
-    check_number_option,
     check_options,
     config_to_yaml,
     load_config,
@@ -66,6 +65,7 @@ from fedjax_sim.data.validation import validate_dataset
 from fedjax_sim.datasets import DatasetLoader, convert_dataset, dataset_loader
 from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
+from fedjax_sim.options import check_number_option
 from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier
 from fedjax_sim.privacy.dp_sgd import EXAMPLE_DP_ALGORITHMS, ExampleLedger, dp_sgd_loss
 from fedjax_sim.sharding import resolve_num_devices
@@ -505,7 +505,10 @@ def _build_algorithm(config: Config, model: Model, client_optimizer, server_opti
                   algorithm_options(name))
     accepted = inspect.signature(factory).parameters
     for key, value in config.algorithm.options.items():
-        check_number_option(f"config key 'algorithm.{key}'", value, accepted.get(key))
+        try:
+            check_number_option(f"config key 'algorithm.{key}'", value, accepted.get(key))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if "client_weighting" not in accepted and config.client.weighting != "num_examples":
         raise ConfigError(f"config key 'client.weighting': algorithm {name!r} does not take a "
                           "client weighting")
