@@ -600,11 +600,15 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} cannot be read: "
                           f"{error.strerror or error}") from None
     try:
-        data = safe_load(text) or {}
+        data = safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(
             f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}"
         ) from None
+    if data is None:  # an empty file (or only comments) is a mistake, not "all defaults"
+        raise ConfigError(f"config file {str(path)!r} is empty (or holds only comments); expected "
+                          "a mapping of config keys, e.g. the files in configs/ (write {} for "
+                          "the defaults)")
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
     return dict(data)

@@ -162,6 +162,8 @@ CASES = [
     ("config-file-not-utf8", ["run", "latin1.yaml"],
      write_bytes("latin1.yaml", "name: caf\u00e9\nrounds: 2\n".encode("latin-1")),
      ["config file 'latin1.yaml'", "is not UTF-8 text", "expected a YAML file"]),
+    ("config-file-empty", ["run", "empty.yaml"], write("empty.yaml", "# rounds: 3\n"),
+     ["config file 'empty.yaml' is empty", "expected a mapping of config keys"]),
     ("config-file-is-a-folder", ["run", "."], None,
      ["config file '.'", "is a folder; expected a YAML file"]),
     ("analytics-config-given-to-run",

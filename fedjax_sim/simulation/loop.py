@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -705,6 +706,9 @@ def _prepare_workdir(workdir: Path, config: Config, overwrite: bool) -> bool:
         old = saved.read_text()
         if old == text:
             return True
+        if _results_keys(old) == _results_keys(text):  # only the display changed: resume
+            _write_atomically(saved, text)
+            return True
         if not overwrite:
             new_lines, old_lines = set(text.splitlines()), set(old.splitlines())
             changed = sorted(line.strip() for line in new_lines - old_lines)[:3]
@@ -720,10 +724,31 @@ def _prepare_workdir(workdir: Path, config: Config, overwrite: bool) -> bool:
             elif path.exists():
                 path.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
-    temporary = workdir / "config.yaml.tmp"
-    temporary.write_text(text)
-    os.replace(temporary, saved)  # atomic: a config.yaml is always whole
+    _write_atomically(saved, text)
     return False
+
+
+DISPLAY_KEYS = (("log", "progress"), ("log", "plot"))
+"""Config keys that change what a run shows (the progress bar, the learning-curve PNG) but no
+result: a run started again with only these changed resumes."""
+
+
+def _results_keys(text: str) -> Any:
+    """A saved config's YAML without the `DISPLAY_KEYS` (None when it is not readable)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    for section, key in DISPLAY_KEYS:
+        if isinstance(data, dict) and isinstance(data.get(section), dict):
+            data[section].pop(key, None)
+    return data
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)  # atomic: the file is always whole
 
 
 def _resume(checkpointer: Checkpointer, metrics_path: Path, state: SimulationState):

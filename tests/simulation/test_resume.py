@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from fedjax_sim.cli import main
 from fedjax_sim.config import load_config
@@ -177,3 +178,18 @@ def test_running_a_finished_run_again_keeps_its_timings(tmp_path, capsys):
         assert again[key] == trained[key], key
     assert f"first round {trained['first_round_seconds']:.1f} s" in out
     assert again["final"] == trained["final"]
+
+
+def test_a_run_started_again_with_only_display_keys_changed_resumes(tmp_path, capsys):
+    """log.progress and log.plot change no result: the same workdir resumes (here: nothing
+    left to train) instead of refusing the run as a different config."""
+    workdir = tmp_path / "w"
+    shown = [*TINY, "rounds=2", "log.progress=false", "log.plot=false"]
+    assert main(["demo", *shown, "--workdir", str(workdir)]) == 0
+    before = metric_rows(workdir)
+    assert main(["demo", *TINY, "rounds=2", "log.progress=true", "log.plot=true",
+                 "--workdir", str(workdir)]) == 0
+    assert "different config" not in capsys.readouterr().err
+    assert metric_rows(workdir) == before  # no round trained again
+    saved = yaml.safe_load((workdir / "config.yaml").read_text())
+    assert saved["log"]["progress"] is True and saved["log"]["plot"] is True
