@@ -217,6 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fedjax-sim: diverged: {error}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OSError as error:  # a folder that cannot be written (read-only, full, no such)
+        if debug:
+            raise
+        where = f": {error.filename!r}" if error.filename else ""
+        print(f"fedjax-sim: error: {error.strerror or error}{where}; check that the path can be "
+              "written (--workdir, --out and dataset.data_dir choose where files go)",
+              file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("fedjax-sim: interrupted", file=sys.stderr)
         return 130

@@ -344,6 +344,20 @@ def test_bad_input_exits_2_with_one_line_and_no_output(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path, monkeypatch, capsys):
+    """An OSError from the file system (here: a folder inside /proc, which no one can create)
+    is one line naming the path, exit 2; --debug still raises it."""
+    monkeypatch.chdir(tmp_path)
+    args = [*ARRAYS, "--workdir", "/proc/fedjax_sim_test/w"]
+    npz(x=X, y=Y, client_id=CLIENT)(tmp_path, monkeypatch)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "'/proc/fedjax_sim_test'" in err and "check that the path can be written" in err
+    with pytest.raises(OSError):
+        main(["--debug", *args])
+
+
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="data.npz.*does not exist"):
