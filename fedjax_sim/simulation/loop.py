@@ -906,7 +906,8 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
         except (OSError, ValueError):
             earlier = None
         first = (earlier or {}).get("first_round_seconds") or 0.0
-    steady = (train_seconds - first) / max(rounds - 1, 1)
+    # The rounds after the first (which compiles); None for a one-round run: nothing measured.
+    steady = (train_seconds - first) / (rounds - 1) if rounds > 1 else None
     final = {k: v for k, v in history[-1].items() if k not in ("wall_time",)}
     summary = {
         "name": config.name,
@@ -915,8 +916,8 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
         "setup_seconds": round(setup_seconds, 2),
         "first_round_seconds": round(first, 3),
         "train_seconds": round(train_seconds, 2),
-        "seconds_per_round": round(steady, 4),
-        "rounds_per_second": round(1.0 / steady, 2) if steady > 0 else None,
+        "seconds_per_round": None if steady is None else round(steady, 4),
+        "rounds_per_second": round(1.0 / steady, 2) if steady else None,
         "total_seconds": round(total_seconds, 2),
         "backend": jax.default_backend(),
         "devices": experiment.round_step.backend.num_shards,
@@ -948,9 +949,11 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
     if config.log.plot:
         plot_learning_curve(history, workdir / "learning_curve.png", title=config.name)
     tests = {k: v for k, v in final.items() if k.endswith("/accuracy") and "train" not in k}
+    per_round = summary["seconds_per_round"]
+    pace = "" if per_round is None else f"{per_round:.3f} s/round, "
     print(
-        f"fedjax_sim: done: {rounds} rounds in {summary['train_seconds']:.1f} s "
-        f"({summary['seconds_per_round']:.3f} s/round, first round {first:.1f} s), total "
+        f"fedjax_sim: done: {rounds} round{'s' if rounds != 1 else ''} in "
+        f"{summary['train_seconds']:.1f} s ({pace}first round {first:.1f} s), total "
         f"{summary['total_seconds']:.1f} s; "
         + (f"final train loss {final['train/loss']:.3f}, " if "train/loss" in final else "")
         + ", ".join(f"{k} {v:.4f}" for k, v in tests.items())

@@ -193,3 +193,15 @@ def test_a_run_started_again_with_only_display_keys_changed_resumes(tmp_path, ca
     assert metric_rows(workdir) == before  # no round trained again
     saved = yaml.safe_load((workdir / "config.yaml").read_text())
     assert saved["log"]["progress"] is True and saved["log"]["plot"] is True
+
+
+def test_a_one_round_run_reports_no_steady_round_time(tmp_path, capsys):
+    """One round is the compiling first round only: summary.json has no seconds per round
+    (null) rather than 0, and the last line says "1 round" without a pace."""
+    workdir = tmp_path / "w"
+    assert main(["demo", *TINY, "rounds=1", "--workdir", str(workdir)]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["seconds_per_round"] is None and summary["rounds_per_second"] is None
+    assert summary["first_round_seconds"] > 0
+    out = capsys.readouterr().out
+    assert "done: 1 round in" in out and "s/round" not in out
