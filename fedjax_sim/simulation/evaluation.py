@@ -111,8 +111,12 @@ def client_distribution(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The distribution of per-client accuracy: what q-FFL, AFL and personalization are judged by.
 
     Args:
-      stats: per-client sums ``{"loss_sum", "correct", "count"}``, each ``[K]``. Clients with
-        ``count == 0`` (no held-out labels) are left out.
+      stats: per-client sums ``{"loss_sum", "correct", "count"}`` and optionally
+        ``"accuracy_count"`` (the labels ``correct`` is out of; default ``count``), each
+        ``[K]``. Clients with ``count == 0`` (no held-out labels) are left out; clients with
+        ``accuracy_count == 0`` (every held-out label is one the accuracy ignores, e.g. only
+        OOV / EOS next words, or no tag among the classes) have no accuracy and are left out
+        of the accuracy metrics, but not of ``loss_mean``.
 
     Returns:
       Scalars: ``accuracy_mean`` (the unweighted mean over clients), ``accuracy_p10`` ...
@@ -126,11 +130,13 @@ def client_distribution(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     has_data = count > 0
     num = jnp.sum(has_data)
     scored = stats.get("accuracy_count", count)
-    accuracy = jnp.where(has_data, stats["correct"] / jnp.maximum(scored, 1.0), jnp.nan)
+    has_accuracy = has_data & (scored > 0)
+    num_scored = jnp.sum(has_accuracy)
+    accuracy = jnp.where(has_accuracy, stats["correct"] / jnp.maximum(scored, 1.0), jnp.nan)
     loss = jnp.where(has_data, stats["loss_sum"] / jnp.maximum(count, 1.0), jnp.nan)
     percentiles = jnp.nanpercentile(accuracy, jnp.asarray(PERCENTILES, jnp.float32))
-    worst_count = jnp.maximum(jnp.ceil(WORST_FRACTION * num), 1.0)
-    ascending = jnp.sort(jnp.where(has_data, accuracy, jnp.inf))
+    worst_count = jnp.maximum(jnp.ceil(WORST_FRACTION * num_scored), 1.0)
+    ascending = jnp.sort(jnp.where(has_accuracy, accuracy, jnp.inf))
     in_worst = jnp.arange(ascending.shape[0]) < worst_count
     worst = jnp.sum(jnp.where(in_worst, ascending, 0.0)) / worst_count
     metrics = {
@@ -142,8 +148,10 @@ def client_distribution(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         "loss_mean": jnp.nanmean(loss),
         "accuracy": jnp.sum(stats["correct"]) / jnp.maximum(jnp.sum(scored), 1.0),
     }
-    # No client with held-out labels: zeros rather than NaN (the loop treats NaN as divergence).
-    metrics = {k: jnp.where(num > 0, v, 0.0) for k, v in metrics.items()}
+    # No client with held-out labels (or none with an accuracy): zeros rather than NaN (the
+    # loop treats NaN as divergence).
+    metrics = {k: jnp.where((num if k == "loss_mean" else num_scored) > 0, v, 0.0)
+               for k, v in metrics.items()}
     metrics["clients"] = num.astype(jnp.float32)
     return metrics
 

@@ -80,6 +80,30 @@ def test_client_distribution_without_any_held_out_label_is_zero_not_nan():
     assert float(metrics["clients"]) == 0
 
 
+def test_client_distribution_leaves_out_clients_with_no_scored_label():
+    """A client whose held-out labels all carry a loss but no accuracy (every next word OOV or
+    EOS under ignore_labels, or no tag among a multi-label model's classes) has no accuracy:
+    it is left out of the accuracy metrics (not counted as 0% accurate), kept in loss_mean."""
+    loss_sum = np.array([4.0, 5.0, 2.0, 0.0, 6.0], np.float32)
+    correct = np.array([3.0, 0.0, 1.0, 0.0, 2.0], np.float32)
+    count = np.array([4.0, 5.0, 2.0, 0.0, 3.0], np.float32)
+    scored = np.array([4.0, 0.0, 2.0, 0.0, 3.0], np.float32)  # client 1: nothing scored
+    metrics = jax.device_get(jax.jit(client_distribution)(
+        {"loss_sum": loss_sum, "correct": correct, "count": count, "accuracy_count": scored}))
+    accuracy = np.array([3 / 4, 1 / 2, 2 / 3])  # clients 0, 2, 4
+    expected = {f"accuracy_p{p}": np.percentile(accuracy, p) for p in PERCENTILES}
+    expected.update(accuracy_mean=accuracy.mean(), accuracy_worst10pct=accuracy.min(),
+                    accuracy_min=accuracy.min(), accuracy_var=accuracy.var(),
+                    loss_mean=np.mean([4 / 4, 5 / 5, 2 / 2, 6 / 3]), accuracy=6 / 9, clients=4)
+    for key, value in expected.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-5, err_msg=key)
+    nothing_scored = jax.device_get(client_distribution(
+        {"loss_sum": loss_sum, "correct": 0 * correct, "count": count,
+         "accuracy_count": 0 * scored}))
+    assert all(np.isfinite(v) for v in nothing_scored.values())
+    assert nothing_scored["accuracy_mean"] == 0 and nothing_scored["loss_mean"] > 0
+
+
 @pytest.mark.parametrize("batch_size", [1, 7, 512])
 def test_per_client_evaluation_matches_a_loop_over_clients(batch_size):
     model, test = tiny_model(), tiny_data(TEST_SIZES, seed=1)
