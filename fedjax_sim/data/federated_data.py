@@ -139,6 +139,18 @@ class FederatedDataset:
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def train_counts(sizes: np.ndarray | int, test_fraction: float) -> np.ndarray:
+    """``floor(n * (1 - test_fraction))`` training examples of each size ``n`` (at least one when
+    ``n > 0``), floored in exact arithmetic: ``1 - test_fraction`` is inexact in binary
+    (``10 * (1 - 0.8)`` is 1.9999999999999996), so a product within a relative 1e-9 below a whole
+    number counts as that number (10 examples at ``test_fraction=0.8`` keep 2, not 1).
+    """
+    sizes = np.asarray(sizes, np.int64)
+    share = sizes * (1.0 - float(test_fraction))
+    n_train = np.floor(share + 1e-9 * np.maximum(share, 1.0))
+    return np.where(sizes > 0, np.maximum(1, n_train), 0).astype(np.int64)
+
+
 def train_test_split_per_client(
     data: FederatedData, test_fraction: float, rng: np.random.Generator | None = None
 ) -> tuple[FederatedData, FederatedData]:
@@ -150,9 +162,7 @@ def train_test_split_per_client(
     """
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    sizes = data.client_sizes
-    n_train = np.where(sizes > 0, np.maximum(1, np.floor(sizes * (1 - test_fraction))), 0)
-    n_train = n_train.astype(np.int64)
+    n_train = train_counts(data.client_sizes, test_fraction)
     train_rows, test_rows = [], []
     for i in range(data.num_clients):
         rows = np.arange(data.offsets[i], data.offsets[i + 1])

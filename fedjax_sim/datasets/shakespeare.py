@@ -72,7 +72,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_sim.data.federated_data import FederatedData, FederatedDataset
+from fedjax_sim.data.federated_data import FederatedData, FederatedDataset, train_counts
 from fedjax_sim.datasets.vocab import (  # noqa: F401 - the vocabulary, importable from here too
     BOS_ID,
     CHAR_VOCAB,
@@ -407,7 +407,7 @@ def read_plays(plays_dir: str | Path | None = None) -> dict[str, str]:
 
 def _split_by_position(lines: list[str], test_fraction: float) -> tuple[list[str], list[str]]:
     # Same rule as `train_test_split_per_client` without rng: floor, at least one train line.
-    n_train = max(1, int(np.floor(len(lines) * (1.0 - test_fraction))))
+    n_train = int(train_counts(len(lines), test_fraction))
     return lines[:n_train], lines[n_train:]
 
 

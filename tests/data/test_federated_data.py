@@ -1,5 +1,8 @@
 """FederatedData: CSR slicing against dict-of-lists references."""
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -43,6 +46,20 @@ def test_per_client_split_by_position_and_shuffled():
     train2, test2 = train_test_split_per_client(data, 0.3, np.random.default_rng(0))
     both = np.concatenate([train2.client(0)["y"], test2.client(0)["y"]])
     assert sorted(both) == list(range(10)) and not np.array_equal(both, np.arange(10))
+
+
+@pytest.mark.parametrize("test_fraction", ["0.3", "0.55", "0.8", "0.9"])
+def test_per_client_split_sizes_are_exact_floors(test_fraction):
+    """floor(n * (1 - f)) in exact rational arithmetic (10 examples at f=0.8 keep 2 for
+    training, 90 at f=0.3 keep 63), not in floats where 1 - 0.8 is below 0.2."""
+    sizes = np.arange(1, 201)
+    data = FederatedData({"y": np.arange(sizes.sum())}, np.concatenate([[0], np.cumsum(sizes)]),
+                         np.arange(sizes.size))
+    keep = 1 - Fraction(test_fraction)
+    expected = [max(1, math.floor(n * keep)) for n in sizes.tolist()]
+    train, test = train_test_split_per_client(data, float(test_fraction))
+    np.testing.assert_array_equal(train.client_sizes, expected)
+    np.testing.assert_array_equal(test.client_sizes, sizes - np.array(expected))
 
 
 @pytest.mark.parametrize(
