@@ -130,11 +130,20 @@ def system_model(
       ``(key, clients) -> clients`` (pure, jittable): dropout is
       ``jax.random.uniform(key, [C]) < dropout``.
     """
-    speeds = np.asarray(seconds_per_step, np.float32)
+    exact_speeds = np.asarray(seconds_per_step, np.float64)
+    speeds = exact_speeds.astype(np.float32)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout!r}: expected a probability in [0, 1)")
     if deadline is not None and not deadline > 0:
         raise ValueError(f"deadline={deadline!r}: expected a number of seconds > 0")
+    if deadline is not None:
+        # Steps that fit, per client, on the host in float64: k steps fit when k * seconds <=
+        # deadline, and a ratio within a relative 1e-9 below a whole number is that number
+        # (0.9 s / 0.3 s per step is 2.9999999999999996 in floats, 2.99999... in float32: 3
+        # steps fit). Capped before the int32 cast: a very fast client must not overflow.
+        ratio = float(deadline) / exact_speeds
+        fitting = np.floor(ratio + 1e-9 * np.maximum(ratio, 1.0))
+        fitting = np.minimum(fitting, np.iinfo(np.int32).max).astype(np.int32)
 
     def apply(key: jax.Array, clients: ClientInput) -> ClientInput:
         step_seconds = jnp.asarray(speeds)[clients.client_id]
@@ -142,9 +151,7 @@ def system_model(
         duration = num_steps.astype(jnp.float32) * step_seconds
         mask = clients.mask
         if deadline is not None:
-            # Clipped to S before the cast: a very fast client must not overflow int32.
-            allowed = jnp.minimum(jnp.floor(deadline / step_seconds), mask.shape[1])
-            allowed = allowed.astype(jnp.int32)
+            allowed = jnp.asarray(fitting)[clients.client_id]
             num_steps = jnp.minimum(num_steps, allowed)
             steps = jnp.arange(mask.shape[1])
             mask = mask & (steps[None, :] < num_steps[:, None])[:, :, None]

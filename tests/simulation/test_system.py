@@ -1,5 +1,7 @@
 """System heterogeneity (speeds, dropout, stragglers) against numpy references written here."""
 
+from fractions import Fraction
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -72,6 +74,18 @@ def test_stragglers_keep_the_steps_that_fit_before_the_deadline():
         expected_mask[c, expected_steps[c]:] = False
     np.testing.assert_array_equal(after.mask, expected_mask)
     np.testing.assert_allclose(after.duration, np.minimum(steps * SPEEDS, deadline), rtol=1e-6)
+
+
+@pytest.mark.parametrize("deadline, seconds", [("0.45", "0.15"), ("0.9", "0.3"), ("1.8", "0.6"),
+                                              ("1.0", "0.25"), ("0.7", "0.35")])
+def test_a_deadline_that_is_a_whole_number_of_steps_keeps_them_all(deadline, seconds):
+    """k steps of s seconds fit a deadline d when k * s <= d, decided exactly (fractions), not
+    by a float32 division (0.9 / 0.3 came out below 3: a step that fits was cut)."""
+    steps = np.array([5, 5, 3, 2, 4, 0])
+    after = system_model(np.full(C, float(seconds)), deadline=float(deadline))(
+        jax.random.key(1), cohort(steps))
+    fit = int(Fraction(deadline) // Fraction(seconds))
+    np.testing.assert_array_equal(after.num_steps, np.minimum(steps, fit))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
