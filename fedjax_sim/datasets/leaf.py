@@ -362,7 +362,10 @@ def _build(
     keep = np.flatnonzero(train.client_sizes > 0)
     if keep.size < train.num_clients:
         train = train.subset(keep)
-        test = test.subset(keep) if test is not None else None
+        if test is not None:  # the test examples of users without training examples go too
+            kept = test.subset(keep)
+            dropped += test.num_examples - kept.num_examples
+            test = kept
     if test_split is None and test_fraction > 0:
         train, test = train_test_split_per_client(
             train, test_fraction, np.random.default_rng(seed)

@@ -129,7 +129,10 @@ def test_users_without_train_examples_are_dropped(tmp_path):
     validate_dataset(dataset)
     assert dataset.train.client_ids.tolist() == [USERS[0], USERS[2]]
     assert dataset.test.client_sizes.tolist() == [1, 0]
-    assert dataset.info["test_examples_dropped"] == 1
+    # Dropped: the stranger's test example and the one of USERS[1] (no train examples).
+    kept = dataset.test.num_examples
+    assert kept + dataset.info["test_examples_dropped"] == sum(len(y) for _, y in test.values())
+    assert dataset.info["test_examples_dropped"] == 2
 
 
 def test_a_user_in_two_files_is_one_client(tmp_path):
