@@ -183,6 +183,8 @@ def _member_str(member: PyTree) -> str:
 
 
 def _leaf_matches(expected, given) -> bool:
+    if expected is Ellipsis:  # any member (e.g. one field of a struct declared as ``...``)
+        return True
     if np.dtype(expected.dtype) != np.dtype(given.dtype):
         return False
     if len(expected.shape) != len(given.shape):
@@ -313,7 +315,19 @@ class FederatedValue:
         return leaves[0].shape[0] if leaves else None
 
     def __getitem__(self, key) -> FederatedValue:
-        """Selection, as in TFF: ``value[0]``, ``value["x"]`` select from every member."""
+        """Selection, as in TFF: ``value[0]``, ``value["x"]`` select from every member.
+
+        The member must be a structure (tuple, list, dict, namedtuple): as in TFF, a tensor
+        member has no elements to select (indexing the stacked ``[C, ...]`` array would pick
+        clients, not a part of every member), so that raises TypeError.
+        """
+        if not isinstance(self.value, (tuple, list, Mapping)):
+            raise TypeError(
+                f"selection [{key!r}] needs a structure member (a tuple, list or dict), got "
+                f"{self.type}; to slice every member, use federated_map(lambda m: m[...], value)"
+            )
+        if isinstance(key, str) and hasattr(self.value, "_fields"):  # a namedtuple's field
+            return self.replace(value=getattr(self.value, key))
         return self.replace(value=self.value[key])
 
     def __repr__(self) -> str:
@@ -669,6 +683,8 @@ def federated_zip(values: Sequence[FederatedValue] | Mapping[str, FederatedValue
     members = [v.value for v in items]
     if keys is not None:
         member = dict(zip(keys, members, strict=True))
+    elif isinstance(values, tuple) and hasattr(values, "_fields"):  # a namedtuple
+        member = type(values)(*members)
     else:
         member = type(values)(members) if isinstance(values, (list, tuple)) else members
     return FederatedValue(member, placement, all_equal, _first(items, "weights"),
@@ -904,6 +920,8 @@ def federated_secure_sum(value: FederatedValue, bitwidth: int | PyTree) -> Feder
 
 def _convert_leaf(x: Any, expected, where: str) -> jax.Array:
     """``x`` as an array of the expected dtype (numpy 'same_kind' casting)."""
+    if expected is Ellipsis:  # any member: the array as given
+        return jnp.asarray(x)
     if isinstance(x, jax.Array):
         given = x.dtype
     else:

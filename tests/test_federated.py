@@ -1,5 +1,6 @@
 """The federated vocabulary against numpy, its types and errors, and the docs' examples."""
 
+import collections
 import re
 from pathlib import Path
 
@@ -157,6 +158,35 @@ def test_zip_and_selection():
     pair = federated_zip([at_server(1.0), at_server(np.arange(2))])
     assert str(pair.type) == "<float32,int32[2]>@SERVER"
     np.testing.assert_array_equal(pair[1].value, [0, 1])
+
+
+def test_selection_needs_a_structure_member_and_namedtuples_zip():
+    # TFF selects from struct members only; indexing a tensor member's stacked [C, ...] array
+    # would silently pick client 0 (a value of C' = 3 "clients") instead of an error.
+    with pytest.raises(TypeError, match="structure member"):
+        at_clients(X)[0]
+    with pytest.raises(TypeError, match="structure member"):
+        at_server(np.arange(3.0))[1]
+    # A namedtuple of federated values zips into a namedtuple member, selectable by name.
+    pair = collections.namedtuple("Pair", "x y")
+    zipped = federated_zip(pair(at_clients(X), at_clients(2 * X)))
+    assert str(zipped.type) == "{<x=float32[3],y=float32[3]>}@CLIENTS"
+    assert isinstance(zipped.value, pair)
+    np.testing.assert_array_equal(zipped["y"].value, 2 * X)
+    np.testing.assert_array_equal(zipped[0].value, X)
+    np.testing.assert_allclose(federated_sum(zipped["y"]).value, 2 * X.sum(0), rtol=1e-6)
+
+
+def test_any_member_inside_a_struct():
+    # ``...`` accepts any member, also as one field of a declared struct.
+    @federated_computation(type_at_clients({"meta": ..., "x": jnp.float32}))
+    def total(data):
+        return federated_sum(federated_map(lambda m: m["x"], data))
+
+    data = {"meta": np.ones((4, 2), np.int32), "x": np.array([1.0, 2.0, 3.0, 4.5])}
+    assert float(total(data)) == 10.5
+    with pytest.raises(TypeError, match="expects"):
+        total({"meta": np.ones((4, 2)), "x": np.ones((4, 2), np.float32)})
 
 
 def _digits(values, base=2.0):
