@@ -267,7 +267,8 @@ def expand(data: Mapping[str, Any], spec: SweepSpec, overrides: Sequence[str] = 
     """Every configuration of the sweep: grid x random samples x seeds, in that order.
 
     Seeds are offsets added to the config's ``seed`` (``seeds: 2`` with ``seed: 0`` runs seeds
-    0 and 1). Each configuration is the base config with the overrides, then its values.
+    0 and 1), or to a swept ``seed`` (``grid: {seed: [3, 7]}`` runs seeds 3 and 7). Each
+    configuration is the base config with the overrides, then its values.
     """
     overrides = run_overrides(overrides)
     base = config_from_dict(data, overrides)
@@ -293,7 +294,13 @@ def expand(data: Mapping[str, Any], spec: SweepSpec, overrides: Sequence[str] = 
     points = []
     for combo in combos:
         for offset in seeds:
-            values = {**combo, "seed": base.seed + offset}
+            # A swept ``seed`` (grid or random key) replaces the config's seed; the offsets of
+            # ``sweep.seeds`` are added to whichever seed the configuration has.
+            seed = combo.get("seed", base.seed)
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ConfigError(f"sweep configuration {combo}: config key 'seed': expected an "
+                                  f"integer, got {seed!r}")
+            values = {**combo, "seed": seed + offset}
             texts = [f"{key}={json.dumps(value)}" for key, value in values.items()]
             try:
                 config = config_from_dict(data, [*overrides, *texts])

@@ -64,6 +64,21 @@ def test_expand_grid_random_and_seeds():
     assert {p.config.client.batch_size for p in points} <= {4, 8}
 
 
+
+def test_a_swept_seed_sets_each_configurations_seed():
+    # grid: {seed: [3, 7]} must train seeds 3 and 7 (it silently trained the config's seed twice,
+    # reporting both as seed 5); sweep.seeds' offsets are added to the swept seed.
+    points = expand({**TINY, "seed": 5}, sweep_spec({"grid": {"seed": [3, 7]}}))
+    assert [(p.values["seed"], p.config.seed) for p in points] == [(3, 3), (7, 7)]
+    points = expand({**TINY, "seed": 5}, sweep_spec({"grid": {"seed": [3, 7]}, "seeds": 2}))
+    assert [p.config.seed for p in points] == [3, 4, 7, 8]
+    points = expand({**TINY, "seed": 5},
+                    sweep_spec({"random": {"num": 2, "keys": {"seed": {"choice": [11]}}}}))
+    assert [p.config.seed for p in points] == [11, 11]
+    with pytest.raises(ConfigError, match="'seed': expected an integer"):
+        expand(TINY, sweep_spec({"grid": {"seed": [1.5]}}))
+
+
 @pytest.mark.parametrize("section, message", [
     ({"gird": {}}, "did you mean 'grid'"),
     ({"grid": {"rounds": 3}}, "non-empty list"),
