@@ -622,6 +622,17 @@ def _first(values: list[FederatedValue], attribute: str):
     return None
 
 
+def _combined_mask(values: list[FederatedValue]) -> jax.Array | None:
+    """The clients every value counts: the AND of the values' masks (None: no mask)."""
+    masks = [v.mask for v in values if v.mask is not None]
+    if not masks:
+        return None
+    mask = jnp.asarray(masks[0], bool)
+    for m in masks[1:]:
+        mask = mask & jnp.asarray(m, bool)
+    return mask
+
+
 def federated_map(fn: Callable[..., PyTree], value: Any) -> FederatedValue:
     """Applies ``fn`` to every member (TFF's ``tff.federated_map``).
 
@@ -633,7 +644,8 @@ def federated_map(fn: Callable[..., PyTree], value: Any) -> FederatedValue:
     Returns:
       At CLIENTS: ``fn`` over the client axis by the current client map (`execution_context`:
       sequential, ``vmap``, chunks or device shards, all giving the same result), all-equal
-      arguments shared; the result keeps the arguments' ``weights`` and ``mask``. If every
+      arguments shared; the result keeps the first argument's ``weights`` and counts only
+      clients that every argument counts (the AND of their ``mask``). If every
       argument is all-equal (or at the SERVER), ``fn`` runs once and the result is all-equal.
     """
     if not callable(fn):
@@ -654,7 +666,7 @@ def federated_map(fn: Callable[..., PyTree], value: Any) -> FederatedValue:
         one_client, tuple(v.value for v in values if not v.all_equal),
         tuple(v.value for v in values if v.all_equal))
     return FederatedValue(result, CLIENTS, False, _first(values, "weights"),
-                          _first(values, "mask"))
+                          _combined_mask(values))
 
 
 def federated_zip(values: Sequence[FederatedValue] | Mapping[str, FederatedValue]
@@ -688,7 +700,7 @@ def federated_zip(values: Sequence[FederatedValue] | Mapping[str, FederatedValue
     else:
         member = type(values)(members) if isinstance(values, (list, tuple)) else members
     return FederatedValue(member, placement, all_equal, _first(items, "weights"),
-                          _first(items, "mask"))
+                          _combined_mask(items))
 
 
 def _where_valid(mask: jax.Array | None, x: jax.Array, fill) -> jax.Array:
@@ -730,7 +742,7 @@ def federated_mean(value: FederatedValue, weight: FederatedValue | None = None
     if weight is not None:
         w = leaves[0]
         w = jnp.broadcast_to(w, (num_clients,)) if weight.all_equal else w
-        mask = value.mask if value.mask is not None else weight.mask
+        mask = _combined_mask([value, weight])  # a client padding in either is left out
     else:
         w = value.weights if value.weights is not None else jnp.ones((num_clients,))
         mask = value.mask

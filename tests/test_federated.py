@@ -177,6 +177,19 @@ def test_selection_needs_a_structure_member_and_namedtuples_zip():
     np.testing.assert_allclose(federated_sum(zipped["y"]).value, 2 * X.sum(0), rtol=1e-6)
 
 
+def test_a_client_masked_in_any_argument_is_left_out():
+    # Padding clients are left out of every aggregation: a client masked in the weight (or in
+    # any argument of a map or zip) must not count, whichever argument carries the mask.
+    values = np.array([1.0, 2.0, 4.0], np.float32)
+    value = at_clients(values, mask=[True, True, False])
+    weight = at_clients(np.array([1.0, 3.0, 5.0], np.float32), mask=[True, False, True])
+    np.testing.assert_allclose(federated_mean(value, weight).value, 1.0)  # client 0 only
+    summed = federated_map(lambda a, b: a + b, [value, at_clients(values, mask=[1, 0, 1])])
+    np.testing.assert_allclose(federated_sum(summed).value, 2.0)
+    zipped = federated_zip([at_clients(values, mask=[0, 1, 1]), value])
+    np.testing.assert_allclose(federated_sum(zipped[0]).value, 2.0)
+
+
 def test_any_member_inside_a_struct():
     # ``...`` accepts any member, also as one field of a declared struct.
     @federated_computation(type_at_clients({"meta": ..., "x": jnp.float32}))
