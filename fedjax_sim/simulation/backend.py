@@ -112,6 +112,15 @@ class Backend:
         if self.client_state == "host" and jax.process_count() > 1:
             raise ValueError("client_state='host' keeps the stores in this process's memory: "
                              "with several processes use client_state='sharded'")
+        if self.client_state == "host" and self.mesh is not None and self.mesh.size > 1:
+            # The stores' io_callbacks receive their operands as device arrays; reading those
+            # inside the callback while the other devices wait in the round's all-reduce
+            # deadlocked XLA:CPU (a Fashion-MNIST SCAFFOLD round on 2 or 4 devices aborted
+            # after XLA's 40 s rendezvous timeout; 1 device ran).
+            raise ValueError(f"client_state='host' runs on one device, got a mesh of "
+                             f"{self.mesh.size}: its host callbacks deadlock the devices' "
+                             "all-reduce on XLA:CPU; use client_state='sharded' (the stores "
+                             "split over the devices) or one device")
         if self.mesh is not None and CLIENT_AXIS not in self.mesh.axis_names:
             raise ValueError(f"mesh axes {self.mesh.axis_names} have no {CLIENT_AXIS!r} axis")
         if self.mesh is None and jax.process_count() > 1:
