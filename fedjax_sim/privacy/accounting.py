@@ -13,7 +13,9 @@ same clients compose exactly into one of multiplier ``(sum_j z_j^-2)^-1/2``; the
 accountant, which takes a single Gaussian under Poisson sampling, gets that one.
 
 User-level DP: the unit of privacy is a client (add/remove one client for Poisson sampling,
-replace one client for a fixed-size cohort drawn without replacement).
+replace one client for a fixed-size cohort drawn without replacement). Under replace-one a
+mechanism's L2 sensitivity doubles (one client's message out, another's in), so a fixed-size
+cohort's Gaussians are accounted with half their multipliers.
 """
 
 from __future__ import annotations
@@ -121,7 +123,16 @@ class PrivacyLedger:
 
 def round_event(noise_multipliers: Mapping[str, float], num_clients: int, cohort_size: float,
                 sampling: str = "poisson", accountant: str = "rdp") -> events.DpEvent:
-    """One round's DP event for the mechanisms ``noise_multipliers``."""
+    """One round's DP event for the mechanisms ``noise_multipliers``.
+
+    A fixed-size cohort is accounted under replace-one, where one client's replacement moves
+    a clipped sum by up to twice the clip norm (its old message out, the new one in), so each
+    Gaussian of multiplier z (noise std z times the add/remove sensitivity) enters
+    ``SampledWithoutReplacementDpEvent`` as ``GaussianDpEvent(z / 2)``: dp-accounting's
+    multiplier is the noise std over the L2 sensitivity under the accountant's relation.
+    """
+    if sampling == "fixed":
+        noise_multipliers = {k: float(v) / 2.0 for k, v in noise_multipliers.items()}
     z = effective_noise_multiplier(noise_multipliers)
     if z == 0.0:
         inner: events.DpEvent = events.NonPrivateDpEvent()

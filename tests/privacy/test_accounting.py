@@ -98,11 +98,13 @@ def test_fixed_size_cohort_uses_sampling_without_replacement_and_replace_one(sig
     event = ledger.round_event()
     assert isinstance(event, events.SampledWithoutReplacementDpEvent)
     assert (event.source_dataset_size, event.sample_size) == (NUM_CLIENTS, cohort)
-    assert event.event == events.GaussianDpEvent(sigma)
+    # replace-one: one client out and another in moves the clipped sum by 2C, so noise z*C
+    # is a Gaussian of multiplier z/2 for dp-accounting (std over the L2 sensitivity)
+    assert event.event == events.GaussianDpEvent(sigma / 2)
     account = rdp_privacy_accountant.RdpAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     account.compose(events.SampledWithoutReplacementDpEvent(
-        NUM_CLIENTS, cohort, events.GaussianDpEvent(sigma)), rounds)
+        NUM_CLIENTS, cohort, events.GaussianDpEvent(sigma / 2)), rounds)
     expected = account.get_epsilon(delta)
     assert ledger.epsilon(rounds) == pytest.approx(expected, rel=1e-9)
     assert "replace one client" in ledger.description()
@@ -110,6 +112,27 @@ def test_fixed_size_cohort_uses_sampling_without_replacement_and_replace_one(sig
     with pytest.raises(ValueError, match="PLD accountant supports Poisson"):
         PrivacyLedger({"update": sigma}, NUM_CLIENTS, cohort, sampling="fixed",
                       accountant="pld").epsilon(rounds)
+
+
+def test_fixed_size_cohort_counts_replace_one_sensitivity_twice_the_clip():
+    """Replacing one client of a fixed-size cohort moves the sum of C-clipped messages by up to
+    2C: with noise std z*C the guarantee is the replace-one sampled Gaussian of multiplier z/2
+    (the adaptive count's centred indicator likewise moves by 1, not 1/2)."""
+    z, z_count, cohort, rounds, delta = 2.0, 5.0, 50, 200, 1e-5
+    ledger = PrivacyLedger({"update": z, "count": z_count}, NUM_CLIENTS, cohort,
+                           sampling="fixed", delta=delta)
+    account = rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    account.compose(events.SampledWithoutReplacementDpEvent(NUM_CLIENTS, cohort,
+                                                            events.ComposedDpEvent([
+                                                                events.GaussianDpEvent(z / 2),
+                                                                events.GaussianDpEvent(
+                                                                    z_count / 2)])), rounds)
+    assert ledger.epsilon(rounds) == pytest.approx(account.get_epsilon(delta), rel=1e-9)
+    # calibration: the run of the returned z spends the target under the same accounting
+    calibrated = calibrate_noise_multiplier(4.0, rounds, NUM_CLIENTS, cohort, delta, "fixed")
+    assert PrivacyLedger({"update": calibrated}, NUM_CLIENTS, cohort, sampling="fixed",
+                         delta=delta).epsilon(rounds) == pytest.approx(4.0, rel=0.01)
 
 
 def test_poisson_round_event_is_the_sampled_gaussian():
@@ -138,7 +161,7 @@ def test_calibrated_noise_multiplier_gives_the_target_epsilon(target, rounds, co
         account = rdp_privacy_accountant.RdpAccountant(
             neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
         account.compose(events.SampledWithoutReplacementDpEvent(
-            NUM_CLIENTS, cohort, events.GaussianDpEvent(z)), rounds)
+            NUM_CLIENTS, cohort, events.GaussianDpEvent(z / 2)), rounds)
         epsilon = account.get_epsilon(delta)
     assert epsilon == pytest.approx(target, rel=0.01)
     assert epsilon <= target * (1 + 1e-6)
