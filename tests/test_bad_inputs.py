@@ -268,6 +268,10 @@ CASES = [
      ["aggregator[0].nrom", "did you mean 'norm'"]),
     ("aggregator-option-wrong-type", ["demo", "aggregator=[{name: clip, norm: abc}]", *QUICK],
      None, ["config key 'aggregator[0].norm'", "expected a number", "'abc'"]),
+    ("aggregator-noise-for-another-cohort",
+     ["demo", "aggregator=[{name: clip, norm: 1.0}, {name: mean, denominator: 10}, "
+              "{name: gaussian_noise, noise_multiplier: 1.0, noise_cohort_size: 1000}]", *QUICK],
+     None, ["config key 'aggregator[2].noise_cohort_size'", "set privacy.noise_cohort_size"]),
     ("aggregator-two-reducers", ["demo", "aggregator=[{name: mean}, {name: sum}]", *QUICK], None,
      ["'aggregator'", "exactly one reducer"]),
     ("privacy-negative-epsilon", ["demo", "privacy.target_epsilon=-1", *QUICK], None,

@@ -439,6 +439,15 @@ def _build_aggregator(config: Config, num_clients: int, model: Model):
         except ValueError as error:  # "aggregator[i].option: what is wrong"
             key, _, problem = str(error).partition(": ")
             raise ConfigError(f"config key {key.split(' ')[0]!r}: {problem}") from None
+        for index, spec in enumerate(config.aggregator):
+            if isinstance(spec, dict) and spec.get("noise_cohort_size") is not None:
+                # The stage scales its noise for another cohort, but this ledger would account
+                # the run's own cohort at the unscaled multiplier, unlabelled.
+                raise ConfigError(
+                    f"config key 'aggregator[{index}].noise_cohort_size': the run's privacy "
+                    "accounting would not match noise calibrated for a simulated cohort; set "
+                    "privacy.noise_cohort_size instead (it accounts that cohort and labels the "
+                    "epsilon as a simulation)")
         noise_cohort, delta = expected, privacy.delta or 1.0 / population ** 1.1
     else:
         return None, None
