@@ -138,16 +138,22 @@ def krum_scores(values, sending: jax.Array, num_byzantine: int) -> jax.Array:
 
     n is the number of participating clients; the neighbour count is clamped to
     ``[1, n - 1]`` (Krum needs ``n > 2f + 2``; with fewer clients it degrades gracefully to the
-    nearest neighbour). Non-participating clients score +inf and are no one's neighbour.
+    nearest neighbour). Non-participating clients score +inf and are no one's neighbour; a
+    squared distance that overflows float32 (a huge update) counts as +inf, not as 0.
     """
     distances = pairwise_squared_distances(values)
+    # a distance that overflowed float32 (a huge update: inf, or inf - inf = nan between two)
+    # is +inf: as far as it gets, never a free neighbour
+    distances = jnp.where(jnp.isnan(distances), jnp.inf, distances)
     size = distances.shape[0]
     count = jnp.sum(sending.astype(jnp.int32))
+    # the n - f - 2 nearest, at most the n - 1 others there are (none for a lone client)
     neighbours = jnp.clip(count - num_byzantine - 2, 1, jnp.maximum(count - 1, 1))
+    neighbours = jnp.minimum(neighbours, count - 1)
     usable = sending[None, :] & ~jnp.eye(size, dtype=bool)
     ordered = jnp.sort(jnp.where(usable, distances, jnp.inf), axis=1)
     nearest = jnp.arange(size)[None, :] < neighbours
-    scores = jnp.sum(jnp.where(nearest & jnp.isfinite(ordered), ordered, 0.0), axis=1)
+    scores = jnp.sum(jnp.where(nearest, ordered, 0.0), axis=1)
     return jnp.where(sending, scores, jnp.inf)
 
 
@@ -174,6 +180,8 @@ def krum(num_byzantine: int, multi: int = 1) -> Stage:
         del key
         sending = participating(weights)
         scores = krum_scores(values, sending, num_byzantine)
+        # participating clients rank before the others even at an infinite score
+        scores = jnp.where(sending, jnp.minimum(scores, jnp.finfo(jnp.float32).max), jnp.inf)
         rank = jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
         selected = (rank < multi) & sending
         aggregate = weighted_mean(values, selected.astype(jnp.float32))

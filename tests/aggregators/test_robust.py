@@ -114,6 +114,39 @@ def test_krum_and_multi_krum_match_the_definition(f, m):
     assert float(metrics["aggregator/krum/selected"]) == min(m, SENDING.sum())
 
 
+@pytest.mark.parametrize("f,m", [(1, 1), (2, 2), (0, 1)])
+def test_krum_never_picks_an_update_whose_squared_distances_overflow(f, m):
+    """Attackers sending 1e20 (squared norm past float32's max): their distances to everyone
+    overflow to inf (inf - inf = nan between two of them); they must score worst, not 0."""
+    values = _values(4)
+    attackers = [4] if m == 1 else [1, 4]
+    for sign, i in zip([1.0, -1.0], attackers, strict=False):
+        values["a"][i] = sign * 1e20
+        values["b"][i] = sign * 1e20
+    honest = [i for i in np.flatnonzero(SENDING) if i not in attackers]
+    flat = _flat(values)
+    # the reference in float64 (no overflow): the attackers are the farthest there too
+    best, want = _numpy_krum(flat, SENDING, f, m)
+    assert not set(best) & set(attackers)
+    got, _, metrics = _apply(krum(f, multi=m), values, WEIGHTS)
+    _assert_close(got, want, atol=1e-4)
+    assert set(best) <= set(honest)
+    assert float(metrics["aggregator/krum/selected"]) == m
+
+
+def test_krum_with_every_score_infinite_still_averages_participating_clients():
+    """All participating clients huge: all scores inf; the m selected are participating ones
+    (never a weight-0 row), so the mean is finite and made of sent updates."""
+    values = _values(5)
+    for i in np.flatnonzero(SENDING):
+        values["a"][i] = 1e20 * (1 + i)
+        values["b"][i] = 1e20 * (1 + i)
+    got, _, metrics = _apply(krum(0, multi=2), values, WEIGHTS)
+    assert float(metrics["aggregator/krum/selected"]) == 2
+    first_two = np.flatnonzero(SENDING)[:2]
+    _assert_close(got, _flat(values)[first_two].mean(axis=0), rtol=1e-5)
+
+
 def _numpy_weiszfeld(flat, alphas, iterations, nu):
     v = (alphas[:, None] * flat).sum(0) / alphas.sum()
     for _ in range(iterations):
