@@ -91,7 +91,9 @@ def clip(
         sending = participating(weights).astype(jnp.float32)
         count = jnp.maximum(jnp.sum(sending), 1.0)
         unclipped = (norms <= bound).astype(jnp.float32) * sending
-        metrics = {"clip_norm": bound, "clipped_fraction": 1.0 - jnp.sum(unclipped) / count}
+        # of the participating clients (0 when none participates: no one was clipped)
+        clipped = jnp.sum(sending - unclipped)
+        metrics = {"clip_norm": bound, "clipped_fraction": clipped / count}
         if adaptive:
             stddev = state["count_stddev"]
             if "noise_cohort_size" in state:

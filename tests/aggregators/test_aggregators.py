@@ -248,6 +248,20 @@ def test_adaptive_clip_one_step_is_the_geometric_closed_form(expected_clients):
     assert float(metrics["clipped_fraction"]) == pytest.approx(1 - unclipped / sending.sum())
 
 
+@pytest.mark.parametrize("weights", [[0.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+def test_clipped_fraction_counts_only_participating_clients(weights):
+    """The fraction of the participating clients whose norm exceeded C: with every client
+    dropped nothing was clipped (0, not 1)."""
+    norms = np.array([3.0, 0.5, 2.0], np.float64)
+    weights = np.asarray(weights, np.float32)
+    stage = clip(1.0)
+    _, _, _, metrics, _ = jax.jit(stage.apply)(
+        stage.init(None), _norm_values(norms), jnp.asarray(weights), jax.random.key(0), {})
+    sending = weights > 0
+    want = np.sum(norms[sending] > 1.0) / sending.sum() if sending.any() else 0.0
+    assert float(metrics["clipped_fraction"]) == pytest.approx(want)
+
+
 @pytest.mark.parametrize("noise_cohort_size", [None, 400.0])
 def test_adaptive_clip_count_noise_std(noise_cohort_size):
     """The noised b_bar has std count_stddev / D (count_stddev / noise_cohort_size simulated)."""
