@@ -64,11 +64,15 @@ def mean(weighting: str = "given", denominator: float | None = None) -> Stage:
         if denominator is None:
             aggregate = weighted_mean(values, weights)
             total = jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
+            # no client took part: the aggregate is 0, a sum of nothing scaled by nothing (a
+            # scale of 1 / tiny handed a noise stage after it a std of ~1e38)
+            scale = jnp.where(jnp.sum(weights) > 0, 1.0 / total, 0.0)
         else:
             total = state["denominator"]
             aggregate = jax.tree.map(lambda s: s / total.astype(s.dtype),
                                      weighted_sum(values, weights))
-        context = {**context, "weight_bound": bound, "scale": 1.0 / total, "denominator": total}
+            scale = 1.0 / total
+        context = {**context, "weight_bound": bound, "scale": scale, "denominator": total}
         return aggregate, state, {}, context
 
     return Stage(REDUCE, init, apply, "mean")

@@ -262,6 +262,22 @@ def test_clipped_fraction_counts_only_participating_clients(weights):
     assert float(metrics["clipped_fraction"]) == pytest.approx(want)
 
 
+@pytest.mark.parametrize("weighting", ["uniform", "given"])
+def test_noise_after_a_realised_mean_of_no_clients_is_finite(weighting):
+    """clip -> mean (realised denominator) -> gaussian_noise(z): with every client dropped
+    the mean is 0 and there is no sum to noise; with one client the std is z C w / w."""
+    d, z, c = 50, 1.5, 2.0
+    aggregator = agg.chain(clip(c), agg.mean(weighting=weighting), gaussian_noise(z))
+    values = {"a": jnp.ones((3, d))}
+    state = aggregator.init({"a": jnp.zeros(d)})
+    apply = jax.jit(aggregator.apply)
+    out, _, metrics = apply(state, values, jnp.zeros(3), jax.random.key(0))
+    assert np.all(np.isfinite(np.asarray(out["a"])))
+    assert float(metrics["aggregator/gaussian_noise/noise_stddev"]) == 0.0
+    _, _, metrics = apply(state, values, jnp.asarray([0.0, 4.0, 0.0]), jax.random.key(0))
+    assert float(metrics["aggregator/gaussian_noise/noise_stddev"]) == pytest.approx(z * c)
+
+
 @pytest.mark.parametrize("noise_cohort_size", [None, 400.0])
 def test_adaptive_clip_count_noise_std(noise_cohort_size):
     """The noised b_bar has std count_stddev / D (count_stddev / noise_cohort_size simulated)."""
