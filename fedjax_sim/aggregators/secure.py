@@ -273,7 +273,11 @@ def _secure(name: str, mean: bool, bits: int, scale: float | None, clip: float |
         }
         if "noise_multiplier" in state:
             metrics["noise_stddev"] = client_std * jnp.sqrt(count) / divide
-        context = {**context, "weight_bound": weight_bound, "scale": 1.0 / divide,
+        # No survivor and a realised denominator: the aggregate is 0 and a noise stage after
+        # it must not scale by 1 / tiny (as `mean` does)
+        scale = (1.0 / divide if "denominator" in state or not mean
+                 else jnp.where(total_weight > 0, 1.0 / divide, 0.0))
+        context = {**context, "weight_bound": weight_bound, "scale": scale,
                    "denominator": divide}
         return aggregate, state, metrics, context
 

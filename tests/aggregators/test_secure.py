@@ -208,3 +208,20 @@ def test_device_padding_takes_no_part_in_the_protocol():
         assert one == pytest.approx(two, rel=1e-6, abs=0)
     for a, b in zip(jax.tree.leaves(padded_params), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_noise_after_a_secure_mean_of_no_survivors_is_finite():
+    """clip -> secure_mean (realised denominator) -> gaussian_noise(z): with every client
+    dropped the mean is 0 and no noise is scaled by 1 / tiny; with survivors the std is z C / n
+    (n survivors, uniform weighting)."""
+    d, z, c = 20, 1.5, 2.0
+    aggregator = agg.chain(agg.clip(c), secure_mean(32), agg.gaussian_noise(z))
+    values = {"a": jnp.ones((4, d))}
+    state = aggregator.init({"a": jnp.zeros(d)})
+    apply = jax.jit(aggregator.apply)
+    out, _, metrics = apply(state, values, jnp.zeros(4), jax.random.PRNGKey(0))
+    assert np.all(np.isfinite(np.asarray(out["a"])))
+    assert float(metrics["aggregator/gaussian_noise/noise_stddev"]) == 0.0
+    _, _, metrics = apply(state, values, jnp.asarray([0.0, 1.0, 1.0, 0.0]),
+                          jax.random.PRNGKey(0))
+    assert float(metrics["aggregator/gaussian_noise/noise_stddev"]) == pytest.approx(z * c / 2)
