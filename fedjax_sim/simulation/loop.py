@@ -718,6 +718,9 @@ def _prepare_workdir(workdir: Path, config: Config, overwrite: bool) -> bool:
         if _results_keys(old) == _results_keys(text):  # only the display changed: resume
             _write_atomically(saved, text)
             return True
+        if _extends(old, text):  # more rounds of the same run: resume and go on
+            _write_atomically(saved, text)
+            return True
         if not overwrite:
             new_lines, old_lines = set(text.splitlines()), set(old.splitlines())
             changed = sorted(line.strip() for line in new_lines - old_lines)[:3]
@@ -752,6 +755,19 @@ def _results_keys(text: str) -> Any:
         if isinstance(data, dict) and isinstance(data.get(section), dict):
             data[section].pop(key, None)
     return data
+
+
+def _extends(old: str, new: str) -> bool:
+    """Whether the config ``new`` only asks for more rounds of the run ``old`` (display keys
+    aside): the rounds done are the same, so the run resumes and trains the rest. Not with a
+    ``privacy.target_epsilon``, whose noise was calibrated for the old number of rounds."""
+    before, after = _results_keys(old), _results_keys(new)
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return False
+    rounds_before, rounds_after = before.pop("rounds", None), after.pop("rounds", None)
+    calibrated = (after.get("privacy") or {}).get("target_epsilon") is not None
+    return (before == after and not calibrated and isinstance(rounds_before, int)
+            and isinstance(rounds_after, int) and rounds_after > rounds_before)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -115,12 +115,13 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path):
 def test_another_config_in_a_used_workdir_is_refused_unless_overwrite(tmp_path, capsys):
     workdir = str(tmp_path / "w")
     assert main(["demo", *TINY, "rounds=2", "--workdir", workdir]) == 0
-    assert main(["demo", *TINY, "rounds=3", "--workdir", workdir]) == 2
+    before = metric_rows(tmp_path / "w")
+    assert main(["demo", *TINY, "rounds=2", "seed=7", "--workdir", workdir]) == 2
     err = capsys.readouterr().err
-    assert "holds a run of a different config" in err and "rounds: 3" in err
-    assert len(metric_rows(tmp_path / "w")) == 2  # the old run is untouched
-    assert main(["demo", *TINY, "rounds=3", "--workdir", workdir, "--overwrite"]) == 0
-    assert len(metric_rows(tmp_path / "w")) == 3
+    assert "holds a run of a different config" in err and "seed: 7" in err
+    assert metric_rows(tmp_path / "w") == before  # the old run is untouched
+    assert main(["demo", *TINY, "rounds=2", "seed=7", "--workdir", workdir, "--overwrite"]) == 0
+    assert metric_rows(tmp_path / "w") != before
 
 
 def test_divergence_stops_with_the_round_and_metric_and_keeps_the_last_good_checkpoint(
@@ -205,3 +206,36 @@ def test_a_one_round_run_reports_no_steady_round_time(tmp_path, capsys):
     assert summary["first_round_seconds"] > 0
     out = capsys.readouterr().out
     assert "done: 1 round in" in out and "s/round" not in out
+
+
+def test_more_rounds_of_a_finished_run_resume_and_equal_the_longer_run(tmp_path, capsys):
+    """rounds=2, then rounds=4 in the same workdir: the run resumes after round 2 and its
+    metrics equal those of one uninterrupted 4-round run (wall times aside; round 2 also keeps
+    the evaluation that ended the first run); fewer rounds are still refused."""
+    extended, reference = tmp_path / "extended", tmp_path / "reference"
+    assert main(["demo", *TINY, "rounds=2", "--workdir", str(extended)]) == 0
+    assert main(["demo", *TINY, "rounds=4", "--workdir", str(extended)]) == 0
+    assert main(["demo", *TINY, "rounds=4", "--workdir", str(reference)]) == 0
+
+    rows, reference_rows = metric_rows(extended), metric_rows(reference)
+    assert len(rows) == len(reference_rows) == 4
+    for row, expected in zip(rows, reference_rows, strict=True):
+        assert {k: row[k] for k in expected if k != "wall_time"} == {
+            k: v for k, v in expected.items() if k != "wall_time"}
+    assert "test/accuracy" in rows[1]  # the first run's final evaluation
+    capsys.readouterr()
+    assert main(["demo", *TINY, "rounds=3", "--workdir", str(extended)]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_only_more_rounds_without_a_calibrated_epsilon_extend_a_run():
+    from fedjax_sim.simulation.loop import _extends
+
+    old = "rounds: 2\nseed: 0\nlog: {every: 1, progress: false}\n"
+    assert _extends(old, "rounds: 4\nseed: 0\nlog: {every: 1, progress: true}\n")
+    assert not _extends(old, "rounds: 1\nseed: 0\nlog: {every: 1, progress: false}\n")
+    assert not _extends(old, "rounds: 4\nseed: 1\nlog: {every: 1, progress: false}\n")
+    calibrated = "rounds: {}\nprivacy: {{target_epsilon: 4.0}}\n"
+    assert not _extends(calibrated.format(2), calibrated.format(4))
+    fixed_noise = "rounds: {}\nprivacy: {{noise_multiplier: 1.0}}\n"
+    assert _extends(fixed_noise.format(2), fixed_noise.format(4))
