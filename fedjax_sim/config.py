@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+import shutil
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -581,6 +582,17 @@ def check_folder(path: str | Path, what: str = "workdir") -> None:
                                   f"one{where}; choose another {what}")
             return
 
+
+
+def remove_outputs(workdir: Path, names: Sequence[str]) -> None:
+    """Deletes the files and folders ``names`` of ``workdir`` (what a command writes there, for
+    ``--overwrite``); anything else in it stays."""
+    for name in names:
+        path = Path(workdir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML file (ConfigError: missing, not YAML, not a mapping)."""

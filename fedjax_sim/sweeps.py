@@ -50,11 +50,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import difflib
 import itertools
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -75,6 +75,7 @@ from fedjax_sim.config import (
     parse_override,
     read_yaml_mapping,
     refuse_analytics_config,
+    remove_outputs,
     safe_load,
 )
 from fedjax_sim.simulation.round_step import SWEEP_AXIS
@@ -622,8 +623,6 @@ def _check_metric_reported(spec: SweepSpec, statuses: Sequence[Mapping[str, Any]
         return
     reported = sorted({key for history in histories for row in history for key in row}
                       - {"round", "wall_time"})
-    import difflib
-
     close = difflib.get_close_matches(spec.metric, reported, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"config key 'sweep.metric': no configuration reported {spec.metric!r}"
@@ -648,12 +647,7 @@ def _prepare_workdir(workdir: Path, data, spec: SweepSpec, overrides, overwrite:
         if not overwrite:
             raise ConfigError(f"workdir {str(workdir)!r} holds another sweep; pass --overwrite "
                               "to replace it, or choose another --workdir")
-        for name in SWEEP_OUTPUTS:  # the sweep's own outputs; other files in it stay
-            path = workdir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_outputs(workdir, SWEEP_OUTPUTS)  # other files in it stay
     workdir.mkdir(parents=True, exist_ok=True)
     saved.write_text(text)
     return False

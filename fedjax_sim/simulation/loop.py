@@ -20,7 +20,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from fedjax_sim.config import (
     check_options,
     config_to_yaml,
     load_config,
+    remove_outputs,
 )
 from fedjax_sim.core import FederatedAlgorithm
 from fedjax_sim.data.batching import ClientSchedule
@@ -715,10 +715,7 @@ def _prepare_workdir(workdir: Path, config: Config, overwrite: bool) -> bool:
         old = saved.read_text()
         if old == text:
             return True
-        if _results_keys(old) == _results_keys(text):  # only the display changed: resume
-            _write_atomically(saved, text)
-            return True
-        if _extends(old, text):  # more rounds of the same run: resume and go on
+        if _continues(old, text):  # display keys or more rounds: the same run, resume
             _write_atomically(saved, text)
             return True
         if not overwrite:
@@ -729,12 +726,7 @@ def _prepare_workdir(workdir: Path, config: Config, overwrite: bool) -> bool:
                 f"{'; '.join(changed)}); pass --overwrite (run(..., overwrite=True)) to replace "
                 "it, or choose another --workdir"
             )
-        for name in OUTPUTS:
-            path = workdir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_outputs(workdir, OUTPUTS)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_atomically(saved, text)
     return False
@@ -757,17 +749,18 @@ def _results_keys(text: str) -> Any:
     return data
 
 
-def _extends(old: str, new: str) -> bool:
-    """Whether the config ``new`` only asks for more rounds of the run ``old`` (display keys
-    aside): the rounds done are the same, so the run resumes and trains the rest. Not with a
-    ``privacy.target_epsilon``, whose noise was calibrated for the old number of rounds."""
+def _continues(old: str, new: str) -> bool:
+    """Whether the config ``new`` continues the run ``old``: the same but for `DISPLAY_KEYS`
+    and more ``rounds`` (the rounds done are the same, so the run resumes and trains the rest;
+    not with a ``privacy.target_epsilon``, whose noise was calibrated for the old count)."""
     before, after = _results_keys(old), _results_keys(new)
     if not (isinstance(before, dict) and isinstance(after, dict)):
         return False
     rounds_before, rounds_after = before.pop("rounds", None), after.pop("rounds", None)
+    if before != after or not (isinstance(rounds_before, int) and isinstance(rounds_after, int)):
+        return False
     calibrated = (after.get("privacy") or {}).get("target_epsilon") is not None
-    return (before == after and not calibrated and isinstance(rounds_before, int)
-            and isinstance(rounds_after, int) and rounds_after > rounds_before)
+    return rounds_after == rounds_before or (rounds_after > rounds_before and not calibrated)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -968,9 +961,7 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
         summary["example_privacy"] = experiment.example_privacy.summary()
     if jax.process_index() != 0:  # process 0 writes and reports
         return summary
-    temporary = workdir / "summary.json.tmp"
-    temporary.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(temporary, workdir / "summary.json")
+    _write_atomically(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if config.log.plot:
         plot_learning_curve(history, workdir / "learning_curve.png", title=config.name)
     tests = {k: v for k, v in final.items() if k.endswith("/accuracy") and "train" not in k}

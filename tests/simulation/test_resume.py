@@ -229,13 +229,13 @@ def test_more_rounds_of_a_finished_run_resume_and_equal_the_longer_run(tmp_path,
 
 
 def test_only_more_rounds_without_a_calibrated_epsilon_extend_a_run():
-    from fedjax_sim.simulation.loop import _extends
+    from fedjax_sim.simulation.loop import _continues
 
     old = "rounds: 2\nseed: 0\nlog: {every: 1, progress: false}\n"
-    assert _extends(old, "rounds: 4\nseed: 0\nlog: {every: 1, progress: true}\n")
-    assert not _extends(old, "rounds: 1\nseed: 0\nlog: {every: 1, progress: false}\n")
-    assert not _extends(old, "rounds: 4\nseed: 1\nlog: {every: 1, progress: false}\n")
+    assert _continues(old, "rounds: 4\nseed: 0\nlog: {every: 1, progress: true}\n")
+    assert not _continues(old, "rounds: 1\nseed: 0\nlog: {every: 1, progress: false}\n")
+    assert not _continues(old, "rounds: 4\nseed: 1\nlog: {every: 1, progress: false}\n")
     calibrated = "rounds: {}\nprivacy: {{target_epsilon: 4.0}}\n"
-    assert not _extends(calibrated.format(2), calibrated.format(4))
+    assert not _continues(calibrated.format(2), calibrated.format(4))
     fixed_noise = "rounds: {}\nprivacy: {{noise_multiplier: 1.0}}\n"
-    assert _extends(fixed_noise.format(2), fixed_noise.format(4))
+    assert _continues(fixed_noise.format(2), fixed_noise.format(4))
