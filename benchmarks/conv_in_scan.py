@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax import lax  # noqa: E402
-from round_throughput import cpu_model  # noqa: E402  (a sibling script)
+from round_throughput import cpu_model, matmul_peak  # noqa: E402  (a sibling script)
 
 from fedjax_sim.models import EmnistCNN, canonical_conv  # noqa: E402
 
@@ -105,6 +105,7 @@ def main() -> None:
         },
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "matmul_peak": matmul_peak(),  # f32 GFLOP/s of this machine, measured in this run
         "timings": timings,
         "ratio_lax_over_canonical": ratio,
     }

@@ -330,7 +330,7 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    from round_throughput import machine_info, write_report
+    from round_throughput import machine_info, matmul_peak, write_report
 
     flat = converted["flat_array_bytes"]
     report = {
@@ -338,6 +338,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/data_scale.py" + (" --small" if args.small else ""),
         "machine": machine_info(),
+        "matmul_peak": matmul_peak(),  # f32 GFLOP/s of this machine, measured in this run
         "load_average_1min": os.getloadavg()[0],
         "synthetic_stackoverflow": {
             "files": written,

@@ -53,7 +53,7 @@ from fedjax_sim.simulation import loop
 from fedjax_sim.simulation.evaluation import client_distribution, make_fine_tune_evaluator
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from round_throughput import machine_info, write_report  # noqa: E402  (a sibling script)
+from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402  (a sibling script)
 
 DISTRIBUTION = ("accuracy_mean", "accuracy_p10", "accuracy_p25", "accuracy_p50", "accuracy_p75",
                 "accuracy_p90", "accuracy_worst10pct", "accuracy_min", "accuracy_var",
@@ -206,6 +206,7 @@ def main() -> None:
         "benchmark": "fairness_personalization",
         "date": datetime.date.today().isoformat(),
         "machine": machine_info(),
+        "matmul_peak": matmul_peak(),  # f32 GFLOP/s of this machine, measured in this run
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "settings": {
             "rounds": args.rounds, "alpha": args.alpha, "seed": args.seed,

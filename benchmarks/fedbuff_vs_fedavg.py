@@ -40,7 +40,7 @@ import fedjax_sim  # noqa: F401  (sets the XLA:CPU flags before jax starts)
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from round_throughput import machine_info, write_report  # noqa: E402
+from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402
 
 from fedjax_sim.config import load_config  # noqa: E402
 from fedjax_sim.simulation.loop import build_experiment  # noqa: E402
@@ -149,6 +149,7 @@ def main(argv=None) -> None:
                  "(exp(N(0,1)) simulated s per local step, seed 0); FedBuff concurrency 30, "
                  "buffer K=10; FedAvg deadline 60 s",
         "machine": machine_info(),
+        "matmul_peak": matmul_peak(),  # f32 GFLOP/s of this machine, measured in this run
         "comparison": comparison,
         "variants": results,
     }

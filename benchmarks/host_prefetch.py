@@ -34,7 +34,7 @@ import optax
 import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax starts)
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from round_throughput import machine_info, write_report  # noqa: E402
+from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402
 
 from fedjax_sim.algorithms.fed_avg import fed_avg  # noqa: E402
 from fedjax_sim.data.batching import ClientSchedule  # noqa: E402
@@ -130,6 +130,7 @@ def main() -> None:
         "benchmark": "host_prefetch",
         "date": datetime.date.today().isoformat(),
         "machine": machine_info(),
+        "matmul_peak": matmul_peak(),  # f32 GFLOP/s of this machine, measured in this run
         "workload": {"dataset": "fashion_mnist dirichlet(0.5) x 100 clients, memory-mapped",
                      "model": args.model, "cohort": 10, "batch": 20, "local_epochs": 1,
                      "rounds_per_block": args.rounds, "blocks": args.repeats,

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from round_throughput import machine_info, write_report  # a sibling script
+from round_throughput import machine_info, matmul_peak, write_report  # a sibling script
 
 from fedjax_sim.algorithms.local import model_loss
 from fedjax_sim.models import Model, create_model
@@ -152,6 +152,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "setup": {"steps_per_call": args.steps, "repeats": args.repeats, "optimizer": "sgd"},
         "machine": machine_info(),
+        "matmul_peak": matmul_peak(),  # f32 GFLOP/s of this machine, measured in this run
         "results": results,
     }
     path = write_report(report, args.out, "model_throughput-")

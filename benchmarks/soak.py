@@ -45,7 +45,7 @@ import jax
 from fedjax_sim.simulation.loop import run
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from round_throughput import machine_info, write_report  # noqa: E402  (a sibling script)
+from round_throughput import machine_info, matmul_peak, write_report  # noqa: E402  (a sibling script)
 
 TARGET_GROWTH_PERCENT = 5.0
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -175,6 +175,7 @@ def main() -> None:
         "benchmark": "soak",
         "date": datetime.date.today().isoformat(),
         "machine": machine_info(),
+        "matmul_peak": matmul_peak(),  # f32 GFLOP/s of this machine, measured in this run
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "settings": {
             "rounds": args.rounds,
