@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -99,7 +100,8 @@ def parse_idx(data: bytes, path: str | os.PathLike) -> np.ndarray:
             f"{ndim} dimensions"
         )
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected = header_bytes + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python ints: an int64 product of a damaged header's sizes can wrap (to 0, to negatives).
+    expected = header_bytes + math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         problem = "truncated IDX data" if len(data) < expected else "trailing bytes after IDX data"
         raise DataError(

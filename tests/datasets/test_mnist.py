@@ -76,6 +76,21 @@ def test_idx_module_reads_what_was_written(tmp_path):
         idx.read_idx(tmp_path / "b")
 
 
+@pytest.mark.parametrize("dims, data_bytes", [
+    ((2**31, 2**31, 4), 0),  # 2**64 values: an int64 product wraps to 0 = the bytes present
+    ((60_000, 2**31, 2**31), 100),  # wraps to 0 as well: was "trailing bytes, expected 16"
+])
+def test_damaged_header_with_huge_sizes_is_truncated_data_naming_the_file(
+        dims, data_bytes, tmp_path):
+    """Reference: the size the header claims, in Python integers (no overflow)."""
+    path = tmp_path / "damaged"
+    path.write_bytes(struct.pack(">HBB3I", 0, 0x08, 3, *dims) + b"\x00" * data_bytes)
+    claimed = 16 + dims[0] * dims[1] * dims[2]
+    with pytest.raises(DataError, match=rf"damaged: truncated IDX data: {16 + data_bytes} bytes, "
+                       rf"expected {claimed} \(a 16-byte header"):
+        idx.read_idx(path)
+
+
 def test_mnist_arrays_are_exactly_the_files(small_specs):
     folder, written = small_specs
     train, test = mn.load_mnist_arrays(data_dir=folder.parent)
