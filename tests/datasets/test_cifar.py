@@ -296,3 +296,28 @@ def test_cifar10_config_runs_on_small_files(small_counts, tmp_path):
                  f"dataset.data_dir={tmp_path / 'data'}", "--workdir", str(workdir)]) == 0
     summary = json.loads((workdir / "summary.json").read_text())
     assert np.isfinite(summary["final"]["test/accuracy"])
+
+
+@pytest.mark.parametrize("version, name, label_bytes", [
+    (cifar.CIFAR10, "test_batch.bin", 1), (cifar.CIFAR100, "test.bin", 2)])
+def test_real_size_test_file_at_the_real_count(version, name, label_bytes, tmp_path):
+    """The real counts, unpatched, on a file of the real size (10,000 records, 30 MB): read
+    exactly; one record fewer or more is refused, naming the file and the expected count."""
+    rng = np.random.default_rng(5)
+    n = version.records[name]
+    assert n == 10_000 and version.label_bytes == label_bytes
+    planes = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, (n, label_bytes), dtype=np.uint8)
+    flat = np.concatenate([labels, planes.reshape(n, -1)], axis=1)  # the record layout
+    path = tmp_path / name
+    path.write_bytes(flat.tobytes())
+    assert path.stat().st_size == n * (label_bytes + 3072)
+    images, read_labels = cifar.read_records(path, label_bytes, n)
+    assert images.shape == (n, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, hwc(planes))
+    np.testing.assert_array_equal(read_labels, labels)
+    for records_present in (n - 1, n + 1):
+        path.write_bytes(np.resize(flat, (records_present, flat.shape[1])).tobytes())
+        with pytest.raises(DataError, match=rf"{name}: {records_present} records, expected "
+                           rf"{n} \({n * (label_bytes + 3072)} bytes\)"):
+            cifar.read_records(path, label_bytes, n)

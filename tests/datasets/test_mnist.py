@@ -8,13 +8,16 @@ digests at them, so every check the loader makes on real data runs here too.
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
+import shutil
 import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FASHION_MNIST_FILES, SHARED_DATA, needs_shared_data
 
 from fedjax_sim.cli import main
 from fedjax_sim.data.errors import DataError
@@ -190,6 +193,147 @@ def test_mnist_download_checks_digests_and_loads(small_specs, tmp_path, monkeypa
     assert sorted(p.name for p in (target / "mnist").iterdir()) == sorted(
         f"{spec.name}.gz" for spec in mn.MNIST_FILES.values()
     )
+
+
+# The distributed files, their addresses and sha256 (tensorflow_datasets/url_checksums/mnist.txt;
+# the same digests torchvision and others pin), written here independently of the loader.
+REAL_MNIST = {
+    "train-images-idx3-ubyte": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+REAL_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/{}.gz"
+
+
+def serve(monkeypatch, files: dict[str, bytes]) -> list[str]:
+    """Replaces the network: ``urlopen`` answers the URLs ending in a name of ``files``; returns
+    the list of URLs asked for."""
+    asked = []
+
+    def urlopen(url, timeout=None):
+        asked.append(url)
+        return io.BytesIO(files[url.rsplit("/", 1)[-1]])
+
+    monkeypatch.setattr(download_lib.urllib.request, "urlopen", urlopen)
+    return asked
+
+
+def parse_by_hand(gz: bytes, magic: int, shape: tuple) -> np.ndarray:
+    """Reference IDX parse: gunzip, check the big-endian magic and sizes, take the bytes."""
+    data = gzip.decompress(gz)
+    ndim = len(shape)
+    assert struct.unpack(">I", data[:4])[0] == magic
+    assert struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim]) == shape
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+@needs_shared_data(*FASHION_MNIST_FILES)
+def test_real_idx_files_at_the_real_counts_through_the_mnist_and_emnist_readers(
+        tmp_path, monkeypatch):
+    """Fashion-MNIST's four files are MNIST's format, names and counts (60,000 / 10,000
+    28x28): read through the MNIST loader with its real shape checks (only the .gz digests
+    are theirs), and through the EMNIST loader from a ``gzip.zip`` with NIST's member paths for
+    the ``mnist`` split (real counts too; EMNIST stores images transposed)."""
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    gz = {}
+    for name in REAL_MNIST:
+        shutil.copyfile(SHARED_DATA / "fashion-mnist" / f"{name}.gz", folder / f"{name}.gz")
+        gz[name] = (folder / f"{name}.gz").read_bytes()
+    for key, spec in mn.MNIST_FILES.items():
+        monkeypatch.setitem(mn.MNIST_FILES, key, dataclasses.replace(
+            spec, gz_sha256=hashlib.sha256(gz[spec.name]).hexdigest()))
+    expected = {}
+    for split, prefix, n in (("train", "train", 60_000), ("test", "t10k", 10_000)):
+        expected[split] = (parse_by_hand(gz[f"{prefix}-images-idx3-ubyte"], 0x803, (n, 28, 28)),
+                           parse_by_hand(gz[f"{prefix}-labels-idx1-ubyte"], 0x801, (n,)))
+    train, test = mn.load_mnist_arrays(data_dir=tmp_path / "data")
+    for split, arrays in (("train", train), ("test", test)):
+        images, labels = expected[split]
+        assert arrays["x"].shape == (len(labels), 28, 28, 1) and arrays["x"].dtype == np.float32
+        np.testing.assert_array_equal(arrays["x"][..., 0] * np.float32(255),
+                                      images.astype(np.float32))
+        assert arrays["y"].dtype == np.int32
+        np.testing.assert_array_equal(arrays["y"], labels)
+    np.testing.assert_array_equal(np.bincount(train["y"]), np.full(10, 6000))
+    # EMNIST: the same files as the mnist split's members of gzip.zip, counts unpatched.
+    archive = tmp_path / "e" / "emnist" / "gzip.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for (part, kind), spec in mn.MNIST_FILES.items():
+            zf.writestr(f"gzip/emnist-mnist-{part}-{kind}-idx{3 if kind == 'images' else 1}"
+                        "-ubyte.gz", gz[spec.name])
+    _trust_zip(monkeypatch, archive)
+    etrain, etest = mn.load_emnist_arrays("mnist", data_dir=tmp_path / "e")
+    for split, arrays in (("train", etrain), ("test", etest)):
+        images, labels = expected[split]
+        np.testing.assert_array_equal(arrays["x"][..., 0] * np.float32(255),
+                                      images.transpose(0, 2, 1).astype(np.float32))
+        np.testing.assert_array_equal(arrays["y"], labels)
+
+
+def test_mnist_names_urls_and_digests_are_the_distributed_ones(tmp_path, monkeypatch):
+    """With the real specs, a download asks for the real URL and refuses bytes that are not the
+    distributed file, naming the file, the URL and the real digest; nothing is kept."""
+    fake = gzip.compress(idx_bytes(np.zeros((3, 28, 28), np.uint8)), mtime=0)
+    asked = serve(monkeypatch, {f"{name}.gz": fake for name in REAL_MNIST})
+    with pytest.raises(download_lib.ChecksumError) as error:
+        mn.load_mnist_arrays(data_dir=tmp_path, download=True)
+    url = REAL_URL.format("train-images-idx3-ubyte")
+    assert asked == [url]
+    message = str(error.value)
+    assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in message and url in message
+    assert REAL_MNIST["train-images-idx3-ubyte"] in message
+    assert hashlib.sha256(fake).hexdigest() in message
+    assert list((tmp_path / "mnist").iterdir()) == []  # no partial file left
+    assert {spec.name: spec.gz_sha256 for spec in mn.MNIST_FILES.values()} == REAL_MNIST
+    assert {spec.url(mn.MNIST_URL_BASE) for spec in mn.MNIST_FILES.values()} == {
+        REAL_URL.format(name) for name in REAL_MNIST}
+
+
+def test_mnist_download_once_then_the_files_on_disk(small_specs, tmp_path, monkeypatch):
+    """Downloaded files are kept and used: a second load fetches nothing; a file damaged
+    on disk afterwards is reported (its path and the expected digest), never re-fetched."""
+    folder, written = small_specs
+    served = {p.name: p.read_bytes() for p in folder.iterdir()}
+    asked = serve(monkeypatch, served)
+    target = tmp_path / "fresh"
+    train, _ = mn.load_mnist_arrays(data_dir=target, download=True)
+    assert sorted(asked) == sorted(REAL_URL.format(name) for name in REAL_MNIST)
+    np.testing.assert_array_equal(train["y"], written["train", "labels"])
+    for name, data in served.items():
+        assert (target / "mnist" / name).read_bytes() == data
+    asked.clear()
+    again, _ = mn.load_mnist_arrays(data_dir=target, download=True)
+    assert asked == []
+    np.testing.assert_array_equal(again["x"], train["x"])
+    labels = target / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-9])  # truncated: the gzip trailer is gone
+    with pytest.raises(download_lib.ChecksumError) as error:
+        mn.load_mnist_arrays(data_dir=target, download=True)
+    assert asked == [] and str(labels) in str(error.value)
+    assert mn.MNIST_FILES["test", "labels"].gz_sha256 in str(error.value)
+
+
+def test_mnist_truncated_files_name_the_file_and_the_expectation(small_specs, monkeypatch):
+    folder, written = small_specs
+    # A truncated .gz whose digest is trusted: the gzip stream itself is refused.
+    path = folder / "train-labels-idx1-ubyte.gz"
+    cut = path.read_bytes()[:-5]
+    path.write_bytes(cut)
+    monkeypatch.setitem(mn.MNIST_FILES, ("train", "labels"), dataclasses.replace(
+        mn.MNIST_FILES["train", "labels"], gz_sha256=hashlib.sha256(cut).hexdigest()))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: truncated or corrupt gzip "
+                       r"stream .*fetch it again"):
+        mn.load_mnist_arrays(data_dir=folder.parent)
+    # A decompressed file cut short: the header's size against the bytes present.
+    path.unlink()
+    plain = folder / "train-labels-idx1-ubyte"
+    plain.write_bytes(idx_bytes(written["train", "labels"])[:-3])
+    with pytest.raises(DataError, match=rf"train-labels-idx1-ubyte: truncated IDX data: "
+                       rf"{8 + NUM_TRAIN - 3} bytes, expected {8 + NUM_TRAIN}"):
+        mn.load_mnist_arrays(data_dir=folder.parent)
 
 
 # --- EMNIST ---------------------------------------------------------------------------------------
