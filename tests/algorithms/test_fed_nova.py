@@ -3,6 +3,7 @@ numbers of local steps differ), and against FedAvg when every client runs the sa
 
 import chex
 import jax
+import linear_problem
 import numpy as np
 import optax
 import pytest
@@ -115,3 +116,92 @@ def test_config_and_bad_momentum():
                      **config.algorithm.options).init(model.init(jax.random.key(0)))
     with pytest.raises(ValueError, match="momentum must be in"):
         fed_nova(model, optax.sgd(0.1), optax.sgd(1.0), momentum=1.0)
+
+
+# --- The paper's update on least squares, with a numpy float64 reference -----------------------
+
+
+def drop_first_client(key, clients):
+    """A system model: the cohort's first client drops out (no step, weight 0)."""
+    del key
+    keep = np.arange(clients.mask.shape[0]) != 0
+    return clients.replace(mask=clients.mask & keep[:, None, None],
+                           num_steps=np.where(keep, 1, 0) * clients.num_steps)
+
+
+def paper_round(x, data, cohort, lr, rho, server_lr, exponent, normalize=True):
+    """FedNova (Wang et al. 2020, eq. (5) / Appendix) with local heavy-ball SGD, in float64.
+
+    Client i steps ``y <- y - lr * buffer``, ``buffer = g + rho * buffer``, so its delta is
+    ``lr * sum_j c_j g_j``, c_j the total weight gradient j gets over the remaining steps, and
+    a_i = sum_j c_j, accumulated here step by step (no closed form):
+    ``x+ = x - server_lr * tau_eff * sum_i p_i delta_i / a_i``, ``tau_eff = sum_i p_i a_i``.
+    ``normalize=False``: a_i = 1 (FedAvg's weighted mean of the deltas, times tau_eff).
+    """
+    deltas, a, p = [], [], []
+    for c, k in enumerate(cohort["client_id"]):
+        steps = linear_problem.batches(cohort, c)
+        if not steps:
+            continue  # dropped: not in the average at all
+        y, buffer, in_buffer, a_i = x.copy(), np.zeros_like(x), [], 0.0
+        for rows in steps:
+            buffer = linear_problem.gradient(y, data, rows) + rho * buffer
+            y = y - lr * buffer
+            in_buffer = [rho * weight for weight in in_buffer] + [1.0]  # gradients' weights
+            a_i += sum(in_buffer)
+        deltas.append(x - y)
+        a.append(a_i if normalize else 1.0)
+        p.append(float(data.client_sizes[k]) ** exponent)
+    p = np.array(p) / np.sum(p)
+    tau_eff = float(np.sum(p * np.array(a)))
+    direction = sum(pi * d / ai for pi, d, ai in zip(p, deltas, a, strict=True))
+    return x - server_lr * tau_eff * direction, tau_eff
+
+
+@pytest.mark.parametrize("optimizer, weighting", [
+    ("plain_momentum", "num_examples"),  # optax.sgd(lr, momentum=rho): rho from its steps
+    ("injected_momentum", "uniform"),  # the config's sgd: rho read from the state
+    ("plain_sgd", 0.5),
+])
+def test_normalized_averaging_matches_the_paper_on_least_squares(optimizer, weighting):
+    """Clients of different sizes run 1 local epoch (tau_i differ), the first client of every
+    cohort drops out, the server steps with lr 0.7: the params and tau_eff against a float64
+    loop written from the paper."""
+    lr, rho, server_lr = 0.05, 0.6, 0.7
+    client = {"plain_momentum": optax.sgd(lr, momentum=rho),
+              "injected_momentum": optax.inject_hyperparams(optax.sgd)(learning_rate=lr,
+                                                                       momentum=rho),
+              "plain_sgd": optax.sgd(lr)}[optimizer]
+    rho = 0.0 if optimizer == "plain_sgd" else rho
+    exponent = {"num_examples": 1.0, "uniform": 0.0}.get(weighting, weighting)
+    data = linear_problem.linear_data((5, 17, 40, 3, 11, 26))
+    algorithm = fed_nova(None, client, optax.sgd(server_lr), client_weighting=weighting,
+                         loss_fn=linear_problem.squared_loss)
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_epochs=1)
+    state, history = linear_problem.run(algorithm, data, schedule, 3, 4, client_execution="map",
+                                        system=drop_first_client)
+    start = np.float64(linear_problem.initial_params()["w"])
+    x, plain = start, start
+    for cohort in history:
+        x, tau_eff = paper_round(x, data, cohort, lr, rho, server_lr, exponent)
+        np.testing.assert_allclose(cohort["train/tau_eff"], tau_eff, rtol=1e-5)
+        # without the normalization the same local training ends elsewhere
+        plain = paper_round(plain, data, cohort, lr, rho, server_lr, exponent,
+                            normalize=False)[0]
+    np.testing.assert_allclose(state.params["w"], x, rtol=1e-5, atol=1e-6)
+    assert np.abs(plain - x).max() > 1e-2
+    assert any(len(set(c["num_steps"][1:].tolist())) > 1 for c in history)  # tau_i differ
+    assert all(c["num_steps"][0] == 0 for c in history)  # the dropout happened
+
+
+@pytest.mark.parametrize("client", [
+    optax.sgd(0.05, momentum=0.6, nesterov=True),
+    optax.inject_hyperparams(optax.sgd)(learning_rate=0.05, momentum=0.6, nesterov=True),
+    optax.adagrad(0.05),
+])
+def test_steps_that_are_not_heavy_ball_sgd_are_refused_unless_momentum_is_given(client):
+    """a_i is heavy-ball SGD's: for Nesterov momentum (each gradient weighs 1 + rho (1 -
+    rho^m) / (1 - rho), not (1 - rho^m) / (1 - rho)) or Adagrad it would be wrong, silently."""
+    with pytest.raises(ValueError, match=r"fed_nova: the client optimizer's steps.*momentum="):
+        fed_nova(None, client, optax.sgd(1.0), loss_fn=linear_problem.squared_loss)
+    fed_nova(None, client, optax.sgd(1.0), momentum=0.0, loss_fn=linear_problem.squared_loss)
