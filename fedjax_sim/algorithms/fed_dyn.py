@@ -175,7 +175,7 @@ def fed_dyn(
 
         new_state, metrics = server_step(state, server_optimizer, aggregator, drifts, weights,
                                          key_model, transform=pseudo_gradient,
-                                         client_ids=clients.client_id)
+                                         client_ids=clients.client_id, cohort_size=cohort.size)
         new_state = new_state.replace(
             h=h,
             client_gradients=scatter_client_state(

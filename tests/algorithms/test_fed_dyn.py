@@ -138,3 +138,33 @@ def test_config_and_bad_arguments():
         fed_dyn(model, optax.sgd(0.1), optax.sgd(1.0))
     with pytest.raises(ValueError, match="alpha must be > 0"):
         fed_dyn(model, optax.sgd(0.1), optax.sgd(1.0), alpha=0.0, num_clients=5)
+
+
+def test_device_padding_takes_no_part_in_secure_aggregation_of_the_model_update():
+    """A cohort of 3 over 2 devices is padded with a zero-weight row. With secure aggregation
+    (dropouts, stochastic rounding) of the drifts, the padding must take no part in the
+    protocol, so 2 devices train what 1 device trains (as every other algorithm does): the
+    model update's aggregator is told the cohort's real size, like h's."""
+    from fedjax_sim import aggregators
+    from fedjax_sim.sharding import client_mesh
+    from fedjax_sim.simulation.backend import Backend
+
+    model, data = tiny_model(), tiny_data((5, 17, 40, 3, 11, 9))
+
+    def params_after(backend):
+        algorithm = fed_dyn(model, optax.sgd(0.1), optax.sgd(1.0), alpha=0.3,
+                            num_clients=data.num_clients,
+                            aggregator=aggregators.chain(aggregators.clip(1.0),
+                                                         aggregators.secure_mean(16, dropout=0.3)))
+        schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_epochs=1)
+        step = build_round_step(algorithm, data, schedule, uniform_sampler(data.num_clients, 3),
+                                3, backend=backend)
+        state = step.place(init_simulation_state(algorithm.init(model.init(jax.random.key(0))),
+                                                 1))
+        for _ in range(3):
+            state, _ = step(state)
+        return jax.device_get(state.algorithm.params)
+
+    one, two = params_after(Backend()), params_after(Backend(client_mesh(2), "vmap"))
+    for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
