@@ -49,6 +49,34 @@ def test_projection_matches_numpy_reference(seed):
     assert np.all(v[~support] <= (v - x)[support][0] + 1e-6)
 
 
+def bisection_simplex_projection(v, iterations=200):
+    """argmin_{x in simplex} ||x - v||, found another way: x = max(v - theta, 0) with theta the
+    root of the decreasing ``sum(max(v - theta, 0)) - 1``, by bisection in float64 (no sort)."""
+    v = np.asarray(v, np.float64)
+    low, high = v.min() - 1.0, v.max()  # the sum is >= 1 at low, 0 at high
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if np.maximum(v - middle, 0).sum() > 1 else (low, middle)
+    return np.maximum(v - (low + high) / 2, 0.0)
+
+
+@pytest.mark.parametrize("case", ["normal", "near_uniform", "a_few_large", "ascent_step"])
+def test_projection_matches_bisection(case):
+    """Against an independent algorithm (bisection on the threshold), K up to 3,400 (EMNIST's
+    writers), including the shape AFL projects: the simplex plus a step on a few clients."""
+    rng = np.random.default_rng(len(case))
+    for size in (2, 7, 100, 3400):
+        v = {"normal": rng.normal(size=size),
+             "near_uniform": np.full(size, 1.0 / size) + rng.normal(scale=1e-6, size=size),
+             "a_few_large": np.where(rng.random(size) < 0.05, rng.exponential(size=size), 0.0)
+             - rng.random(size),
+             "ascent_step": rng.dirichlet(np.ones(size)) + 0.05 * size / 3 * np.where(
+                 rng.random(size) < 3 / size, rng.exponential(size=size), 0.0)}[case]
+        v = v.astype(np.float32)
+        x = np.asarray(jax.jit(project_to_simplex)(jnp.asarray(v)))
+        np.testing.assert_allclose(x, bisection_simplex_projection(v), atol=2e-6, rtol=0)
+
+
 def test_projection_keeps_simplex_points_and_handles_ties():
     point = np.array([0.2, 0.3, 0.5, 0.0], np.float32)
     np.testing.assert_allclose(project_to_simplex(jnp.asarray(point)), point, atol=1e-7)

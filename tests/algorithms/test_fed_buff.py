@@ -59,8 +59,9 @@ def local_sgd(model, params, data, indices, mask):
 class EventDrivenFedBuff:
     """The paper's server loop on a simulated clock: a heap of (finish time, dispatch order)."""
 
-    def __init__(self, model, params, data, concurrency, buffer_size, exponent=0.5):
-        self.model, self.data = model, data
+    def __init__(self, model, params, data, concurrency, buffer_size, exponent=0.5,
+                 weight_exponent=1.0):
+        self.model, self.data, self.weight_exponent = model, data, weight_exponent
         self.params = jax.tree.map(np.float64, params)
         self.concurrency, self.buffer_size, self.exponent = concurrency, buffer_size, exponent
         self.heap, self.clock, self.version, self.sequence = [], np.float32(0), 0, 0
@@ -84,7 +85,7 @@ class EventDrivenFedBuff:
         for c in range(len(ids)):
             delta = local_sgd(self.model, start, self.data, indices[c], mask[c])
             finish = np.float32(self.clock + np.float32(duration[c]))
-            weight = float(self.data.client_sizes[ids[c]])
+            weight = float(self.data.client_sizes[ids[c]]) ** self.weight_exponent
             heapq.heappush(self.heap, (finish, self.sequence, delta, self.version, weight))
             self.sequence += 1
         return staleness
@@ -123,6 +124,31 @@ def test_fed_buff_matches_event_driven_reference(speed):
             chex.assert_trees_all_close(state.algorithm.params, params)
             assert got["system/clock"] == 0.0
     assert saw_stale and bool(state.algorithm.slot_filled.all())
+
+
+def test_staleness_exponent_buffer_size_and_uniform_weights():
+    """s(tau) = (1 + tau)^-1 (exponent 1, not the paper's default 1/2), the paper's uniform 1/K
+    average, K = 3 of M = 6 in flight: against the event-driven reference every round."""
+    model, data = tiny_model(), tiny_data(SIZES)
+    k, m = 3, 6
+    speeds = np.exp(np.random.default_rng(1).normal(0, 1.0, len(SIZES)))
+    algorithm = spy(fed_buff(model, optax.sgd(CLIENT_LR), optax.sgd(SERVER_LR), concurrency=m,
+                             staleness_exponent=1.0, client_weighting="uniform"))
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=1)
+    round_step = build_round_step(algorithm, data, schedule, uniform_sampler(len(SIZES), k), k,
+                                  client_execution="map", system=system_model(speeds))
+    params = model.init(jax.random.key(0))
+    state = init_simulation_state(algorithm.init(params), 3)
+    reference = EventDrivenFedBuff(model, params, data, m, k, exponent=1.0, weight_exponent=0.0)
+    stale = []
+    for _ in range(6):
+        state, metrics = round_step(state)
+        got = jax.device_get(metrics)
+        stale += reference.round(got["ids"], got["indices"], got["mask"], got["duration"])
+        chex.assert_trees_all_close(state.algorithm.params,
+                                    jax.tree.map(np.float32, reference.params),
+                                    atol=2e-6, rtol=1e-5)
+    assert reference.version == 4 and max(stale) >= 1  # stale updates were scaled
 
 
 def test_registry_and_bad_options():

@@ -4,6 +4,7 @@ default weights by number of examples."""
 
 import chex
 import jax
+import linear_problem
 import numpy as np
 import optax
 import pytest
@@ -168,3 +169,48 @@ def test_device_padding_takes_no_part_in_secure_aggregation_of_the_model_update(
     one, two = params_after(Backend()), params_after(Backend(client_mesh(2), "vmap"))
     for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_paper_algorithm_on_least_squares_with_a_dropped_client():
+    """Algorithm 1 in float64 on least squares, uniform weights (the paper): 3 of 6 clients a
+    round, the first of them dropping out (not in P_t: its h_k stays, it counts neither in the
+    mean of the models nor in h's sum), 4 local steps of SGD on
+    ``L_k(w) - <grad L_k(w_k^{t-1}), w> + alpha/2 ||w - theta||^2``;
+    ``h <- h - alpha / m sum_{k in P} (w_k - theta)``, ``theta <- mean_P w_k - h / alpha``."""
+    data = linear_problem.linear_data((5, 17, 40, 3, 11, 8))
+    m, lr, alpha = data.num_clients, 0.05, 0.3
+
+    def drop_first_slot(key, clients):
+        del key
+        keep = np.arange(clients.mask.shape[0]) != 0
+        return clients.replace(mask=clients.mask & keep[:, None, None],
+                               num_steps=np.where(keep, 1, 0) * clients.num_steps)
+
+    algorithm = fed_dyn(None, optax.sgd(lr), optax.sgd(1.0), alpha=alpha,
+                        client_weighting="uniform", num_clients=m,
+                        loss_fn=linear_problem.squared_loss)
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_steps=4)
+    state, history = linear_problem.run(algorithm, data, schedule, 5, 3,
+                                        client_execution="map", system=drop_first_slot)
+    theta = np.float64(linear_problem.initial_params()["w"])
+    h, grads = np.zeros_like(theta), {k: np.zeros_like(theta) for k in range(m)}
+    for cohort in history:
+        models = []
+        for slot, k in enumerate(cohort["client_id"]):
+            batches = linear_problem.batches(cohort, slot)
+            if not batches:
+                continue
+            w = theta.copy()
+            for rows in batches:
+                w = w - lr * (linear_problem.gradient(w, data, rows) - grads[k]
+                              + alpha * (w - theta))
+            grads[k] = grads[k] - alpha * (w - theta)
+            models.append(w)
+        h = h - alpha / m * sum(w - theta for w in models)
+        theta = np.mean(models, axis=0) - h / alpha
+    np.testing.assert_allclose(state.params["w"], theta, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state.h["w"], h, rtol=1e-5, atol=1e-6)
+    for k in range(m):
+        np.testing.assert_allclose(state.client_gradients["w"][k], grads[k], rtol=1e-5,
+                                   atol=1e-6)
+    assert all(cohort["num_steps"][0] == 0 for cohort in history)  # the dropout happened

@@ -4,6 +4,7 @@ average full-batch gradient at the server params."""
 
 import chex
 import jax
+import linear_problem
 import numpy as np
 import optax
 import pytest
@@ -119,3 +120,57 @@ def test_configs(name, config):
     state = create_algorithm(name, model, optax.adam(0.01), optax.sgd(1.0), num_clients=5,
                              **config.algorithm.options).init(model.init(jax.random.key(0)))
     assert state.base_state is not None
+
+
+@pytest.mark.parametrize("name", ["mime", "mime_lite"])
+def test_adam_statistics_stay_frozen_on_the_clients_on_least_squares(name):
+    """Algorithm 1 in float64 on least squares with Adam as the base optimizer, uniform weights
+    (the paper), the first client of every cohort dropping out: the clients step with Adam's
+    update at the server's statistics (m, v and the step count t frozen: the bias correction of
+    every local step is t + 1's), the server updates (m, v, t) once a round with the mean
+    full-batch gradient c at x; Mime's local gradient is ``g(y) - g(x) + c`` on the batch."""
+    data = linear_problem.linear_data((5, 17, 40, 3, 11))
+    lr, b1, b2, eps = 0.05, 0.9, 0.99, 1e-8
+
+    def drop_first_slot(key, clients):
+        del key
+        keep = np.arange(clients.mask.shape[0]) != 0
+        return clients.replace(mask=clients.mask & keep[:, None, None],
+                               num_steps=np.where(keep, 1, 0) * clients.num_steps)
+
+    factory = mime if name == "mime" else mime_lite
+    algorithm = factory(None, optax.adam(lr, b1=b1, b2=b2, eps=eps), optax.sgd(1.0),
+                        client_weighting="uniform", loss_fn=linear_problem.squared_loss)
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_epochs=1)
+    state, history = linear_problem.run(algorithm, data, schedule, 4, 3,
+                                        client_execution="map", system=drop_first_slot)
+    x = np.float64(linear_problem.initial_params()["w"])
+    m, v, t = np.zeros_like(x), np.zeros_like(x), 0
+
+    def adam_step(g, m, v, t):  # U(g, s): Adam's step with the statistics s = (m, v, t)
+        m_new, v_new = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        return -lr * (m_new / (1 - b1 ** (t + 1))) / (np.sqrt(v_new / (1 - b2 ** (t + 1))) + eps)
+
+    for cohort in history:
+        clients = [(slot, linear_problem.batches(cohort, slot))
+                   for slot in range(len(cohort["client_id"]))]
+        clients = [(slot, batches) for slot, batches in clients if batches]  # S: not dropped
+        c = np.mean([linear_problem.gradient(x, data, np.concatenate(batches))
+                     for _, batches in clients], axis=0)
+        finals = []
+        for _, batches in clients:
+            y = x.copy()
+            for rows in batches:
+                g = linear_problem.gradient(y, data, rows)
+                if name == "mime":
+                    g = g - linear_problem.gradient(x, data, rows) + c
+                y = y + adam_step(g, m, v, t)
+            finals.append(y)
+        x = np.mean(finals, axis=0)
+        m, v, t = b1 * m + (1 - b1) * c, b2 * v + (1 - b2) * c**2, t + 1
+    np.testing.assert_allclose(state.params["w"], x, rtol=1e-5, atol=1e-5)
+    adam_state = state.base_state[0]
+    assert int(adam_state.count) == t
+    np.testing.assert_allclose(adam_state.mu["w"], m, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adam_state.nu["w"], v, rtol=1e-5, atol=1e-7)
+    assert all(cohort["num_steps"][0] == 0 for cohort in history)  # the dropout happened

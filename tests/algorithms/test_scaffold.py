@@ -5,6 +5,7 @@ setting) checked round by round."""
 
 import chex
 import jax
+import linear_problem
 import numpy as np
 import optax
 import pytest
@@ -349,3 +350,54 @@ def test_the_builder_tells_scaffold_when_step_counts_differ(tmp_path):
     with pytest.warns(ScaffoldSettingWarning, match=SETTING_WARNINGS["momentum"]):
         build_experiment(_config(tmp_path, local_steps=3,
                                  optimizer={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}))
+
+
+def test_paper_algorithm_on_least_squares_with_a_scheduled_lr_and_server_lr():
+    """Algorithm 1 (option II) written from the paper in float64 on least squares, uniform
+    weights (the paper's 1/|S|), server lr eta_g = 0.5 on x only (c moves by |S|/N times the
+    mean of the cohort's c_i changes, never by eta_g), 3 of 5 clients a round with the first
+    dropping out, and a client lr schedule: option II divides by K times *this round's* lr."""
+    data = linear_problem.linear_data((5, 17, 40, 3, 11))
+    n, steps, global_lr = data.num_clients, 3, 0.5
+
+    def lr_of(r):
+        return 0.1 / (1.0 + r)
+
+    client = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)  # replaced by the schedule
+    algorithm = scaffold(None, client, optax.sgd(global_lr), client_weighting="uniform",
+                         num_clients=n, loss_fn=linear_problem.squared_loss,
+                         client_schedules={"learning_rate": lr_of})
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_steps=steps)
+    state, history = linear_problem.run(algorithm, data, schedule, 4, 3,
+                                        client_execution="map", system=drop_first_slot)
+    x = np.float64(linear_problem.initial_params()["w"])
+    c, c_i = np.zeros_like(x), {i: np.zeros_like(x) for i in range(n)}
+    for r, cohort in enumerate(history):
+        lr, dy, dc = lr_of(r), [], []
+        for slot, i in enumerate(cohort["client_id"]):
+            batches = linear_problem.batches(cohort, slot)
+            if not batches:
+                continue  # dropped: not in S
+            y = x.copy()
+            for rows in batches:
+                y = y - lr * (linear_problem.gradient(y, data, rows) - c_i[i] + c)
+            new = c_i[i] - c + (x - y) / (len(batches) * lr)  # option II
+            dy.append(y - x)
+            dc.append(new - c_i[i])
+            c_i[i] = new
+        x = x + global_lr * np.mean(dy, axis=0)
+        c = c + len(dc) / n * np.mean(dc, axis=0)
+    np.testing.assert_allclose(state.params["w"], x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.control["w"], c, rtol=1e-5, atol=1e-6)
+    for i in range(n):
+        np.testing.assert_allclose(state.client_controls["w"][i], c_i[i], rtol=1e-5, atol=1e-6)
+    assert all(cohort["num_steps"][0] == 0 for cohort in history)  # the dropout happened
+    assert np.abs(c).max() > 1e-2  # c moved
+
+
+def drop_first_slot(key, clients):
+    """A system model: the cohort's first client drops out (no real step)."""
+    del key
+    keep = np.arange(clients.mask.shape[0]) != 0
+    return clients.replace(mask=clients.mask & keep[:, None, None],
+                           num_steps=np.where(keep, 1, 0) * clients.num_steps)
