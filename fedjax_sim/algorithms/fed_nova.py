@@ -19,8 +19,9 @@ number of steps, this is FedAvg.
 
 rho is the client optimizer's injected ``momentum`` (a config's ``sgd``), else the momentum its
 steps show on a constant gradient (a plain ``optax.sgd(lr, momentum=rho)``), else 0; an
-optimizer whose steps follow no heavy-ball pattern (Nesterov momentum, Adagrad) is refused
-unless ``momentum`` is given, since a_i would be wrong for it.
+optimizer whose steps follow no heavy-ball pattern (Nesterov momentum, Adagrad, a learning
+rate that decays within the round) is refused unless ``momentum`` is given, since a_i would be
+wrong for it.
 
 Example::
 
@@ -101,7 +102,8 @@ def resolve_momentum(client_optimizer: optax.GradientTransformation) -> float | 
         "1 + rho + rho^2, ...)" + (f" with its injected momentum {float(injected_rho):g}"
                                    if injected_rho is not None else "")
         + ", so FedNova's normalizing weights a_i would be wrong (Nesterov momentum, adaptive "
-        "optimizers). Use SGD with or without heavy-ball momentum (nesterov: false), or pass "
+        "optimizers, a learning-rate schedule that changes within a round). Use SGD with or "
+        "without heavy-ball momentum (nesterov: false), or pass "
         "fed_nova(momentum=...) to choose the a_i of heavy-ball SGD with that momentum "
         "(momentum=0: a_i = the client's number of local steps)")
 
