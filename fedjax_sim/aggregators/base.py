@@ -30,6 +30,7 @@ aggregate: ``z * sensitivity`` on the sum, as DP-FedAvg prescribes (McMahan et a
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -107,10 +108,42 @@ def weighted_sum(values: PyTree, weights: jax.Array) -> PyTree:
 
 
 def client_norms(values: PyTree) -> jax.Array:
-    """``[C]`` the L2 norm of each client's whole value (all leaves flattened together)."""
-    squares = [jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
-               for x in jax.tree.leaves(values)]
-    return jnp.sqrt(sum(squares))
+    """``[C]`` the L2 norm of each client's whole value (all leaves flattened together).
+
+    Overflow-safe: see `scaled_client_norms` (inf only where the norm itself exceeds float32).
+    """
+    scale, reduced = scaled_client_norms(values)
+    return scale * reduced
+
+
+def scaled_client_norms(values: PyTree) -> tuple[jax.Array, jax.Array]:
+    """``([C] scale, [C] reduced)``: each client's L2 norm is ``scale * reduced``.
+
+    ``scale`` is 1 and ``reduced`` the plain ``sqrt(sum x^2)`` wherever the sum of squares is
+    finite; a client whose sum of squares overflows float32 (entries past ~1.8e19) gets
+    ``scale = 2^-40 max |x|`` and ``reduced = ||x / scale||`` (in [2^40, 2^40 sqrt(d)]), the
+    overflow-free form of its norm (as LAPACK's ``nrm2`` scales), so that
+    ``x / scale * (C / reduced)`` clips it without ever forming the norm. (Not ``max |x|``
+    itself: XLA divides by multiplying with the reciprocal, and ``1 / max |x|`` is subnormal,
+    flushed to 0, for ``max |x| > 2^126``.)
+    """
+    leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(values)]
+    plain = jnp.sqrt(sum(jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
+                         for x in leaves))
+
+    def rescaled(plain):
+        peak = functools.reduce(jnp.maximum, [
+            jnp.max(jnp.abs(x).reshape(x.shape[0], -1), axis=1, initial=0.0) for x in leaves])
+        overflow = jnp.isinf(plain) & jnp.isfinite(peak)  # an inf/nan entry keeps its inf/nan
+        scale = jnp.where(overflow, peak * 2.0 ** -40, 1.0)
+        reduced = jnp.sqrt(sum(
+            jnp.sum(jnp.square(x.reshape(x.shape[0], -1) / scale[:, None]), axis=1)
+            for x in leaves))
+        return scale, jnp.where(overflow, reduced, plain)
+
+    # only when some norm overflowed: the usual norms keep the plain computation
+    return jax.lax.cond(jnp.any(jnp.isinf(plain)), rescaled,
+                        lambda plain: (jnp.ones_like(plain), plain), plain)
 
 
 def initial_context(client_ids: jax.Array | None, cohort_size: int | None) -> Context:

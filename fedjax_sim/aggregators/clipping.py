@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.aggregators.base import CLIENT, Stage, client_norms, participating
+from fedjax_sim.aggregators.base import CLIENT, Stage, participating, scaled_client_norms
 
 
 def clip(
@@ -84,10 +84,18 @@ def clip(
 
     def apply(state, values, weights, key, context):
         bound = state["norm"]
-        norms = client_norms(values)
-        factor = jnp.minimum(1.0, bound / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))
-        values = jax.tree.map(
-            lambda x: x * factor.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)), values)
+        # ||x|| = scale * reduced; scale is 1 unless the sum of squares overflows float32,
+        # where x / scale * min(scale, C / reduced) is x * min(1, C / ||x||) without the inf
+        # norm (C / inf = 0 made such an update 0 instead of clipping it to norm C)
+        scale, reduced = scaled_client_norms(values)
+        norms = scale * reduced
+        factor = jnp.minimum(scale, bound / jnp.maximum(reduced, jnp.finfo(jnp.float32).tiny))
+
+        def clip_leaf(x):
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            return x / scale.astype(x.dtype).reshape(shape) * factor.astype(x.dtype).reshape(shape)
+
+        values = jax.tree.map(clip_leaf, values)
         sending = participating(weights).astype(jnp.float32)
         count = jnp.maximum(jnp.sum(sending), 1.0)
         unclipped = (norms <= bound).astype(jnp.float32) * sending

@@ -89,6 +89,33 @@ def test_clip_uniform_fixed_denominator_mean_matches_numpy(norm):
     assert np.all(np.linalg.norm(clipped, axis=1) <= norm * (1 + 1e-9))
 
 
+@pytest.mark.parametrize("stage", [clip, agg.norm_bound])
+@pytest.mark.parametrize("huge", [1e20, 3e38])
+def test_clip_of_an_update_whose_norm_overflows_float32_scales_it_to_the_norm(stage, huge):
+    """Entries of 1e20 square past float32's max (3e38: even the norm does): the norm was inf,
+    C / inf = 0, and the update vanished instead of being clipped to norm C (numpy float64)."""
+    values = _values(seed=5)
+    values["a"][0] = huge * np.array([[1.0, -0.5], [0.25, 0.75], [-1.0, 0.125]], np.float32)
+    values["b"][3] = -huge  # in one leaf only: the norm is over the whole message
+    values["b"][6, 1] = huge
+    norm = 1.5
+    aggregate, _, metrics = _apply(chain(stage(norm), agg.sum(weighting="uniform")), values,
+                                   WEIGHTS)
+    clipped, norms = _numpy_clip(_flat(values), norm)
+    sending = WEIGHTS > 0
+    _assert_tree_close(aggregate, _unflat(clipped[sending].sum(axis=0)))
+    assert float(metrics[f"aggregator/{stage(norm).name}/clipped_fraction"]) == pytest.approx(
+        np.mean(norms[sending] > norm))
+    # each huge update alone is clipped to norm C (not 0), in its own direction
+    for i in (0, 3, 6):
+        alone, _, _ = _apply(chain(stage(norm), agg.sum(weighting="uniform")), values,
+                             (np.arange(NUM_CLIENTS) == i).astype(np.float32))
+        got = _flat(jax.tree.map(lambda x: np.repeat(np.asarray(x)[None], NUM_CLIENTS, 0),
+                                 alone))[0]
+        np.testing.assert_allclose(np.linalg.norm(got), norm, rtol=1e-6)
+        np.testing.assert_allclose(got, clipped[i], atol=1e-6, rtol=1e-5)
+
+
 def test_clip_of_a_pytree_is_flat_not_per_leaf():
     """Clipping the whole update as one vector differs from clipping each leaf to C."""
     values = _values(seed=3)
