@@ -33,8 +33,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fedjax_sim.aggregators.base import CLIENT, Stage, participating
+from fedjax_sim.aggregators.base import CLIENT, Stage, client_norms, participating
 from fedjax_sim.algorithms.client_state import (
     gather_client_state,
     init_client_state,
@@ -148,6 +149,9 @@ def quantize(bits: int, rotation: str = "none") -> Stage:
 
     Returns:
       A client `Stage` (stateless); the values leaving it are the decoded estimates (unbiased).
+      A client whose values would overflow float32 on the way (a range past ~3.4e38, or huge
+      rotated sums) is quantized divided by a power of two and scaled back: still unbiased,
+      except that a rotated estimate beyond float32's max is cut to it.
       Metrics: ``bits_per_client`` (n b + 64: the levels and the two float32 ends),
       ``compression_ratio`` (32 d / bits) and ``relative_error`` (the participating clients'
       mean ``||x_hat - x||^2 / ||x||^2``).
@@ -162,20 +166,29 @@ def quantize(bits: int, rotation: str = "none") -> Stage:
         flat, unflatten = flatten_clients(values)
         d = flat.shape[1]
         rotation_key, rounding_key = jax.random.split(key)
+        sent = next_power_of_two(d) if rotation == "hadamard" else d
+        # A client whose values are so large that the range (max - min), the rotation's sums
+        # or the decoded estimate would overflow float32 is quantized divided by a power of
+        # two s (exact) and multiplied back: unbiased as before; s = 1 for every other client.
+        scale = _overflow_scale(flat, sent if rotation == "hadamard" else 1)
+        scaled = flat / scale
         if rotation == "hadamard":
-            signs = random_signs(rotation_key, next_power_of_two(d))
-            decoded = unrotate(stochastic_quantize(rotate(flat, signs), levels, rounding_key),
+            signs = random_signs(rotation_key, sent)
+            decoded = unrotate(stochastic_quantize(rotate(scaled, signs), levels, rounding_key),
                                signs, d)
-            sent = signs.shape[0]
         else:
-            decoded = stochastic_quantize(flat, levels, rounding_key)
-            sent = d
+            decoded = stochastic_quantize(scaled, levels, rounding_key)
         message_bits = sent * bits + 2 * FLOAT_BITS
         metrics = {
             "bits_per_client": jnp.float32(message_bits),
             "compression_ratio": jnp.float32(FLOAT_BITS * d / message_bits),
-            "relative_error": _mean_relative_error(decoded, flat, weights),
+            "relative_error": _mean_relative_error(decoded, scaled, weights),
         }
+        # a rotated estimate past float32's max (|x_hat| can reach n max|x|) is cut to it;
+        # inf or nan from a non-finite input stays
+        big = jnp.finfo(jnp.float32).max
+        decoded = jnp.where(jnp.isfinite(decoded), jnp.clip(decoded * scale, -big, big),
+                            decoded)
         return unflatten(decoded), weights, state, metrics, context
 
     name = "quantize" if rotation == "none" else "quantize_hadamard"
@@ -187,11 +200,28 @@ def _no_state(example):
     return ()
 
 
+def _overflow_scale(flat: jax.Array, n: int) -> jax.Array:
+    """``[C, 1]`` powers of two: 1 for a row whose quantization (of n rotated coordinates;
+    n = 1 without rotation) cannot overflow float32, else the least s with ``max|x| / s`` at
+    most ``max / (4 n^1.5)``: then the range (<= 2 sqrt(n) max|x|), the rotation's butterfly
+    sums (<= n max|x|) and the inverse rotation's (<= n^1.5 max|x|) all stay finite."""
+    limit = float(np.finfo(np.float32).max) / (4.0 * n ** 1.5)
+    peak = jnp.max(jnp.abs(flat), axis=1, keepdims=True, initial=0.0)
+    _, exponent = jnp.frexp(peak / limit)  # peak / limit = m 2^e, m in [0.5, 1)
+    large = jnp.isfinite(peak) & (peak > limit)
+    return jnp.where(large, jnp.ldexp(jnp.ones_like(peak), exponent), 1.0)
+
+
 def _mean_relative_error(decoded: jax.Array, flat: jax.Array, weights: jax.Array) -> jax.Array:
     sending = participating(weights).astype(jnp.float32)
     error = jnp.sum(jnp.square(decoded - flat), axis=1)
     norm = jnp.maximum(jnp.sum(jnp.square(flat), axis=1), jnp.finfo(jnp.float32).tiny)
-    return jnp.sum(sending * error / norm) / jnp.maximum(jnp.sum(sending), 1.0)
+    ratio = error / norm
+    # squares past float32 (a client of huge values): the same ratio from overflow-safe norms
+    safe = jnp.square(client_norms(decoded - flat) / jnp.maximum(client_norms(flat),
+                                                                 jnp.finfo(jnp.float32).tiny))
+    ratio = jnp.where(jnp.isinf(error) | jnp.isinf(norm), safe, ratio)
+    return jnp.sum(sending * ratio) / jnp.maximum(jnp.sum(sending), 1.0)
 
 
 # --- sparsification with error feedback ---------------------------------------------------------

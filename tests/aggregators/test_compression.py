@@ -131,6 +131,50 @@ def test_quantize_with_rotation_is_unbiased_over_a_pytree():
     assert np.all(np.abs(mean - flat) <= 5 * np.sqrt(bound / draws))
 
 
+def _decode(stage, values, key=0):
+    """The stage's decoded client values (no reducer: a sum of huge values would overflow)."""
+    weights = jnp.ones(jax.tree.leaves(values)[0].shape[0])
+    out, _, _, metrics, _ = jax.jit(stage.apply)((), values, weights, jax.random.key(key), {})
+    return out, metrics
+
+
+def test_quantize_of_a_range_past_float32_max_is_finite_and_unbiased():
+    """max - min = 6e38 overflowed float32: the step was inf and every value NaN. Reference:
+    numpy float64 (levels, the closed-form variance, its relative error)."""
+    draws, bits = 4000, 2
+    x = np.array([3e38, -3e38, 1e38, -2.5e38, 0.0, 5e37, 1.0], np.float32)
+    decoded, metrics = _decode(agg.quantize(bits), {"w": jnp.tile(jnp.asarray(x), (draws, 1))})
+    decoded = np.asarray(decoded["w"], np.float64)
+    assert np.all(np.isfinite(decoded))
+    x64 = x.astype(np.float64)
+    levels = x64.min() + np.arange(2 ** bits) * (x64.max() - x64.min()) / (2 ** bits - 1)
+    assert np.all(np.min(np.abs(decoded[..., None] - levels), axis=-1) <= 1e-6 * 3e38)
+    variance = _exact_variance(x64, 2 ** bits)
+    assert np.all(np.abs(decoded.mean(0) - x64) <= 5 * np.sqrt(variance / draws) + 1e-6 * 3e38)
+    assert decoded.var(0).sum() == pytest.approx(variance.sum(), rel=0.1)
+    assert float(metrics["relative_error"]) == pytest.approx(
+        variance.sum() / np.sum(x64 ** 2), rel=0.1)
+
+
+def test_quantize_with_rotation_of_huge_values_is_finite_and_unbiased():
+    """Two entries of +-3e38 overflowed the rotation's first butterfly (a + b or a - b is
+    6e38 whatever the signs): NaN. With 16 bits no estimate comes near float32's max, so the
+    mean over draws must be the input (numpy float64) within 5 standard errors."""
+    draws, bits = 2000, 16
+    one = {"a": np.array([3e38, -3e38, 1e38], np.float32), "b": np.array([0.0, -7e37],
+                                                                        np.float32)}
+    values = jax.tree.map(lambda x: jnp.tile(jnp.asarray(x)[None], (draws, 1)), one)
+    decoded, metrics = _decode(agg.quantize(bits, "hadamard"), values)
+    got = np.concatenate([np.asarray(decoded["a"], np.float64),
+                          np.asarray(decoded["b"], np.float64)], axis=1)
+    flat = np.concatenate([one["a"], one["b"]]).astype(np.float64)
+    assert np.all(np.isfinite(got))
+    # each estimate's coordinate has variance <= step^2 / 4, step <= 2 ||x|| / (2^b - 1)
+    step = 2 * np.linalg.norm(flat) / (2 ** bits - 1)
+    assert np.all(np.abs(got.mean(0) - flat) <= 5 * step / 2 / np.sqrt(draws) + 1e-6 * 3e38)
+    assert np.isfinite(float(metrics["relative_error"]))
+
+
 def _numpy_top_k(v, k):
     out = np.zeros_like(v)
     for i, row in enumerate(v):
