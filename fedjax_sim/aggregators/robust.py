@@ -74,7 +74,12 @@ def median() -> Stage:
 
         def leaf(x):
             ordered = _sorted_with_sentinel(x, sending)
-            mid = 0.5 * (_at_rank(ordered, low) + _at_rank(ordered, jnp.maximum(high, low)))
+            a, b = _at_rank(ordered, low), _at_rank(ordered, jnp.maximum(high, low))
+            mid = 0.5 * (a + b)
+            # a + b past float32 (two values of 3e38) overflowed to inf; then a and b have
+            # one sign and b - a is finite (not 0.5 a + 0.5 b: XLA folds that back)
+            mid = jnp.where(jnp.isinf(mid) & jnp.isfinite(a) & jnp.isfinite(b),
+                            a + 0.5 * (b - a), mid)
             return jnp.where(count > 0, mid, 0.0).astype(x.dtype)
 
         return jax.tree.map(leaf, values), state, {}, context
@@ -110,7 +115,13 @@ def trimmed_mean(beta: float = 0.1) -> Stage:
             ordered = _sorted_with_sentinel(x, sending)
             rank = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
             keep = (rank >= trim) & (rank < count - trim)
-            return (jnp.sum(jnp.where(keep, ordered, 0.0), axis=0) / kept).astype(x.dtype)
+            average = jnp.sum(jnp.where(keep, ordered, 0.0), axis=0) / kept
+            # the sum overflowed float32 though the mean cannot: sum x / (2 kept), doubled
+            half = jnp.sum(jnp.where(keep, ordered * (0.5 / kept), 0.0), axis=0)
+            big = jnp.finfo(jnp.float32).max
+            rescaled = jnp.where(jnp.isfinite(half), jnp.clip(half, -big / 2, big / 2) * 2,
+                                 half)
+            return jnp.where(jnp.isfinite(average), average, rescaled).astype(x.dtype)
 
         metrics = {"trimmed_per_side": trim.astype(jnp.float32)}
         return jax.tree.map(leaf, values), state, metrics, context

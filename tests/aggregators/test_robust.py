@@ -88,6 +88,45 @@ def test_trimmed_mean_beta_zero_is_the_unweighted_mean():
     _assert_close(got, _flat(values)[SENDING].mean(axis=0))
 
 
+def _huge(seed):
+    """Participating clients with coordinates near float32's max (2e38..3e38, both signs), so
+    that sums (and the two middle values of a median) overflow float32; means cannot."""
+    values = _values(seed)
+    rng = np.random.default_rng(seed)
+    ids = np.flatnonzero(SENDING)
+    values["a"][ids, 0, 0] = rng.uniform(2e38, 3e38, len(ids)).astype(np.float32)
+    values["b"][ids, 2] = -rng.uniform(2e38, 3e38, len(ids)).astype(np.float32)
+    values["b"][ids, 4] = 3e38 - 1e37 * np.arange(len(ids))  # all past half of float32's max
+    return values
+
+
+@pytest.mark.parametrize("participating", [6, 5])
+def test_mean_median_and_trimmed_mean_of_values_near_float32_max_are_finite(participating):
+    """Sums of values ~3e38 overflowed to inf (the mean, the trimmed mean, the median's two
+    middle values): the statistics are finite and equal numpy's in float64."""
+    values = _huge(9)
+    weights = WEIGHTS.copy()
+    if participating == 5:  # an odd count: the median is one value
+        weights[7] = 0.0
+    sending = weights > 0
+    assert sending.sum() == participating
+    rows = _flat(values)[sending]
+    n = len(rows)
+    wants = {
+        "median": (median(), np.median(rows, axis=0)),
+        "trimmed": (trimmed_mean(0.2), np.sort(rows, axis=0)[int(0.2 * n):n - int(0.2 * n)]
+                    .mean(axis=0)),
+        "mean": (mean(), np.average(rows, axis=0, weights=weights[sending].astype(np.float64))),
+        "uniform": (mean(weighting="uniform"), rows.mean(axis=0)),
+        "multi_krum": (krum(0, multi=len(rows)), rows.mean(axis=0)),
+    }
+    for name, (stage, want) in wants.items():
+        got, _, _ = _apply(stage, values, weights)
+        for leaf in jax.tree.leaves(got):
+            assert np.all(np.isfinite(np.asarray(leaf))), name
+        _assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def _numpy_krum(flat, sending, f, m):
     """Blanchard et al.'s definition, with loops: indices of the m best clients, and the mean."""
     ids = [i for i in range(len(flat)) if sending[i]]
