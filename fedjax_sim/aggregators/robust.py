@@ -28,8 +28,12 @@ by the realised count n of participating clients; Krum's distances to them are +
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim.aggregators.base import (
     REDUCE,
@@ -212,6 +216,9 @@ def geometric_median(iterations: int = 10, smoothing: float = 1e-6,
     Args:
       iterations: Weiszfeld steps (static; RFA reports that 3 already suffice).
       smoothing: nu > 0, the floor on the distances (keeps the step finite at a data point).
+        Values so large (past ``max / (4 sqrt(d))``, ~1e35 for d = 1e6) that distances could
+        overflow float32 are iterated divided by a power of two s and scaled back: the floor
+        is then nu * s, still far below such distances.
       weighting: ``"given"`` (the algorithm's weights a_i, as RFA) or ``"uniform"``.
 
     Returns:
@@ -236,19 +243,44 @@ def geometric_median(iterations: int = 10, smoothing: float = 1e-6,
         alphas = (sending.astype(jnp.float32) if weighting == "uniform"
                   else jnp.where(sending, weights, 0.0).astype(jnp.float32))
 
+        # Values so large that distances could pass float32's max (where every beta was 0 and
+        # the result 0) run divided by a power of two s and are scaled back; s = 1 otherwise
+        scale = _distance_scale(values, sending)
+        scaled = jax.tree.map(lambda x: x / scale.astype(x.dtype), values)
+
         def distances(median):
-            return client_norms(jax.tree.map(lambda x, m: x - m[None], values, median))
+            return client_norms(jax.tree.map(lambda x, m: x - m[None], scaled, median))
 
         def step(_, median):
             betas = alphas / jnp.maximum(state["smoothing"], distances(median))
-            return weighted_mean(values, betas)
+            return weighted_mean(scaled, betas)
 
-        median = jax.lax.fori_loop(0, iterations, step, weighted_mean(values, alphas))
+        median = jax.lax.fori_loop(0, iterations, step, weighted_mean(scaled, alphas))
         total = jnp.maximum(jnp.sum(alphas), jnp.finfo(jnp.float32).tiny)
-        objective = jnp.sum(alphas * distances(median)) / total
+        spread = distances(median)
+        objective = jnp.sum(alphas * spread) / total
+        # a weighted sum past float32 whose mean is not: normalise the weights first
+        objective = jnp.where(jnp.isinf(objective), jnp.sum(alphas / total * spread),
+                              objective) * scale
+        median = jax.tree.map(lambda m: m * scale.astype(m.dtype), median)
         return median, state, {"objective": objective}, context
 
     return Stage(REDUCE, init, apply, "geometric_median")
+
+
+def _distance_scale(values, sending: jax.Array) -> jax.Array:
+    """A power of two s: 1 when every participating value is at most ``max / (4 sqrt(d))``
+    (d: the coordinates of a message), so no distance between them overflows float32; else
+    the least s that brings the largest one there."""
+    leaves = jax.tree.leaves(values)
+    d = sum(math.prod(x.shape[1:]) for x in leaves)
+    limit = float(np.finfo(np.float32).max) / (4.0 * math.sqrt(max(d, 1)))
+    peak = functools.reduce(jnp.maximum, [
+        jnp.max(jnp.where(sending.reshape((-1,) + (1,) * (x.ndim - 1)),
+                          jnp.abs(x.astype(jnp.float32)), 0.0), initial=0.0) for x in leaves])
+    _, exponent = jnp.frexp(peak / limit)  # peak / limit = m 2^e, m in [0.5, 1)
+    large = jnp.isfinite(peak) & (peak > limit)
+    return jnp.where(large, jnp.ldexp(jnp.float32(1.0), exponent), jnp.float32(1.0))
 
 
 def norm_bound(max_norm: float) -> Stage:

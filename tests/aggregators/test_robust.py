@@ -209,6 +209,43 @@ def test_geometric_median_matches_numpy_weiszfeld(weighting):
                                                                                     rel=1e-4)
 
 
+@pytest.mark.parametrize("magnitude", [1e20, 1e38, 3e38])
+@pytest.mark.parametrize("weighting", ["given", "uniform"])
+def test_geometric_median_of_huge_values_matches_numpy_weiszfeld(magnitude, weighting):
+    """Participating values up to 1e20 (squared distances past float32's max) or 3e38 (the
+    distances themselves past it): every distance was inf, every beta 0, the result 0 and the
+    objective inf. Reference: Weiszfeld in float64, which does not overflow."""
+    values = _values(4)
+    for k in values:  # the padding rows keep their +-1e4
+        rows = values[k][SENDING].astype(np.float64)
+        values[k][SENDING] = (rows * (magnitude / np.abs(rows).max())).astype(np.float32)
+    flat = _flat(values)[SENDING]
+    alphas = (WEIGHTS[SENDING] if weighting == "given" else np.ones(SENDING.sum())
+              ).astype(np.float64)
+    want = _numpy_weiszfeld(flat, alphas, 8, 1e-6)
+    got, _, metrics = _apply(geometric_median(8, 1e-6, weighting), values, WEIGHTS)
+    _assert_close(got, want, atol=1e-5 * magnitude)
+    objective = (alphas * np.linalg.norm(flat - want, axis=1)).sum() / alphas.sum()
+    got_objective = float(metrics["aggregator/geometric_median/objective"])
+    if objective < np.finfo(np.float32).max:
+        assert got_objective == pytest.approx(objective, rel=1e-4)
+    else:  # a mean distance past float32's max: the metric is inf, the median above is not
+        assert got_objective == np.inf
+
+
+def test_geometric_median_of_three_collinear_huge_points_is_the_middle_one():
+    """The closed form: the geometric median of three points on a line is the middle one;
+    here 3e38 apart, where the distances overflow float32."""
+    line = np.array([3e38, -3e38, -2e38], np.float32)
+    values = {"a": np.zeros((3, 3, 2), np.float32), "b": np.zeros((3, 5), np.float32)}
+    values["a"][:, 1, 0] = line
+    values["b"][:, 2] = -line
+    middle = _flat(values)[2]
+    got, _, _ = _apply(geometric_median(100, 1e-6, "uniform"), values, np.ones(3, np.float32))
+    v = np.concatenate([np.asarray(got[k], np.float64).reshape(-1) for k in sorted(got)])
+    np.testing.assert_allclose(v, middle, atol=1e-3 * 3e38)
+
+
 def test_geometric_median_converges_to_the_minimiser_and_resists_an_outlier():
     values = _values(5)
     values["b"][0] += 1e3  # a participating outlier moves the mean far, the median little
