@@ -133,34 +133,33 @@ def client_norms(values: PyTree) -> jax.Array:
     return scale * reduced
 
 
+# 2^-100: x * 2^-100 squared stays finite for every finite float32 x (<= 7.3e16, so sums of up
+# to 4e21 terms) and normal for |x| >= ~1e12, the size some entry must have when the plain sum
+# of squares overflows (|x| >= 1.8e19 / sqrt(d)).
+_NORM_SHIFT = 2.0 ** -100
+
+
 def scaled_client_norms(values: PyTree) -> tuple[jax.Array, jax.Array]:
     """``([C] scale, [C] reduced)``: each client's L2 norm is ``scale * reduced``.
 
-    ``scale`` is 1 and ``reduced`` the plain ``sqrt(sum x^2)`` wherever the sum of squares is
+    ``scale`` is 1 and ``reduced`` the plain ``sqrt(sum x^2)`` wherever that sum of squares is
     finite; a client whose sum of squares overflows float32 (entries past ~1.8e19) gets
-    ``scale = 2^-40 max |x|`` and ``reduced = ||x / scale||`` (in [2^40, 2^40 sqrt(d)]), the
-    overflow-free form of its norm (as LAPACK's ``nrm2`` scales), so that
-    ``x / scale * (C / reduced)`` clips it without ever forming the norm. (Not ``max |x|``
-    itself: XLA divides by multiplying with the reciprocal, and ``1 / max |x|`` is subnormal,
-    flushed to 0, for ``max |x| > 2^126``.)
+    ``scale = 2^100`` and ``reduced = sqrt(sum (x 2^-100)^2)``, the overflow-free form of its
+    norm, so that ``x / scale * (C / reduced)`` clips it without forming the norm (which can
+    itself exceed float32). Both sums of squares are sibling reductions of the same pass over
+    ``values`` (one read of the data, no ``lax.cond``, which ``vmap`` would turn into computing
+    both branches); an inf or nan entry keeps its inf or nan norm.
     """
     leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(values)]
-    plain = jnp.sqrt(sum(jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
-                         for x in leaves))
 
-    def rescaled(plain):
-        peak = functools.reduce(jnp.maximum, [
-            jnp.max(jnp.abs(x).reshape(x.shape[0], -1), axis=1, initial=0.0) for x in leaves])
-        overflow = jnp.isinf(plain) & jnp.isfinite(peak)  # an inf/nan entry keeps its inf/nan
-        scale = jnp.where(overflow, peak * 2.0 ** -40, 1.0)
-        reduced = jnp.sqrt(sum(
-            jnp.sum(jnp.square(x.reshape(x.shape[0], -1) / scale[:, None]), axis=1)
-            for x in leaves))
-        return scale, jnp.where(overflow, reduced, plain)
+    def squares(shift):
+        return sum(jnp.sum(jnp.square(x * shift if shift != 1 else x).reshape(x.shape[0], -1),
+                           axis=1) for x in leaves)
 
-    # only when some norm overflowed: the usual norms keep the plain computation
-    return jax.lax.cond(jnp.any(jnp.isinf(plain)), rescaled,
-                        lambda plain: (jnp.ones_like(plain), plain), plain)
+    plain, shifted = squares(1), squares(_NORM_SHIFT)
+    overflow = jnp.isinf(plain) & jnp.isfinite(shifted)
+    scale = jnp.where(overflow, 1.0 / _NORM_SHIFT, 1.0).astype(jnp.float32)
+    return scale, jnp.sqrt(jnp.where(overflow, shifted, plain))
 
 
 def initial_context(client_ids: jax.Array | None, cohort_size: int | None) -> Context:
