@@ -109,12 +109,17 @@ def noise_for_epsilon(epsilon: float, queries: int, delta: float,
         dp_accounting.LowerEndpointAndGuess(1e-2, 1.0), tol=1e-4))
 
 
-def _aggregate(value: FederatedValue, clip_norm, noise_multiplier, reducer: agg.Stage,
-               key: jax.Array) -> FederatedValue:
-    """``chain(clip, reducer, gaussian_noise)`` with the clip norm and z put into the stages'
-    states as arrays (so one compilation serves every value of them; z = 0: no noise)."""
+def _check_clients(value: Any) -> None:
     if not isinstance(value, FederatedValue) or value.placement is not CLIENTS:
         raise TypeError(f"expected a CLIENTS value (at_clients(...)), got {value!r}")
+
+
+def _aggregate(value: FederatedValue, clip_norm, noise_multiplier, reducer: agg.Stage,
+               key: jax.Array, denominator: jax.Array | None = None) -> FederatedValue:
+    """``chain(clip, reducer, gaussian_noise)`` with the clip norm and z put into the stages'
+    states as arrays (so one compilation serves every value of them; z = 0: no noise), and
+    ``denominator`` into the ``mean`` reducer's state when given."""
+    _check_clients(value)
     num_clients = value.num_clients
     weights = (jnp.ones((num_clients,), jnp.float32) if value.mask is None
                else value.mask.astype(jnp.float32))  # padding clients send nothing
@@ -124,6 +129,8 @@ def _aggregate(value: FederatedValue, clip_norm, noise_multiplier, reducer: agg.
                                                                          members))
     # inf (no clipping) as the largest float: the noise std z * C stays 0 when z = 0
     norm = jnp.minimum(jnp.asarray(clip_norm, jnp.float32), jnp.finfo(jnp.float32).max)
+    if denominator is not None:
+        reduce_state = {**reduce_state, "denominator": jnp.asarray(denominator, jnp.float32)}
     state = ({**clip_state, "norm": norm}, reduce_state,
              {**noise_state, "noise_multiplier": jnp.asarray(noise_multiplier, jnp.float32)})
     total, _, _ = aggregator.apply(state, members, weights, key)
@@ -145,14 +152,19 @@ def private_sum(value: FederatedValue, *, clip_norm: float | jax.Array,
 def private_mean(value: FederatedValue, *, clip_norm: float | jax.Array,
                  noise_multiplier: float | jax.Array, key: jax.Array,
                  denominator: float | None = None) -> FederatedValue:
-    """CLIENTS -> SERVER: the private sum divided by a fixed ``denominator`` (default: C).
+    """CLIENTS -> SERVER: the private sum divided by a fixed ``denominator`` (default: the
+    number of clients, C, less the padding clients of the value's ``mask``).
 
     The fixed-denominator estimator of DP-FedAvg (``mean(uniform, denominator)``): unbiased for
     the mean of the clipped values, noise std ``z * clip_norm / denominator``.
     """
-    denominator = float(denominator or value.num_clients)
-    reducer = agg.mean(weighting="uniform", denominator=denominator)
-    return _aggregate(value, clip_norm, noise_multiplier, reducer, key)
+    _check_clients(value)
+    count = None
+    if denominator is None and value.mask is not None:  # padding clients are not clients
+        count = jnp.maximum(jnp.sum(jnp.asarray(value.mask, jnp.float32)), 1.0)
+    reducer = agg.mean(weighting="uniform",
+                       denominator=float(denominator or value.num_clients))
+    return _aggregate(value, clip_norm, noise_multiplier, reducer, key, count)
 
 
 def _release(value, epsilon_args, z, stddev, extra) -> Release:

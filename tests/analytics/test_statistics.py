@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
+from helpers import SHARED_DATA, needs_shared_data
 
 from fedjax_sim.analytics import (
     adaptive_quantiles,
@@ -21,6 +22,7 @@ from fedjax_sim.analytics import (
     noise_for_epsilon,
     private_mean,
 )
+from fedjax_sim.analytics.sources import shakespeare_roles
 from fedjax_sim.federated import (
     CLIENTS,
     FederatedType,
@@ -30,6 +32,7 @@ from fedjax_sim.federated import (
 )
 
 KEY = jax.random.PRNGKey(0)
+PLAYS = "shakespeare/SOURCES.tsv"
 LEVELS = [0.05, 0.25, 0.5, 0.75, 0.99, 1.0]
 
 
@@ -159,3 +162,30 @@ def test_adaptive_quantiles_follow_the_paper_and_converge():
                                key=KEY, delta=1e-6)
     assert noisy.epsilon == pytest.approx(rdp_epsilon(40.0, 900, 1e-6), rel=1e-9)
     np.testing.assert_allclose(noisy.value, np.quantile(x, levels), rtol=0.25)
+
+
+@needs_shared_data(PLAYS)
+def test_private_mean_leaves_padding_clients_out_of_its_denominator():
+    """Real roles' mean line lengths in a cohort padded with 20 padding clients (mask False):
+    the private mean divided by all 60 clients (40 of 60 times the mean; federated_mean, the
+    same value's non-private mean, left them out). Now it divides by the 40 real clients, and
+    its noise std is z * C / 40."""
+    lines = shakespeare_roles(str(SHARED_DATA)).lines[:40]
+    real = np.array([np.mean([len(x) for x in role]) for role in lines], np.float64)
+    x = np.concatenate([real, np.full(20, 55.0)]).astype(np.float32)  # padding: any value
+    mask = np.arange(60) < 40
+    clip, z = 45.0, 3.0
+    expected = np.minimum(real, clip).mean()  # numpy float64, the 40 roles only
+
+    @jax.jit
+    def release(key, z):
+        return private_mean(at_clients(jnp.asarray(x), mask=jnp.asarray(mask)), clip_norm=clip,
+                            noise_multiplier=z, key=key).value
+
+    assert float(release(KEY, 0.0)) == pytest.approx(expected, rel=1e-6)
+    draws = np.asarray(jax.vmap(release, (0, None))(jax.random.split(KEY, 4000), z))
+    assert draws.std() == pytest.approx(z * clip / 40, rel=0.05)
+    assert abs(draws.mean() - expected) < 4 * z * clip / 40 / np.sqrt(draws.size)
+    given = private_mean(at_clients(jnp.asarray(x), mask=jnp.asarray(mask)), clip_norm=clip,
+                         noise_multiplier=0.0, key=KEY, denominator=50.0).value
+    assert float(given) == pytest.approx(np.minimum(real, clip).sum() / 50, rel=1e-6)
