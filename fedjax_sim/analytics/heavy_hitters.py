@@ -68,7 +68,7 @@ _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 __all__ = [
     "ALPHABET", "HeavyHitters", "count_sketch_heavy_hitters", "decode_word", "encode_words",
     "exact_counts", "tokenize", "triehh", "triehh_epsilon", "triehh_parameters",
-    "words_per_client_data",
+    "triehh_smallest_theta", "words_per_client_data",
 ]
 
 
@@ -169,23 +169,42 @@ def _delta_condition(theta: int, delta: float) -> bool:
     return math.log((theta - 3) / (theta - 2)) + math.lgamma(theta + 1) >= -math.log(delta)
 
 
-def triehh_parameters(epsilon: float, delta: float, num_clients: int, levels: int
-                      ) -> tuple[int, int]:
-    """``(theta, clients_per_round)`` of Corollary 1 for a target (epsilon, delta).
-
-    theta: the smallest integer >= 5 with ``((theta-3)/(theta-2)) theta! >= 1/delta`` and
-    ``theta >= e^(epsilon/L) - 1``; clients per round ``floor(n (e^(epsilon/L) - 1) / (theta
-    e^(epsilon/L)))`` (at least 1).
-    """
+def triehh_smallest_theta(epsilon: float, delta: float, levels: int) -> int:
+    """The smallest integer theta >= 5 with ``((theta-3)/(theta-2)) theta! >= 1/delta`` and
+    ``theta >= e^(epsilon/L) - 1`` (Corollary 1's conditions; both grow with theta)."""
     if not epsilon > 0 or not 0 < delta < 1:
         raise ValueError(f"TrieHH needs epsilon > 0 and delta in (0, 1), got {epsilon}, {delta}")
     theta = 5
     while not _delta_condition(theta, delta):
         theta += 1
+    return max(theta, int(math.ceil(math.exp(epsilon / levels) - 1)))
+
+
+def triehh_parameters(epsilon: float, delta: float, num_clients: int, levels: int,
+                      theta: int | None = None) -> tuple[int, int]:
+    """``(theta, clients_per_round)`` of Corollary 1 for a target (epsilon, delta).
+
+    theta: None: the smallest that Corollary 1 allows (`triehh_smallest_theta`); or one's own,
+    at least that (ValueError otherwise). Clients per round: the largest m whose epsilon is at
+    most the target, ``floor(n (e^(epsilon/L) - 1) / (theta e^(epsilon/L)))``; ValueError when
+    that is 0 (even one client a round would spend more than epsilon: too few clients).
+    """
+    smallest = triehh_smallest_theta(epsilon, delta, levels)
+    if theta is None:
+        theta = smallest
+    elif theta < smallest:
+        raise ValueError(
+            f"theta {theta} is below the {smallest} that Corollary 1 needs at epsilon {epsilon:g}, "
+            f"delta {delta:g} (((theta-3)/(theta-2)) theta! >= 1/delta and theta >= "
+            f"e^(epsilon/L) - 1, L = {levels})")
     growth = math.exp(epsilon / levels)
-    theta = max(theta, int(math.ceil(growth - 1)))
     clients = int(num_clients * (growth - 1) / (theta * growth))
-    return theta, max(1, min(clients, num_clients))
+    if clients < 1:
+        raise ValueError(
+            f"epsilon {epsilon:g} is too small for {num_clients} clients at theta {theta}: one "
+            f"client a round of {levels} rounds already spends epsilon "
+            f"{triehh_epsilon(theta, 1, num_clients, levels):.3g}")
+    return theta, min(clients, num_clients)
 
 
 def triehh_epsilon(theta: int, clients_per_round: int, num_clients: int, levels: int) -> float:

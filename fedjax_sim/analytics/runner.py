@@ -106,8 +106,10 @@ class QuantilesSection:
 
 @dataclasses.dataclass(frozen=True)
 class HeavyHittersSection:
-    """TrieHH (``theta`` / ``clients_per_round`` None: from epsilon and delta) or the one-shot
-    ``count_sketch``; ``k`` words are reported."""
+    """TrieHH or the one-shot ``count_sketch``; ``k`` words are reported. TrieHH at a finite
+    epsilon: ``theta`` None: Corollary 1's smallest, else at least that; ``clients_per_round``
+    None: the most that the target epsilon allows at that theta, else at most that. At
+    epsilon inf: ``theta`` None: 1, ``clients_per_round`` None: every client."""
 
     method: str = "triehh"
     k: int = 20
@@ -389,23 +391,46 @@ def compute(config: AnalyticsConfig, values: Mapping[str, Any], on_round=None
     return result, rows
 
 
+def triehh_setting(config: AnalyticsConfig, n: int) -> tuple[int, int]:
+    """TrieHH's ``(theta, clients_per_round)`` for ``n`` clients (`HeavyHittersSection`);
+    ConfigError naming the key when they do not fit."""
+    section, privacy = config.heavy_hitters, config.privacy
+    levels = section.max_word_length + 1
+    m = section.clients_per_round
+    if m is not None and m > n:
+        raise ConfigError(f"config key 'heavy_hitters.clients_per_round': {m} is more than "
+                          f"the {n} clients")
+    if math.isfinite(privacy.epsilon):  # Corollary 1 at the target: theta, then m
+        theta = section.theta
+        try:
+            theta, largest = hh.triehh_parameters(privacy.epsilon, privacy.delta, n, levels,
+                                                  theta=theta)
+        except ValueError as error:
+            key = "privacy.epsilon" if theta is None or theta >= hh.triehh_smallest_theta(
+                privacy.epsilon, privacy.delta, levels) else "heavy_hitters.theta"
+            hint = " (heavy_hitters.theta=null: Corollary 1's)" if key.endswith(
+                "theta") else ""
+            raise ConfigError(f"config key {key!r}: {error}{hint}") from None
+        if m is not None and m > largest:
+            raise ConfigError(
+                f"config key 'heavy_hitters.clients_per_round': {m} clients a round at "
+                f"theta {theta} spend epsilon "
+                f"{hh.triehh_epsilon(theta, m, n, levels):.3g}, over privacy.epsilon "
+                f"{privacy.epsilon:g}; at most {largest} fit")
+        m = largest if m is None else m
+    else:  # no privacy: every client votes every round unless told otherwise
+        theta = section.theta or 1
+        m = m or n
+    return theta, m
+
+
 def _heavy_hitters(config, values, key, on_round):
     section, privacy = config.heavy_hitters, config.privacy
     data = values["words"]
     n = data.num_clients
-    levels = section.max_word_length + 1
     exact = hh.exact_counts(data)
     if section.method == "triehh":
-        private = math.isfinite(privacy.epsilon)
-        if private:
-            theta, m = hh.triehh_parameters(privacy.epsilon, privacy.delta, n, levels)
-        else:
-            theta, m = 1, n
-        theta = section.theta or theta
-        m = section.clients_per_round or m
-        if m > n:
-            raise ConfigError(f"config key 'heavy_hitters.clients_per_round': {m} is more than "
-                              f"the {n} clients")
+        theta, m = triehh_setting(config, n)
         found = hh.triehh(data, theta=theta, clients_per_round=m,
                           max_prefixes=section.max_prefixes, key=key, delta=privacy.delta,
                           on_round=on_round)
@@ -455,6 +480,8 @@ def run_analytics(config: AnalyticsConfig | str | os.PathLike | None = None, *,
         config = load_analytics_config(config, overrides)
     start = time.perf_counter()
     values = load_values(config)  # every config or data error comes before any write
+    if config.statistic == "heavy_hitters" and config.heavy_hitters.method == "triehh":
+        triehh_setting(config, values["num_clients"])
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = Path(workdir or config.workdir or Path("runs") / f"{config.name}-{stamp}")
     _prepare_workdir(workdir, config, overwrite)

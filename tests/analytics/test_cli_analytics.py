@@ -3,6 +3,7 @@ one-line errors."""
 
 import collections
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -129,4 +130,52 @@ def test_a_config_of_another_command_is_named_as_such(command, config, says, cap
     assert main([command, config, "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"config file {config!r}" in err and says in err
+    assert not (tmp_path / "w").exists()
+
+
+def corollary_1_epsilon(theta, m, n=1390, levels=7):
+    return levels * math.log(1.0 / (1.0 - theta * m / n))
+
+
+@needs_shared_data(PLAYS)
+@pytest.mark.parametrize("theta, expected", [("null", (10, 70)), ("12", (12, 59))])
+def test_private_triehh_on_real_shakespeare_stays_within_the_target(theta, expected, tmp_path,
+                                                                     shared_data):
+    """TrieHH at epsilon 5 on the 1,390 roles (L = 7 rounds): Corollary 1's theta is 10 at
+    delta 1e-6. A theta of 12 was used with the clients per round computed for theta 10 (70),
+    which spends epsilon 6.49 > 5; the clients per round now follow the theta used (59)."""
+    workdir = tmp_path / "private"
+    args = ["analytics", str(CONFIGS / "shakespeare_heavy_hitters.yaml"), "log.progress=false",
+            "log.plot=false", "heavy_hitters.max_word_length=6", "heavy_hitters.max_prefixes=256",
+            "privacy.epsilon=5", f"heavy_hitters.theta={theta}", "--workdir", str(workdir)]
+    assert main(args) == 0
+    result = json.loads((workdir / "summary.json").read_text())["result"]
+    theta_used, m = expected
+    assert (result["theta"], result["clients_per_round"]) == (theta_used, m)
+    assert corollary_1_epsilon(theta_used, m) <= 5 < corollary_1_epsilon(theta_used, m + 1)
+    assert result["epsilon"] == pytest.approx(corollary_1_epsilon(theta_used, m), rel=1e-12)
+    assert result["delta_condition"] is True
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["votes"] <= m for row in rows)  # one vote per sampled role and round
+
+
+@needs_shared_data(PLAYS)
+@pytest.mark.parametrize("overrides, message", [
+    # the config's theta 5 (for epsilon .inf) was used with Corollary 1's 71 roles a round
+    # for theta 10: "epsilon 3.24 at delta 1e-06", a bound that does not hold at that delta
+    ([], "config key 'heavy_hitters.theta': theta 5 is below the 10 that Corollary 1 needs"),
+    (["heavy_hitters.theta=null", "heavy_hitters.clients_per_round=72"],
+     "'heavy_hitters.clients_per_round': 72 clients a round at theta 10 spend epsilon 8.03, "
+     "over privacy.epsilon 8; at most 71 fit"),
+    (["heavy_hitters.theta=null", "privacy.epsilon=0.05"],
+     "config key 'privacy.epsilon': epsilon 0.05 is too small for 1390 clients"),
+])
+def test_private_triehh_refuses_parameters_beyond_the_target(overrides, message, capsys,
+                                                             tmp_path, shared_data):
+    assert 11 * math.log(1 / (1 - 10 * 72 / 1390)) > 8 >= 11 * math.log(1 / (1 - 10 * 71 / 1390))
+    args = ["analytics", str(CONFIGS / "shakespeare_heavy_hitters.yaml"), "privacy.epsilon=8",
+            *overrides, "--workdir", str(tmp_path / "w")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "w").exists()

@@ -151,3 +151,33 @@ def test_private_triehh_finds_the_head_of_a_large_population():
     # an estimate is the votes scaled by n / m: within 25% for the head
     for word, estimate in zip(found.top(5), found.counts[:5], strict=True):
         assert estimate == pytest.approx(exact[word], rel=0.25)
+
+
+def brute_force_clients(epsilon, theta, n, levels):
+    """The largest m with L ln(1 / (1 - theta m / n)) <= epsilon, by trying every m."""
+    fits = [m for m in range(n + 1)
+            if theta * m < n and levels * math.log(n / (n - theta * m)) <= epsilon]
+    return max(fits)
+
+
+@pytest.mark.parametrize("epsilon, delta, n, levels, theta", [
+    (8.0, 1e-6, 1390, 11, 12), (1.0, 1e-6, 10**5, 7, 10), (4.0, 1e-9, 5000, 11, 40)])
+def test_triehh_parameters_for_a_given_theta_fit_the_target(epsilon, delta, n, levels, theta):
+    """A theta of one's own (at least Corollary 1's): the clients per round are the most that
+    the target epsilon allows at that theta, found by trying every m."""
+    assert theta >= brute_force_theta(epsilon, delta, levels)
+    assert triehh_parameters(epsilon, delta, n, levels, theta=theta) == (
+        theta, brute_force_clients(epsilon, theta, n, levels))
+
+
+def test_triehh_parameters_refuse_what_corollary_1_does_not_allow():
+    """A theta below Corollary 1's (5 at delta 1e-6, which needs 10), and a target so small
+    for 1,390 clients that even one client a round spends more: at epsilon 0.05 the old code
+    returned (10, 1), whose epsilon is 0.0794."""
+    assert brute_force_theta(8.0, 1e-6, 11) == 10
+    with pytest.raises(ValueError, match="theta 5 is below the 10 that Corollary 1 needs"):
+        triehh_parameters(8.0, 1e-6, 1390, 11, theta=5)
+    assert brute_force_clients(0.05, 10, 1390, 11) == 0
+    assert 11 * math.log(1390 / 1380) > 0.05
+    with pytest.raises(ValueError, match="epsilon 0.05 is too small for 1390 clients"):
+        triehh_parameters(0.05, 1e-6, 1390, 11)
