@@ -28,6 +28,7 @@ from fedjax_sim.analytics.mechanisms import (
     dp_mean,
     dp_quantiles,
     dp_sum,
+    exact_quantiles,
     gaussian_epsilon,
     noise_for_epsilon,
     private_mean,
@@ -37,7 +38,7 @@ from fedjax_sim.analytics.mechanisms import (
 __all__ = [
     "HeavyHitters", "Release", "adaptive_quantiles", "client_histograms",
     "count_sketch_heavy_hitters", "dp_histogram",
-    "dp_mean", "dp_quantiles", "dp_sum", "exact_counts", "gaussian_epsilon",
+    "dp_mean", "dp_quantiles", "dp_sum", "exact_counts", "exact_quantiles", "gaussian_epsilon",
     "noise_for_epsilon", "private_mean", "private_sum", "tokenize", "triehh", "triehh_epsilon",
     "triehh_parameters", "words_per_client_data",
 ]

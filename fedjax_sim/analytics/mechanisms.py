@@ -39,7 +39,7 @@ PyTree = Any
 
 __all__ = [
     "Release", "adaptive_quantiles", "client_histograms", "dp_histogram", "dp_mean",
-    "dp_quantiles", "dp_sum",
+    "dp_quantiles", "dp_sum", "exact_quantiles", "quantile_ranks",
     "gaussian_epsilon", "noise_for_epsilon", "private_mean", "private_sum",
 ]
 
@@ -262,6 +262,21 @@ def quantile_grid(low: float, high: float, resolution: float) -> tuple[np.ndarra
         1, int(math.ceil(math.log2(count))))
 
 
+def quantile_ranks(levels: Any, count: int) -> np.ndarray:
+    """``ceil(q * C)`` for each level q: the rank (1-based) of the q-th quantile's value among
+    C sorted values, by the rule ``count(x <= t) >= q * C`` (numpy's ``inverted_cdf``). q * C
+    is rounded to 9 decimals first: 0.28 * 25 is 7, not float64's 7.000000000000001 (rank 8,
+    which numpy's ``inverted_cdf`` returns)."""
+    targets = np.round(np.asarray(levels, np.float64) * count, 9)
+    return np.maximum(np.ceil(targets), 1).astype(np.int64)
+
+
+def exact_quantiles(values: Any, levels: Any) -> np.ndarray:
+    """The non-private quantiles by `quantile_ranks`: the value of rank ``ceil(q * C)``."""
+    ordered = np.sort(np.asarray(values, np.float64).ravel())
+    return ordered[quantile_ranks(levels, ordered.size) - 1]
+
+
 def private_count_at_most(values: FederatedValue, threshold: jax.Array, *,
                           noise_multiplier: float, key: jax.Array) -> jax.Array:
     """The noised number of clients whose value is <= ``threshold`` (sensitivity 1)."""
@@ -270,9 +285,8 @@ def private_count_at_most(values: FederatedValue, threshold: jax.Array, *,
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))
-def _quantile_search(values, levels, keys, grid, *, steps, noise_multiplier):
+def _quantile_search(values, targets, keys, grid, *, steps, noise_multiplier):
     clients = at_clients(values)
-    target = levels * values.shape[0]
 
     def search(level_target, level_key):
         def step(bounds, step_key):
@@ -287,7 +301,7 @@ def _quantile_search(values, levels, keys, grid, *, steps, noise_multiplier):
                                        jax.random.split(level_key, steps))
         return grid[lo], counts
 
-    return jax.vmap(search)(target, keys)
+    return jax.vmap(search)(targets, keys)
 
 
 def dp_quantiles(values: Any, levels: Any, *, low: float, high: float,
@@ -296,7 +310,7 @@ def dp_quantiles(values: Any, levels: Any, *, low: float, high: float,
     """DP quantiles of one scalar per client by a noisy binary search over a grid.
 
     For each level q the search finds the smallest grid threshold t with ``count(x <= t) >= q
-    * C`` (numpy's ``inverted_cdf`` quantile when the values lie on the grid): each of its
+    * C`` (`exact_quantiles` when the values lie on the grid; q * C to 9 decimals): each of its
     ``ceil(log2(K + 1))`` steps halves the candidate interval on a noised count (`private_sum`
     of the clients' indicators, noise std z). Values outside ``[low, high]`` land on the ends.
 
@@ -311,7 +325,10 @@ def dp_quantiles(values: Any, levels: Any, *, low: float, high: float,
         raise ValueError(f"quantile levels must be in (0, 1], got {levels.tolist()}")
     grid, steps = quantile_grid(low, high, resolution)
     keys = jax.random.split(key, levels.size)
-    result, counts = _quantile_search(jnp.asarray(values), jnp.asarray(levels, jnp.float32),
+    # q * C in float64 to 9 decimals (`quantile_ranks`): 0.6 * 25 is 15, not float32's
+    # 15.000001, which needed a 16th value
+    targets = np.round(levels * values.shape[0], 9)
+    result, counts = _quantile_search(jnp.asarray(values), jnp.asarray(targets, jnp.float32),
                                       keys, jnp.asarray(grid, jnp.float32), steps=steps,
                                       noise_multiplier=jnp.float32(noise_multiplier))
     return _release(result, (levels.size * steps, delta, accountant), noise_multiplier,

@@ -370,8 +370,7 @@ def compute(config: AnalyticsConfig, values: Mapping[str, Any], on_round=None
                                               noise_multiplier=z, key=key,
                                               delta=privacy.delta,
                                               accountant=privacy.accountant)
-        exact = np.quantile(np.clip(x, section.low, section.high), levels,
-                            method="inverted_cdf")
+        exact = mechanisms.exact_quantiles(np.clip(x, section.low, section.high), levels)
         # the search answers on the grid: the exact quantile rounded up to a grid point
         on_grid = section.low + section.resolution * np.ceil(
             np.round((exact - section.low) / section.resolution, 6))

@@ -18,6 +18,7 @@ from fedjax_sim.analytics import (
     dp_mean,
     dp_quantiles,
     dp_sum,
+    exact_quantiles,
     gaussian_epsilon,
     noise_for_epsilon,
     private_mean,
@@ -189,3 +190,25 @@ def test_private_mean_leaves_padding_clients_out_of_its_denominator():
     given = private_mean(at_clients(jnp.asarray(x), mask=jnp.asarray(mask)), clip_norm=clip,
                          noise_multiplier=0.0, key=KEY, denominator=50.0).value
     assert float(given) == pytest.approx(np.minimum(real, clip).sum() / 50, rel=1e-6)
+
+
+@needs_shared_data(PLAYS)
+def test_quantiles_of_real_roles_take_the_exact_rank():
+    """The number of lines of 25 real roles at levels whose q * 25 is a whole number: the
+    quantile is the value of rank q * 25 (exact fractions here). float32's 0.6 * 25 =
+    15.000001 made the noise-free search ask for a 16th role (72 lines -> 91 for the first
+    25 roles), and numpy's inverted_cdf (the runner's exact answer) takes rank 8 for 0.28 * 25
+    (7.000000000000001 in float64)."""
+    from fractions import Fraction
+
+    lines = [len(role) for role in shakespeare_roles(str(SHARED_DATA)).lines]
+    levels = [0.28, 0.56, 0.6, 0.3, 0.75]
+    assert 0.28 * 25 > 7 and np.float32(0.6) * np.float32(25) > 15
+    for start in (0, 25, 100):
+        x = np.asarray(lines[start:start + 25], np.float32)
+        ordered = sorted(lines[start:start + 25])
+        ranks = [math.ceil(Fraction(str(q)) * 25) for q in levels]
+        expected = [ordered[r - 1] for r in ranks]  # integers on the grid 0, 1, ..., 1000
+        release = dp_quantiles(x, levels, low=0, high=1000, noise_multiplier=0.0, key=KEY)
+        np.testing.assert_array_equal(release.value, expected)
+        np.testing.assert_array_equal(exact_quantiles(x, levels), expected)
