@@ -105,8 +105,7 @@ def prefix_counts(top):
     """Clients per distinct prefix ('$' ends a word) of their top words, by length."""
     counts = collections.Counter()
     for words in top:
-        counts.update({w[:i] for w in words for i in range(1, len(w) + 1)}
-                      | {w + "$" for w in words})
+        counts.update({p for w in words for p in word_prefixes(w)})
     return counts
 
 
@@ -126,6 +125,42 @@ def test_count_sketch_counts_each_client_once_per_top_word():
     assert set(found.words) == set(users)
     assert found.counts == [float(users[w]) for w in found.words]
     assert found.epsilon == math.inf and found.extra["threshold"] == 0.5
+
+
+def word_prefixes(word):
+    return [word[:i] for i in range(1, len(word) + 1)] + [word + "$"]
+
+
+@pytest.mark.parametrize("words_per_client, depth, width", [(4, 1, 2), (8, 3, 8)])
+def test_count_sketch_sum_equals_numpy_messages_clipped_and_summed(words_per_client, depth,
+                                                                   width):
+    """The clients' summed sketch against one built here: each real role's dense message (+-1
+    at (length, row, bucket) for each distinct prefix of its top words, colliding entries
+    adding up), clipped to L2 norm sqrt(words * L * depth) in float64, summed. In a 2-bucket,
+    1-row sketch collisions push some roles over the bound: the clip is exercised."""
+    words = role_words(6)
+    data = words_per_client_data(words, np.arange(len(words)), LENGTH)
+    tops = [top_distinct(ws, words_per_client) for ws in words]
+    prefixes = sorted({p for top in tops for w in top for p in word_prefixes(w)})
+    codes = hh.encode_words([p.rstrip("$") for p in prefixes], LENGTH)
+    levels = np.array([len(p) for p in prefixes])
+    codes = np.where(np.arange(LENGTH + 1)[None] < levels[:, None], codes, hh.PAD)
+    hashes = hh._prefix_hashes(jnp.asarray(codes))[np.arange(len(prefixes)), levels - 1]
+    bucket, sign = (np.asarray(a) for a in hh._buckets(hashes, depth, width))
+    row = {p: i for i, p in enumerate(prefixes)}
+    bound = math.sqrt(words_per_client * (LENGTH + 1) * depth)
+    total, clipped = np.zeros((LENGTH + 1, depth, width)), 0
+    for top in tops:
+        message = np.zeros_like(total)
+        for p in {p for w in top for p in word_prefixes(w)}:
+            message[len(p) - 1, np.arange(depth), bucket[row[p]]] += sign[row[p]]
+        norm = np.linalg.norm(message)
+        clipped += norm > bound
+        total += message * min(1.0, bound / max(norm, 1e-12))
+    sketch = hh._sketch_sum_jit(jnp.asarray(hh._client_top_words(data, words_per_client)),
+                                depth, width, bound, jnp.float32(0.0), KEY)
+    np.testing.assert_allclose(np.asarray(sketch), total, atol=2e-4)
+    assert clipped > 0 if depth == 1 else clipped == 0
 
 
 def test_count_sketch_rows_hash_independently():
