@@ -264,7 +264,9 @@ def triehh(data: FederatedData, *, theta: int, clients_per_round: int | None = N
       max_prefixes: static width of the trie table; if more prefixes pass the threshold in a
         round, the most voted are kept (reported in the history as ``dropped``).
       key: the randomness of the sampling and of the clients' word choices.
-      delta: the delta of the reported epsilon (`triehh_epsilon`; inf when m = n).
+      delta: the delta of the reported epsilon (`triehh_epsilon`; inf when m = n or when
+        Corollary 1's conditions fail: ``((theta-3)/(theta-2)) theta! < 1/delta`` or ``m (theta
+        + 1) > n``, i.e. theta < e^(epsilon/L) - 1).
       on_round: called with each round's history row (progress bars, logs).
     """
     words = jnp.asarray(data.arrays["word"], jnp.int32)
@@ -314,14 +316,19 @@ def triehh(data: FederatedData, *, theta: int, clients_per_round: int | None = N
             break
     order = sorted(found, key=lambda w: (-found[w], w))
     scale = n / m
-    epsilon = triehh_epsilon(theta, m, n, length) if m < n else math.inf
+    # Corollary 1 holds only under its conditions; theta >= e^(epsilon/L) - 1 with its epsilon
+    # is m (theta + 1) <= n. Outside them there is no guarantee: epsilon inf.
+    delta_condition = _delta_condition(int(theta), delta)
+    holds = m < n and delta_condition and m * (theta + 1) <= n
+    epsilon = triehh_epsilon(theta, m, n, length) if holds else math.inf
     return HeavyHitters(order, [found[w] * scale for w in order], [found[w] for w in order],
                         epsilon, delta, rounds, history,
                         {"method": "triehh", "theta": int(theta), "clients_per_round": m,
                          "sampling_rate": m / n, "levels": length,
                          "bound": "Zhu et al. 2020, Corollary 1: epsilon = L ln(1/(1 - theta "
                                   "m/n)), ((theta-3)/(theta-2)) theta! >= 1/delta",
-                         "delta_condition": bool(_delta_condition(int(theta), delta))})
+                         "delta_condition": bool(delta_condition),
+                         "sampling_condition": bool(m * (theta + 1) <= n)})
 
 
 # --- the one-shot prefix count sketch -------------------------------------------------------

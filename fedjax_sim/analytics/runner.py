@@ -549,9 +549,12 @@ def _print_result(config, result) -> None:
             print(f"  count sketch, noise std {result['noise_stddev']:.3g}, threshold "
                   f"{result['threshold']:.3g}; estimate = clients with the word among their "
                   f"{result['words_per_client']} most frequent, exact = occurrences")
-        if result.get("delta_condition") is False and math.isfinite(result["epsilon"]):
-            print(f"  warning: theta {result['theta']} is below what delta {result['delta']:g} "
-                  "needs ((theta-3)/(theta-2) theta! >= 1/delta): the bound does not hold")
+        if result["method"] == "triehh" and result["sampling_rate"] < 1 and (
+                not result["delta_condition"] or not result["sampling_condition"]):
+            print(f"  warning: theta {result['theta']} with {result['clients_per_round']} "
+                  f"clients a round is outside Corollary 1 at delta {result['delta']:g} "
+                  "((theta-3)/(theta-2) theta! >= 1/delta, m (theta + 1) <= n): no guarantee, "
+                  "epsilon inf")
         print(f"  {'word':12s} {'estimate':>10s} {'exact':>8s}")
         for word, count, exact in zip(result["words"], result["counts"],
                                       result["exact_counts"], strict=True):

@@ -4,6 +4,7 @@ word choice, each client's contribution bound, the sketch's hashing and error, i
 
 import collections
 import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,25 @@ def test_triehh_clients_vote_for_one_uniformly_chosen_word():
     assert np.max(np.abs(z)) < 4.5, z
     np.testing.assert_array_equal(draws[:, ~letters], np.round(mean[~letters])[None].repeat(
         300, 0))  # letters no one or every client's words start with
+
+
+@pytest.mark.parametrize("theta, clients, holds", [(10, 129, True), (10, 131, False),
+                                                    (5, 100, False)])
+def test_triehh_reports_epsilon_only_inside_corollary_1(theta, clients, holds):
+    """Sampled TrieHH on the real roles (L = 7 rounds, delta 1e-6): Corollary 1's epsilon
+    L ln(1 / (1 - theta m / n)) holds only if ((theta-3)/(theta-2)) theta! >= 1/delta and theta
+    >= e^(epsilon/L) - 1 (checked here in exact integers and floats). theta 5 (delta 1e-6 needs
+    10) or 131 of 1,430 clients at theta 10 (theta < e^(eps/L) - 1 = 10.9) reported a finite
+    epsilon that does not hold (with a printed warning); now inf."""
+    words = role_words(3) * 13  # 1,430 clients: 110 roles' words 13 times
+    n = len(words)
+    assert n == 1430
+    data = words_per_client_data(words, np.arange(n), LENGTH)
+    found = triehh(data, theta=theta, clients_per_round=clients, max_prefixes=256, key=KEY)
+    formula = (LENGTH + 1) * math.log(1 / (1 - theta * clients / n))
+    delta_ok = Fraction(theta - 3, theta - 2) * math.factorial(theta) * Fraction(1e-6) >= 1
+    assert (delta_ok and theta >= math.exp(formula / (LENGTH + 1)) - 1) == holds
+    assert found.epsilon == (pytest.approx(formula, rel=1e-12) if holds else math.inf)
 
 
 def prefix_counts(top):
