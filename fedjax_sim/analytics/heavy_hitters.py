@@ -63,6 +63,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz'"  # the apostrophe of "lov'd" and "king'
 END = 0  # the terminator "$"; letters are 1..27
 PAD = -1  # after the terminator
 ALPHABET_SIZE = len(ALPHABET) + 1
+_LETTERS = frozenset(ALPHABET)
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 
 __all__ = [
@@ -82,10 +83,17 @@ def encode_words(words: Sequence[str], max_length: int) -> np.ndarray:
     """``[N, max_length + 1]`` int32: letters 1..27, then ``END`` (0), then ``PAD`` (-1).
 
     Words longer than ``max_length`` are truncated to it. Each distinct word is encoded once.
+    ValueError for a word with a character outside ``ALPHABET`` (`tokenize` gives none).
     """
     ids: dict[str, int] = {}
     index = np.fromiter((ids.setdefault(w, len(ids)) for w in words), np.int64, len(words))
     distinct = list(ids)
+    for word in distinct:
+        if not isinstance(word, str) or not word or set(word) - _LETTERS:
+            raise ValueError(
+                f"word {word!r}: expected a non-empty string of the characters {ALPHABET!r} "
+                "(lower-case letters and the apostrophe; tokenize() splits and lower-cases "
+                "text)")
     table = np.full((len(distinct), max_length + 1), PAD, np.int32)
     for row, word in enumerate(distinct):
         codes = [ALPHABET.index(c) + 1 for c in word[:max_length]]

@@ -182,3 +182,12 @@ def test_triehh_parameters_refuse_what_corollary_1_does_not_allow():
     assert 11 * math.log(1390 / 1380) > 0.05
     with pytest.raises(ValueError, match="epsilon 0.05 is too small for 1390 clients"):
         triehh_parameters(0.05, 1e-6, 1390, 11)
+
+
+@pytest.mark.parametrize("word", ["The", "café", "", "good-night", 3])
+def test_a_word_outside_the_alphabet_is_named(word):
+    """'The' (a word not lower-cased) raised "substring not found"; the empty word was encoded
+    as a bare terminator (TrieHH then discovered '' as a word)."""
+    with pytest.raises(ValueError, match=r"word .*: expected a non-empty string of the "
+                                         r"characters \"abcdefghijklmnopqrstuvwxyz'\""):
+        words_per_client_data([["king", word]], [0], 6)
