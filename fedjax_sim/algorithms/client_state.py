@@ -103,9 +103,11 @@ class HostRows:
     """The rows of one store leaf on the host: a memory-mapped ``[num_clients, ...]`` file, the
     initial row, and which clients have been written (the others read as the initial row)."""
 
-    def __init__(self, path: Path, initial: np.ndarray, num_clients: int, keep: Any = None):
+    def __init__(self, path: Path, initial: np.ndarray, num_clients: int, keep: Any = None,
+                 piece_bytes: int | None = None):
         self.path = path
         self.keep = keep  # e.g. the temporary file that deletes ``path`` when collected
+        self.piece_bytes = piece_bytes  # the step's callbacks take larger operands in pieces
         self.initial = np.asarray(initial)
         self.shape = (num_clients, *self.initial.shape)
         self.dtype = self.initial.dtype
@@ -207,7 +209,8 @@ def _host_read(stores: list[HostClientStore], client_ids: jax.Array) -> list[jax
 
     shapes = tuple(jax.ShapeDtypeStruct((client_ids.shape[0], *s.shape[1:]), s.dtype)
                    for s in stores)
-    return list(io_callback(read, shapes, [s.version for s in stores], client_ids))
+    return list(_host_call(read, shapes, [s.version for s in stores], client_ids,
+                           piece_bytes=_piece_bytes(stores)))
 
 
 def _host_write(items: list[tuple[HostClientStore, jax.Array]], client_ids: jax.Array,
@@ -218,15 +221,89 @@ def _host_write(items: list[tuple[HostClientStore, jax.Array]], client_ids: jax.
         return tuple(np.asarray(v + 1, np.int32) for v in versions)
 
     versions = [store.version for store, _ in items]
-    return list(io_callback(store_rows, tuple(jax.ShapeDtypeStruct((), jnp.int32)
-                                              for _ in items),
-                            versions, client_ids,
-                            [row.astype(store.dtype) for store, row in items], write))
+    return list(_host_call(store_rows, tuple(jax.ShapeDtypeStruct((), jnp.int32)
+                                             for _ in items),
+                           versions, client_ids,
+                           [row.astype(store.dtype) for store, row in items], write,
+                           piece_bytes=_piece_bytes([store for store, _ in items])))
+
+
+CALLBACK_PIECE_BYTES = 96 << 10
+"""The pieces `host_client_state` (``piece_bytes``) cuts the callbacks' operands into on a mesh
+of several XLA:CPU devices: under XLA:CPU's 100 KiB (102,400 bytes) synchronous-copy limit (see
+`_host_call`)."""
+
+
+def _piece_bytes(stores: list[HostClientStore]) -> int | None:
+    sizes = [store.rows.piece_bytes for store in stores if store.rows.piece_bytes is not None]
+    return min(sizes) if sizes else None
+
+
+def _host_call(fn, result_shapes: Any, *args: Any, piece_bytes: int | None = None) -> Any:
+    """``io_callback(fn, result_shapes, *args)`` with ``fn`` called on numpy arrays; with
+    ``piece_bytes``, every operand larger than that goes to the host first, in pieces of at most
+    ``piece_bytes`` (a loop on the device, a small callback a piece, filling a host buffer).
+
+    Why pieces on a mesh of several XLA:CPU devices: `jax.experimental.io_callback` places its
+    operands on a CPU device before it calls its function, and XLA:CPU copies a buffer of
+    100 KiB or more there (and the numpy read of it waits for that copy) as a task on its
+    client's thread pool. That pool has max(cores, devices) threads, and every device of a
+    program over the mesh holds one while it runs: the callback holds device 0's while it waits
+    for the copy, the other devices hold theirs in the next collective, which waits for device
+    0, and no thread is left for the copy (2 devices on 2 cores: a Fashion-MNIST SCAFFOLD
+    round's write of the cohort's 314 KB of control variates hung until XLA's 40 s rendezvous
+    timeout aborted the process; an operand of 101,600 bytes went through, 103,200 hung; with a
+    third, idle, device, so a third thread, 160,000 went through). A copy under 100 KiB is made
+    in the calling thread. A loop, not an operand a piece: a slice a piece compiled to a kernel
+    a piece (a 2-layer MLP's store tripled the compile time of a round). One device has a
+    thread to spare and takes the operands whole (a piece costs a callback).
+    """
+    leaves, treedef = jax.tree.flatten(args)
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    shapes = [leaf.shape for leaf in leaves]
+    staged: dict[int, np.ndarray] = {}  # leaf -> the host buffer its pieces fill, per call
+    token = jnp.zeros((), jnp.int32)  # pieces sent so far: orders them before ``fn``
+    sent = 0
+    whole = []
+    for index, leaf in enumerate(leaves):
+        per_piece = leaf.size if piece_bytes is None else max(
+            1, piece_bytes // leaf.dtype.itemsize)
+        if leaf.size <= per_piece:
+            whole.append(leaf)
+            continue
+        count = -(-leaf.size // per_piece)
+        pieces = jnp.pad(leaf.reshape(-1), (0, count * per_piece - leaf.size))
+
+        def stage(token, piece, index=index, first=sent, count=count, dtype=leaf.dtype):
+            buffer = staged.setdefault(index, np.empty((count, piece.shape[0]), dtype))
+            buffer[int(token) - first] = np.asarray(piece)
+            return np.asarray(token + 1, np.int32)
+
+        def body(token, piece, stage=stage):
+            return io_callback(stage, jax.ShapeDtypeStruct((), jnp.int32), token, piece), None
+
+        token, _ = jax.lax.scan(body, token, pieces.reshape(count, per_piece))
+        sent += count
+
+    def call(token, *whole_arrays):
+        del token
+        whole_arrays = iter(whole_arrays)
+        arrays = []
+        for index, shape in enumerate(shapes):
+            if index in staged:
+                size = int(np.prod(shape))
+                arrays.append(staged.pop(index).reshape(-1)[:size].reshape(shape))
+            else:
+                arrays.append(np.asarray(next(whole_arrays)))
+        return fn(*treedef.unflatten(arrays))
+
+    return io_callback(call, result_shapes, token, *whole)
 
 
 class _HostStoreFactory:
-    def __init__(self, directory: Path | None):
+    def __init__(self, directory: Path | None, piece_bytes: int | None):
         self.directory = directory
+        self.piece_bytes = piece_bytes
         self.count = 0
 
     def create(self, row: Any, num_clients: int) -> HostClientStore:
@@ -240,19 +317,25 @@ class _HostStoreFactory:
         else:
             handle, path = None, self.directory / f"store-{self.count}.bin"
         self.count += 1
-        rows = HostRows(path, np.asarray(row), num_clients, keep=handle)
+        rows = HostRows(path, np.asarray(row), num_clients, keep=handle,
+                        piece_bytes=self.piece_bytes)
         return HostClientStore(rows, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
 
 @contextlib.contextmanager
-def host_client_state(directory: str | os.PathLike | None = None):
+def host_client_state(directory: str | os.PathLike | None = None,
+                      piece_bytes: int | None = None):
     """Within this context `init_client_state` makes `HostClientStore` leaves, memory-mapped to
     files ``store-<n>.bin`` in ``directory`` (created; None: temporary files, deleted with the
-    stores)."""
+    stores). ``piece_bytes``: the step's callbacks take an operand larger than this in pieces
+    (`CALLBACK_PIECE_BYTES` on a mesh of several XLA:CPU devices, where whole ones deadlock;
+    None: whole, for one device)."""
+    if piece_bytes is not None and piece_bytes < 1:
+        raise ValueError(f"piece_bytes must be >= 1 (or None), got {piece_bytes}")
     if directory is not None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-    token = _HOST_STORES.set(_HostStoreFactory(directory))
+    token = _HOST_STORES.set(_HostStoreFactory(directory, piece_bytes))
     try:
         yield
     finally:

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fedjax_sim.algorithms.client_state import host_client_state
+from fedjax_sim.algorithms.client_state import CALLBACK_PIECE_BYTES, host_client_state
 from fedjax_sim.core import ClientMap
 from fedjax_sim.sharding import client_mesh
 from fedjax_sim.simulation.client_map import (
@@ -87,7 +87,8 @@ class Backend:
         store made by `fedjax_sim.algorithms.client_state.init_client_state` stays in host
         memory, memory-mapped to a file in ``client_state_dir``; each round reads and writes
         only the cohort's rows (`HostClientStore`), so the device never holds a whole store.
-        One process only.
+        One process only; on a mesh of several XLA:CPU devices the stores' callbacks take
+        their operands in pieces (`fedjax_sim.algorithms.client_state.CALLBACK_PIECE_BYTES`).
       client_state_dir: the folder of the ``"host"`` stores' files (None: temporary files).
     """
 
@@ -112,15 +113,6 @@ class Backend:
         if self.client_state == "host" and jax.process_count() > 1:
             raise ValueError("client_state='host' keeps the stores in this process's memory: "
                              "with several processes use client_state='sharded'")
-        if self.client_state == "host" and self.mesh is not None and self.mesh.size > 1:
-            # The stores' io_callbacks receive their operands as device arrays; reading those
-            # inside the callback while the other devices wait in the round's all-reduce
-            # deadlocked XLA:CPU (a Fashion-MNIST SCAFFOLD round on 2 or 4 devices aborted
-            # after XLA's 40 s rendezvous timeout; 1 device ran).
-            raise ValueError(f"client_state='host' runs on one device, got a mesh of "
-                             f"{self.mesh.size}: its host callbacks deadlock the devices' "
-                             "all-reduce on XLA:CPU; use client_state='sharded' (the stores "
-                             "split over the devices) or one device")
         if self.mesh is not None and CLIENT_AXIS not in self.mesh.axis_names:
             raise ValueError(f"mesh axes {self.mesh.axis_names} have no {CLIENT_AXIS!r} axis")
         if self.mesh is None and jax.process_count() > 1:
@@ -212,7 +204,13 @@ class Backend:
         the host (``init`` runs eagerly)."""
         if self.client_state != "sharded" or self.mesh is None:
             hosted = self.client_state == "host"
-            with host_client_state(self.client_state_dir) if hosted else contextlib.nullcontext():
+            # several XLA:CPU devices: the stores' callbacks take their operands in pieces
+            # (whole ones of 100 KiB or more deadlock them, see `client_state._host_call`)
+            pieces = (CALLBACK_PIECE_BYTES if self.mesh is not None and self.mesh.size > 1
+                      and self.mesh.devices.flat[0].platform == "cpu" else None)
+            context = (host_client_state(self.client_state_dir, pieces) if hosted
+                       else contextlib.nullcontext())
+            with context:
                 return self.put(init(*args))
         args = self.put(args)
         shardings = jax.tree.map(lambda leaf: self._state_sharding(leaf.shape, num_clients),
