@@ -231,11 +231,11 @@ class ExecutionConfig:
     cohort size; `fedjax_sim.sharding.resolve_num_devices`).
     ``data_placement``: ``device`` (the training arrays live on every device), ``host`` (they
     stay in host memory; each round's rows are gathered and transferred while the previous round
-    computes, ``prefetch`` rounds ahead; None: 2 on GPU/TPU, 0 on CPU, where the gather competes
-    with the round for the same cores), ``sharded`` (split by clients over the devices: each
-    holds one block of clients and trains cohort size / devices clients drawn from it, a
-    stratified sample; `fedjax_sim.data.sampling.blocked_uniform_sampler`) or ``auto`` (host for
-    memory-mapped caches or more than 4 GiB). ``client_state``: ``replicated`` (default),
+    computes, ``prefetch`` rounds ahead; None: 2, on CPU too, where it hid three quarters of
+    the gather's time in `benchmarks/host_prefetch.py`), ``sharded`` (split by clients over the
+    devices: each holds one block of clients and trains cohort size / devices clients drawn from
+    it, a stratified sample; `fedjax_sim.data.sampling.blocked_uniform_sampler`) or ``auto``
+    (host for memory-mapped caches or more than 4 GiB). ``client_state``: ``replicated`` (default),
     ``sharded`` (per-client state: SCAFFOLD's control variates, FedDyn, Ditto, error feedback,
     split over the devices (and processes) by client, 1 / devices of it on each) or ``host``
     (kept in host memory, memory-mapped to sparse files in the workdir's ``client_state/``;

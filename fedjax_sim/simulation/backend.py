@@ -75,7 +75,7 @@ class Backend:
       client_execution: ``"auto"``, ``"vmap"`` or ``"map"`` (see `client_map`).
       client_batch_size: clients per chunk under ``"map"`` (bounds memory for large cohorts).
       data_placement: ``"device"``, ``"host"``, ``"sharded"`` or ``"auto"`` (module docstring).
-      prefetch: rounds the host feeder prepares ahead (None: 2 on GPU/TPU, 0 on CPU).
+      prefetch: rounds the host feeder prepares ahead (None: 2).
       client_state: ``"replicated"`` (every device holds the whole state) or ``"sharded"``:
         every leaf of the state whose leading axis is the number of clients (the per-client
         stores of SCAFFOLD, FedDyn, Ditto, error feedback) is split over the mesh's devices

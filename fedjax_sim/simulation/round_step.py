@@ -300,8 +300,8 @@ def build_round_step(
         rows and transfers them while the previous round computes; the same result bit for
         bit), ``"sharded"`` (split by clients over the mesh's devices; the sampler must be
         `blocked_uniform_sampler` over `client_blocks`) or ``"auto"``; ``prefetch`` the rounds
-        the host path prepares ahead (None: 2 on GPU/TPU, 0 on CPU, where a feeder thread
-        competes with XLA for the same cores and measured slower).
+        the host path prepares ahead (None: 2; on CPU it hid 75% of the gather's time in
+        `benchmarks/host_prefetch.py`).
       compiler_options: XLA compiler options for the step's programs on CPU (e.g. the model's
         `Model.compiler_options`); ignored on other backends.
     """
@@ -436,7 +436,7 @@ def build_round_step(
                          num_clients=train.num_clients, compiler_options=options)
     prefetch = backend.prefetch
     if prefetch is None:
-        prefetch = 0 if jax.default_backend() == "cpu" else 2
+        prefetch = 2  # CPU too: benchmarks/host_prefetch.py (2026-12-08), 93 vs 118 ms a round
     feeder = HostFeeder(plan_fn, train.arrays, train.offsets, target, prefetch)
     jitted = jax.jit(host_round_fn, donate_argnums=donate_argnums, compiler_options=options)
     return RoundStep(host_round_fn, jitted, None, offsets, cohort_size, feeder, target,
