@@ -61,6 +61,8 @@ def keep_mask(rng: jax.Array, keep_prob: float, size: int) -> jax.Array:
 class Dropout(nn.Dropout):
     """`flax.linen.Dropout` (same attributes and rng stream) with the mask of `keep_mask`.
 
+    A ``rate`` outside ``[0, 1]`` raises a ValueError (flax's layer takes it silently).
+
     The class keeps flax's name, so its auto-named instances (``Dropout_0``, ...) fold the same
     names into the rng as flax's do.
     """
@@ -68,6 +70,9 @@ class Dropout(nn.Dropout):
     @nn.compact
     def __call__(self, inputs, deterministic: bool | None = None,
                  rng: jax.Array | None = None):
+        if not 0.0 <= self.rate <= 1.0:  # also NaN
+            raise ValueError(f"Dropout rate={self.rate!r}: expected 0 <= rate <= 1 (the "
+                             "probability of dropping a unit)")
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if self.rate == 0.0 or deterministic:
             return inputs

@@ -130,3 +130,12 @@ def test_emnist_cnn_in_training_equals_flax_layers_with_the_reference_dropout():
     reference = _FlaxCNN().apply({"params": params}, x, True, rngs={"dropout": rng})
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
     assert not np.allclose(ours, model.apply(params, x, train=False), atol=1e-3)  # dropout on
+
+
+@pytest.mark.parametrize("rate", [-0.5, 1.5, float("nan")])
+def test_a_rate_outside_zero_to_one_is_refused_by_name(rate):
+    """A rate below 0 kept every unit scaled by 1 / (1 - rate) (-0.5: x * 2/3, silently); one
+    above 1 failed with 'OverflowError: Python integer -1 out of bounds for uint32'."""
+    x = jnp.ones((4, 8))
+    with pytest.raises(ValueError, match=r"Dropout rate=.*expected 0 <= rate <= 1"):
+        Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)})
