@@ -146,3 +146,50 @@ def test_vmapped_gradients_match_lax_conv():
 
     for g, e in zip(grads(canonical_conv), grads(lax.conv_general_dilated), strict=True):
         assert _relative_error(g, e) < 1e-5
+
+
+@pytest.mark.parametrize("shape, kernel, strides, padding", [
+    ((1, 7, 5, 1), (2, 3), (1, 2), "SAME"),  # batch 1, one channel, non-square everything
+    ((2, 6, 6, 3), (1, 1), (2, 2), "VALID"),  # the ResNet shortcut's 1x1, strided (stride > k)
+    ((2, 9, 4, 2), (2, 1), (3, 3), "SAME"),  # stride > kernel: windows skip rows
+    ((1, 24, 24, 3), (7, 7), (2, 2), "SAME"),  # the ResNet stem: pads (2, 3)
+    ((2, 5, 8, 2), (3, 2), (2, 3), ((2, 0), (1, 1))),  # explicit asymmetric padding
+    ((1, 4, 9, 2), (3, 3), (3, 1), "VALID"),  # trailing rows no window reaches
+])
+def test_odd_shapes_match_lax_conv_autodiff_in_float64(shape, kernel, strides, padding):
+    """The custom VJP's input and kernel gradients against autodiff of
+    `lax.conv_general_dilated`, in float64 (agreement to rounding, not to float32's)."""
+    rng = np.random.default_rng(sum(shape) + sum(kernel))
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=shape), jnp.float64)
+        w = jnp.asarray(rng.normal(size=(*kernel, shape[-1], 3)), jnp.float64)
+        out_shape = jax.eval_shape(
+            lambda: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+        ).shape
+        out_grad = jnp.asarray(rng.normal(size=out_shape), jnp.float64)
+        jaxpr = jax.make_jaxpr(
+            lambda a, b: canonical_conv(a, b, strides, padding, dimension_numbers=NHWC))(x, w)
+        assert [e.primitive.name for e in jaxpr.eqns] == ["custom_vjp_call"]  # no fallback
+        expected = _conv_and_grads(lax.conv_general_dilated, x, w, out_grad, strides, padding)
+        got = jax.jit(_conv_and_grads, static_argnums=(0, 4, 5))(
+            canonical_conv, x, w, out_grad, strides, padding
+        )
+    for name, g, e in zip(("output", "input grad", "kernel grad"), got, expected, strict=True):
+        assert g.dtype == jnp.float64 and g.shape == e.shape, name
+        np.testing.assert_allclose(g, e, rtol=1e-11, atol=1e-11, err_msg=name)
+
+
+def test_feature_groups_fall_back_with_autodiffs_gradients():
+    """Grouped convolutions are not rewritten: values and gradients are lax's."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 5, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 2, 6)), jnp.float32)  # 2 groups of 2 -> 3
+
+    def grads(conv):
+        def loss(lhs, rhs):
+            return jnp.sum(jnp.sin(conv(lhs, rhs, (1, 2), "SAME", dimension_numbers=NHWC,
+                                        feature_group_count=2)))
+        return jax.grad(loss, argnums=(0, 1))(x, w)
+
+    for g, e in zip(grads(canonical_conv), grads(lax.conv_general_dilated), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)

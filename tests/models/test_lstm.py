@@ -121,3 +121,90 @@ def test_other_lstm_models_fused_equal_flax_cell(make):
     grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x)))))(params)
              for m in (fused, flax_cell)]
     _close(*grads, rtol=1e-4, atol=1e-6)
+
+
+def _numpy_lstm(x, wi, bias, wh):
+    """The LSTM equations in float64 numpy, gates in the documented order i, f, g, o, zero
+    initial state, no forget-gate offset (flax's OptimizedLSTMCell adds none)."""
+    batch, steps, _ = x.shape
+    hidden = wh.shape[0]
+    h = c = np.zeros((batch, hidden))
+    out = np.empty((batch, steps, hidden))
+    for t in range(steps):
+        z = x[:, t] @ wi + bias + h @ wh
+        i, f, g, o = (z[:, k * hidden:(k + 1) * hidden] for k in range(4))
+        c = 1 / (1 + np.exp(-f)) * c + 1 / (1 + np.exp(-i)) * np.tanh(g)
+        h = 1 / (1 + np.exp(-o)) * np.tanh(c)
+        out[:, t] = h
+    return out
+
+
+@pytest.mark.parametrize("batch, steps, features, hidden", [(2, 4, 3, 3), (1, 1, 2, 2)])
+def test_fused_lstm_values_and_all_gradients_match_numpy_finite_differences(
+        batch, steps, features, hidden):
+    """Both forwards (in-loop projection alone, one-matmul projection under a gradient) and the
+    hand-written VJP's gradients for x, the input kernel, the bias and the recurrent kernel,
+    in float64, against the equations in numpy and central finite differences of them."""
+    rng = np.random.default_rng(batch * 10 + steps)
+    args = [rng.normal(size=(batch, steps, features)),
+            0.6 * rng.normal(size=(features, 4 * hidden)),
+            0.4 * rng.normal(size=(4 * hidden,)),
+            0.6 * rng.normal(size=(hidden, 4 * hidden))]
+    weights = rng.normal(size=(batch, steps, hidden))
+    with jax.enable_x64(True):
+        jargs = [jnp.asarray(a, jnp.float64) for a in args]
+        alone = jax.jit(fused_lstm)(*jargs)
+        differentiated, vjp = jax.vjp(fused_lstm, *jargs)
+        grads = vjp(jnp.asarray(np.cos(np.asarray(differentiated)) * weights))
+    expected = _numpy_lstm(*args)
+    np.testing.assert_allclose(alone, expected, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(differentiated, expected, rtol=1e-12, atol=1e-13)
+
+    def loss(values):
+        return np.sum(np.sin(_numpy_lstm(*values)) * weights)
+
+    eps = 1e-6
+    for k, grad in enumerate(grads):
+        numeric = np.zeros_like(args[k])
+        for index in np.ndindex(args[k].shape):
+            up, down = [a.copy() for a in args], [a.copy() for a in args]
+            up[k][index] += eps
+            down[k][index] -= eps
+            numeric[index] = (loss(up) - loss(down)) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8, err_msg=f"argument {k}")
+
+
+def test_trailing_padding_changes_neither_the_loss_nor_the_gradient():
+    """Variable-length sequences padded at the end (the loaders' layout) with pad labels: the
+    fused model's masked loss and gradient on the padded batch equal flax's RNN run on each
+    sequence cut to its real length, summed (no padding anywhere in the reference)."""
+    from fedjax_sim.models import batch_statistics, create_model
+
+    kwargs = dict(num_classes=13, input_dtype="int32", pad_label=0, hidden=6, num_layers=2)
+    fused = create_model("char_lstm", input_shape=(7,), **kwargs)
+    lengths = [2, 7, 2, 7]  # the reference runs each length once (a compilation per shape)
+    rng = np.random.default_rng(0)
+    x = np.zeros((4, 7), np.int32)
+    y = np.zeros((4, 7), np.int32)
+    for b, n in enumerate(lengths):
+        x[b, :n] = rng.integers(1, 13, n)
+        y[b, :n] = rng.integers(1, 13, n)
+    params = fused.init(jax.random.PRNGKey(0))
+
+    def summed(model, xs, ys):
+        def f(p):
+            s = batch_statistics(model, p, {"x": xs, "y": ys}, jnp.ones(len(xs), bool))
+            return s["loss_sum"], s
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+    (loss, stats), grad = summed(fused, jnp.asarray(x), jnp.asarray(y))
+    assert float(stats["count"]) == sum(lengths)
+    ref_loss, ref_grad = 0.0, jax.tree.map(jnp.zeros_like, params)
+    for n in sorted(set(lengths)):
+        rows = [b for b, length in enumerate(lengths) if length == n]
+        cut = create_model("char_lstm", input_shape=(n,), cell="flax", **kwargs)
+        (l_b, _), g_b = summed(cut, jnp.asarray(x[rows, :n]), jnp.asarray(y[rows, :n]))
+        ref_loss += float(l_b)
+        ref_grad = jax.tree.map(jnp.add, ref_grad, g_b)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    _close(grad, ref_grad, rtol=1e-4, atol=1e-6)

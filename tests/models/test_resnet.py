@@ -3,6 +3,7 @@ written from TFF's definition with plain `lax` ops, the max-pool, and fast gradi
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +151,59 @@ def test_forward_matches_a_reference_written_from_tffs_definition(small_params):
         )
     assert got.shape == (3, 10)
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
+
+
+def _numpy_group_norm(x, groups, eps, scale=None, offset=None):
+    """float64: per example and group of ``C / groups`` adjacent channels, (x - mean) /
+    sqrt(var + eps) with the two-pass variance, then a per-channel scale and offset."""
+    b, h, w, c = x.shape
+    g = np.asarray(x, np.float64).reshape(b, h, w, groups, c // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+    y = ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c)
+    return y if scale is None else y * np.asarray(scale) + np.asarray(offset)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_every_group_norm_of_the_model_matches_numpy(small_params, affine):
+    """Each GroupNorm the ResNet runs (stem, block, shortcut, final: 2 groups, epsilon 1e-3,
+    a scale and offset only when ``affine``), its input and output captured in the model's own
+    forward pass, against the float64 formula."""
+    model = create_model("resnet18_gn", num_classes=10, input_shape=(12, 12, 3), affine=affine,
+                         **SMALL)
+    rng = np.random.default_rng(1)
+
+    def draw(path, leaf):  # the small model's kernels; random scales and offsets
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.asarray(rng.normal(1.0 if "scale" in name else 0.0, 0.5, leaf.shape),
+                               jnp.float32)
+        return small_params_flat[name]
+
+    small_params_flat = {jax.tree_util.keystr(path): leaf for path, leaf
+                         in jax.tree_util.tree_leaves_with_path(small_params)}
+    params = jax.tree_util.tree_map_with_path(
+        draw, jax.eval_shape(model.init, jax.random.key(0)))
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.GroupNorm) and context.method_name == "__call__":
+            variables = context.module.variables.get("params", {})
+            calls.append((np.asarray(args[0]), np.asarray(out), variables.get("scale"),
+                          variables.get("bias")))
+        return out
+
+    x = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
+    with nn.intercept_methods(record):
+        model.apply(params, x)
+    # stem; stage 1: block 1's second norm, block 2's two; stage 2: two and the shortcut's;
+    # final
+    assert len(calls) == 8
+    assert all((scale is not None) == affine for _, _, scale, _ in calls)
+    for inputs, outputs, scale, offset in calls:
+        np.testing.assert_allclose(outputs, _numpy_group_norm(inputs, 2, 1e-3, scale, offset),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_rejects_inputs_without_channels():
