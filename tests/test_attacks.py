@@ -300,3 +300,21 @@ def test_config_attack_errors_name_the_key(tmp_path, attack, match):
 
     with pytest.raises(ConfigError, match=match):
         build_experiment(_config(tmp_path, attack))
+
+
+@pytest.mark.parametrize("scale,low", [(3e19, -1.0), (1e38, 0.5)])
+def test_little_is_enough_does_not_overflow_on_huge_benign_updates(scale, low):
+    """Benign updates of ~3e19 square past float32 (the std was inf: the attackers sent -inf);
+    seven benign values near 1e38 sum past it (the mean was inf). Both are finite in float64."""
+    rng = np.random.default_rng(5)
+    values = {k: (scale * rng.uniform(low, 1.0, size=v.shape)).astype(np.float32)
+              for k, v in _values().items()}
+    out = _attack(little_is_enough(MALICIOUS, 1.5), values)
+    benign = (WEIGHTS > 0) & ~ATTACKERS
+    for k in values:
+        rows = values[k][benign].astype(np.float64)
+        want = rows.mean(0) - 1.5 * rows.std(0)
+        assert np.all(np.isfinite(want)) and np.all(np.abs(want) < 3e38)
+        for slot in np.flatnonzero(ATTACKERS):
+            np.testing.assert_allclose(out[k][slot], want, rtol=1e-5)
+        np.testing.assert_array_equal(out[k][~ATTACKERS], values[k][~ATTACKERS])

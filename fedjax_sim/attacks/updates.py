@@ -114,11 +114,18 @@ def little_is_enough_z(num_clients: jax.Array, num_malicious: jax.Array) -> jax.
     return jax.scipy.special.ndtri(quantile)
 
 
+# 2^-100: deviations of finite float32 values times it square to finite numbers (as in
+# `fedjax_sim.aggregators.base.scaled_client_norms`).
+_SHIFT = 2.0 ** -100
+
+
 def little_is_enough(malicious: np.ndarray, z: float | None = None) -> Stage:
     """"A Little Is Enough": malicious clients send ``mean - z * std`` of the benign messages.
 
     Mean and standard deviation (``ddof=0``) are coordinate-wise over the round's participating
-    benign clients, unweighted (the attackers are assumed to know them, as in the paper).
+    benign clients, unweighted (the attackers are assumed to know them, as in the paper);
+    benign values too large for float32 squares or sums (past ~1.8e19) are rescaled by powers
+    of two on the way, so the forged message is finite whenever ``mean - z * std`` is.
 
     Args:
       malicious: ``[num_clients]`` bool.
@@ -135,10 +142,23 @@ def little_is_enough(malicious: np.ndarray, z: float | None = None) -> Stage:
                  little_is_enough_z(jnp.sum(sending), jnp.sum(attackers)))
 
         def leaf(x):
-            b = benign.reshape((-1,) + (1,) * (x.ndim - 1))
+            b = benign.reshape((-1,) + (1,) * (x.ndim - 1)) > 0
             x = x.astype(jnp.float32)
-            mean = jnp.sum(b * x, axis=0) / count
-            std = jnp.sqrt(jnp.sum(b * jnp.square(x - mean[None]), axis=0) / count)
+
+            def total(terms):  # over the benign rows only (an attacker's inf stays out)
+                return jnp.sum(jnp.where(b, terms, 0.0), axis=0)
+
+            # Huge benign values overflow float32 on the way, not in the result: the sum of
+            # values near 3e38 (then sum x / count is used) and the squares of deviations past
+            # ~1.8e19 (then the deviations times 2^-100, squared, and the std times 2^100, the
+            # power-of-two rescale of `scaled_client_norms`). Sibling reductions of one pass;
+            # ordinary values take the plain sums, unchanged.
+            plain_mean = total(x) / count
+            mean = jnp.where(jnp.isfinite(plain_mean), plain_mean, total(x / count))
+            plain = total(jnp.square(x - mean[None]))
+            shifted = total(jnp.square(x * _SHIFT - mean[None] * _SHIFT))
+            std = jnp.where(jnp.isinf(plain) & jnp.isfinite(shifted),
+                            jnp.sqrt(shifted / count) / _SHIFT, jnp.sqrt(plain / count))
             return jnp.broadcast_to(mean - shift * std, x.shape)
 
         return jax.tree.map(leaf, values)
