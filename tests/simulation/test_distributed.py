@@ -334,3 +334,17 @@ def test_sharded_client_state_trains_what_replicated_state_trains():
     assert controls.shape[0] == 12
     assert {shard.data.shape[0] for shard in controls.addressable_shards} == {3}
     assert not jax.tree.leaves(sharded.params)[0].sharding.spec  # the rest stays replicated
+
+
+def test_blocked_sampler_pairs_match_stratified_sampling():
+    """12 clients in 3 blocks of 4, k = 2 per block: two clients of one block are together with
+    probability k (k - 1) / (n (n - 1)) = 1/6, of two blocks (k / n)^2 = 1/4 (blocks drawn
+    independently; uniform sampling of 6 of 12 would give 5/22 = 0.227 to both); binomial
+    bounds at 4.5 standard deviations over 4,000 draws."""
+    draws = np.asarray(jax.jit(jax.vmap(blocked_uniform_sampler(client_blocks(12, 3), 6)))(
+        jax.random.split(jax.random.key(0), 4000)))
+    member = np.zeros((4000, 12), bool)
+    np.put_along_axis(member, draws, True, axis=1)
+    for (a, b), p in [((0, 1), 1 / 6), ((5, 7), 1 / 6), ((0, 4), 1 / 4), ((3, 11), 1 / 4)]:
+        together = np.sum(member[:, a] & member[:, b])
+        assert abs(together - 4000 * p) < 4.5 * np.sqrt(4000 * p * (1 - p)), (a, b, together)
