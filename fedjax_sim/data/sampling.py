@@ -14,6 +14,7 @@ round depends only on the seed and the round number (resuming reproduces it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -161,10 +162,20 @@ def poisson_sampler(num_clients: int, sampling_probability: float, max_cohort_si
         raise ValueError(f"poisson_sampler: max_cohort_size {max_cohort_size} must be in "
                          f"[1, num_clients={num_clients}]")
     q = jnp.float32(sampling_probability)
+    # jax.random.uniform's float32 values lie on a grid of 2^-23, so ``u < q`` alone would
+    # select with probability ceil(q 2^23) / 2^23, not q (2^-23 for every q below it). Exact:
+    # below the last grid point b <= q, join; at b, join with probability (q - b) 2^23 from
+    # 32 more bits; above, never. Equal to ``u < q`` except in the cell u == b (probability
+    # 2^-23 a client and round), so a seed's cohorts stay what they were.
+    grid = float(sampling_probability) * 2.0 ** 23
+    below = math.floor(grid)  # b = below * 2^-23: the largest grid point <= q
+    boundary = jnp.float32(below * 2.0 ** -23)  # q on the grid (q = 1 too): b = q, u < q exact
+    threshold = jnp.uint32(math.floor((grid - below) * 2.0 ** 32))  # < 2^32: grid - below < 1
 
     def sample(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         u = jax.random.uniform(key, (num_clients,))
-        selected = u < q
+        extra = jax.random.bits(jax.random.fold_in(key, 1), (num_clients,), jnp.uint32)
+        selected = (u < boundary) | ((u == boundary) & (extra < threshold))
         # Selected clients get a score in (0, 1] uniform and independent of the selection
         # (u / q given u < q), the others -1: top-k takes a uniform subset on overflow.
         score = jnp.where(selected, 1.0 - u / q, -1.0)

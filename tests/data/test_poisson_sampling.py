@@ -124,3 +124,32 @@ def test_round_step_masks_the_padding_of_a_poisson_cohort():
         seen_padding |= drawn < cap
         seen_overflow |= drawn > cap
     assert seen_padding and seen_overflow
+
+
+def test_a_tiny_q_is_not_rounded_up_to_the_float32_uniform_grid():
+    """jax.random.uniform is on a grid of 2^-23, so ``u < q`` selected with probability
+    ceil(q 2^23) / 2^23, not q: 2^-23 = 1.2e-7 for any q below it (and up to 1 / (q 2^23) too
+    much above it: 1.2% at q = 1e-5), while the accountant is told q. With q = 1e-10 and 2^26
+    client-rounds the reference, Binomial(2^26, 1e-10), has mean 0.0067 and P(>= 2) = 2e-5;
+    the grid's probability gives about 8 joins."""
+    num_clients, q, rounds = 1 << 20, 1e-10, 64
+    sampler = jax.jit(jax.vmap(poisson_sampler(num_clients, q, 4)))
+    _, valid, drawn = sampler(jax.random.split(jax.random.key(0), rounds))
+    assert int(np.sum(drawn)) <= 1 and int(np.sum(valid)) == int(np.sum(drawn))
+
+
+def test_q_one_selects_every_client():
+    ids, valid, drawn = _draw(7, 1.0, 7)
+    assert np.all(valid) and np.all(drawn == 7)
+    assert all(sorted(row.tolist()) == list(range(7)) for row in ids)
+
+
+def test_ordinary_q_keeps_the_cohorts_of_u_below_q():
+    """The exact rule differs from ``u < q`` only where u is the grid point just under q
+    (probability 2^-23 a client and round), so at q = 0.1 a seed's cohorts over 200 rounds are
+    those of the plain rule written here with the same uniforms (recorded runs reproduce)."""
+    num_clients, q = 1000, 0.1
+    keys = jax.random.split(jax.random.key(5), 200)
+    _, _, drawn = jax.jit(jax.vmap(poisson_sampler(num_clients, q, num_clients)))(keys)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (num_clients,)))(keys)
+    np.testing.assert_array_equal(drawn, np.sum(np.asarray(u) < np.float32(q), axis=1))
