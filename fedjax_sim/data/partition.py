@@ -90,7 +90,10 @@ def dirichlet_partition(
 
     For every class ``k`` independently, ``p_k ~ Dir(alpha * 1_num_clients)`` and the class's
     (shuffled) ``n_k`` examples are cut into consecutive runs of sizes ``~ p_k * n_k``
-    (``floor`` of the cumulative proportions, so the counts sum to ``n_k`` exactly). Large
+    (``floor`` of the cumulative proportions, so the counts sum to ``n_k`` exactly, as
+    NIID-Bench's ``np.split`` at ``(cumsum(p) * n_k).astype(int)`` does; so the last client
+    gets the floors' remainder, ``ceil(p * n_k)``, hence at least one example of almost every
+    class: kept so that recorded runs reproduce, see docs/partitioners.md). Large
     ``alpha`` gives every client the global label histogram; small ``alpha`` gives each client
     few classes (``alpha -> 0``: each class on one client). Client sizes vary too. If some
     client ends up with fewer than ``min_examples_per_client`` examples, all proportions are
