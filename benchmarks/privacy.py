@@ -108,14 +108,12 @@ def run_arm(arm: dict[str, Any], dataset, model, args, seed: int) -> dict[str, A
             aggregator.noise_multipliers(state.algorithm.aggregator)).items()}
         accounting_population = arm.get("accounting_population", population)
         accounting_cohort = arm.get("noise_cohort") or args.expected_cohort
+        simulated = accounting_population != population or arm.get("noise_cohort")
         ledger = PrivacyLedger(multipliers, accounting_population, accounting_cohort,
-                               "poisson", args.delta, "rdp")
-        if all(z == 0.0 for z in multipliers.values()):
-            # Library bug worked around: PrivacyLedger.epsilon raises UnsupportedEventError
-            # (PoissonSampledDpEvent of a NonPrivateDpEvent) instead of returning inf for z = 0.
-            epsilon = float("inf")
-        else:
-            epsilon = ledger.epsilon(curve[-1]["round"])
+                               "poisson", args.delta, "rdp",
+                               max_cohort_size=None if simulated else cap)
+        epsilon = ledger.epsilon(curve[-1]["round"])  # inf for z = 0
+        arm = {**arm, "cap_overflow_delta": ledger.cap_overflow_delta(curve[-1]["round"])}
         arm = {**arm, "mechanisms": multipliers, "accounting": ledger.description()}
     accuracies = [c["test_accuracy"] for c in curve[-2:]]
     return {

@@ -8,11 +8,13 @@ aggregation stages (`fedjax_sim.aggregators`); Poisson client sampling is
 
 from fedjax_sim.privacy.accounting import (
     ACCOUNTANTS,
+    CohortCapWarning,
     PrivacyLedger,
     calibrate_noise_multiplier,
     effective_noise_multiplier,
     epsilon_of,
     round_event,
+    warn_cap_overflow,
 )
 from fedjax_sim.privacy.dp_sgd import (
     EXAMPLE_DP_ALGORITHMS,
@@ -23,7 +25,7 @@ from fedjax_sim.privacy.dp_sgd import (
     round_cost,
 )
 
-__all__ = ["ACCOUNTANTS", "DPSGDLoss", "EXAMPLE_DP_ALGORITHMS", "ExampleLedger",
+__all__ = ["ACCOUNTANTS", "CohortCapWarning", "DPSGDLoss", "EXAMPLE_DP_ALGORITHMS", "ExampleLedger",
            "PrivacyLedger", "calibrate_noise_multiplier", "dp_sgd_loss",
            "effective_noise_multiplier", "epsilon_of", "example_epsilon", "round_cost",
-           "round_event"]
+           "round_event", "warn_cap_overflow"]

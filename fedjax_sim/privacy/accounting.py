@@ -25,10 +25,12 @@ import dataclasses
 import functools
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import dp_accounting
+import scipy.stats
 from dp_accounting import dp_event as events
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -50,6 +52,23 @@ def effective_noise_multiplier(noise_multipliers: Mapping[str, float]) -> float:
     return sum(z ** -2 for z in values) ** -0.5
 
 
+class CohortCapWarning(UserWarning):
+    """Poisson sampling's cohort cap is exceeded often enough to matter for delta."""
+
+
+def warn_cap_overflow(ledger: PrivacyLedger, rounds: int, fraction: float = 0.1) -> None:
+    """`CohortCapWarning` when the cap's overflow term exceeds ``fraction`` of delta."""
+    extra = ledger.cap_overflow_delta(rounds)
+    if extra > fraction * ledger.delta:
+        warnings.warn(
+            f"cohort.max_size {ledger.max_cohort_size}: a Poisson draw of the "
+            f"{ledger.num_clients} clients (q = {ledger.sampling_probability:.4g}) exceeds it "
+            f"in some of the {rounds} rounds with probability {extra:.3g}, "
+            f"{extra / ledger.delta:.3g}x delta {ledger.delta:g}; the guarantee is (epsilon, "
+            f"delta + {extra:.3g}). cohort.max_size={ledger.cap_for_overflow(rounds, fraction)} "
+            f"keeps it under {fraction:g} delta", CohortCapWarning, stacklevel=2)
+
+
 @dataclasses.dataclass(frozen=True)
 class PrivacyLedger:
     """Every noised quantity of a run, and how clients are sampled.
@@ -63,6 +82,9 @@ class PrivacyLedger:
         (cohort_size clients drawn uniformly without replacement).
       delta: the target delta.
       accountant: ``"rdp"`` or ``"pld"``.
+      max_cohort_size: Poisson sampling's cap (None: none). A round whose draw exceeds it
+        trains a random subset of that many clients, an event outside the Poisson accounting:
+        its probability over the rounds (`cap_overflow_delta`) adds to delta.
     """
 
     noise_multipliers: Mapping[str, float]
@@ -71,6 +93,7 @@ class PrivacyLedger:
     sampling: str = "poisson"
     delta: float = 1e-5
     accountant: str = "rdp"
+    max_cohort_size: int | None = None
 
     def __post_init__(self):
         if self.sampling not in SAMPLINGS:
@@ -107,6 +130,29 @@ class PrivacyLedger:
         return float(rdp_privacy_accountant.compute_epsilon(orders, rdp * rounds,
                                                             self.delta)[0])
 
+    def cap_overflow_delta(self, rounds: int) -> float:
+        """The probability that some round's Poisson draw exceeds ``max_cohort_size`` (union
+        bound: ``rounds * P(Binomial(N, q) > cap)``, at most 1; 0 without a cap below N).
+
+        Outside that event the run is the Poisson-sampled mechanism the epsilon accounts, so the
+        guarantee is (epsilon, delta + this) (the two runs differ only on the event).
+        """
+        cap = self.max_cohort_size
+        if self.sampling != "poisson" or cap is None or cap >= self.num_clients or rounds <= 0:
+            return 0.0
+        tail = float(scipy.stats.binom.sf(cap, self.num_clients, self.sampling_probability))
+        return min(1.0, rounds * tail)
+
+    def cap_for_overflow(self, rounds: int, fraction: float = 0.1) -> int:
+        """The least cap whose `cap_overflow_delta` over ``rounds`` is at most ``fraction``
+        of delta."""
+        target = fraction * self.delta / max(rounds, 1)
+        cap = int(scipy.stats.binom.isf(target, self.num_clients, self.sampling_probability))
+        while cap < self.num_clients and scipy.stats.binom.sf(
+                cap, self.num_clients, self.sampling_probability) > target:
+            cap += 1
+        return min(cap, self.num_clients)
+
     @functools.cached_property
     def _round_rdp(self):
         """``(orders, rdp)`` of one round (RDP accountant)."""
@@ -117,8 +163,15 @@ class PrivacyLedger:
 
     def description(self) -> str:
         relation = "add/remove one client" if self.sampling == "poisson" else "replace one client"
+        capped = ""
+        if (self.sampling == "poisson" and self.max_cohort_size is not None
+                and self.max_cohort_size < self.num_clients):
+            capped = (f"; a draw above the cap of {self.max_cohort_size} clients (a random "
+                      "subset of them trains) is outside this accounting, and its probability "
+                      "over the rounds (cap_overflow_delta) adds to delta")
         return (f"{self.accountant.upper()} accountant (dp-accounting), {self.sampling} sampling "
-                f"q={self.sampling_probability:.6g}, user-level ({relation}), delta={self.delta:g}")
+                f"q={self.sampling_probability:.6g}, user-level ({relation}), delta={self.delta:g}"
+                + capped)
 
 
 def round_event(noise_multipliers: Mapping[str, float], num_clients: int, cohort_size: float,

@@ -67,7 +67,7 @@ from fedjax_sim.datasets import DatasetLoader, convert_dataset, dataset_loader
 from fedjax_sim.models import MODELS, Model, create_model
 from fedjax_sim.optimizers import make_optimizer
 from fedjax_sim.options import check_number_option
-from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier
+from fedjax_sim.privacy import PrivacyLedger, calibrate_noise_multiplier, warn_cap_overflow
 from fedjax_sim.privacy.dp_sgd import EXAMPLE_DP_ALGORITHMS, ExampleLedger, dp_sgd_loss
 from fedjax_sim.sharding import resolve_num_devices
 from fedjax_sim.simulation.backend import Backend, default_mesh
@@ -235,6 +235,8 @@ def build_experiment(config: Config, dataset: FederatedDataset | None = None, *,
     train = dataset.train
     aggregator, privacy = _build_aggregator(config, train.num_clients, model)
     _check_user_level_privacy(config, privacy)
+    if privacy is not None:
+        warn_cap_overflow(privacy, config.rounds)
     if attack is not None and attack.update is not None:  # update attacks: the first stage
         aggregator = prepend(attack.update, as_aggregator(aggregator))
     schedule = ClientSchedule.from_sizes(
@@ -457,8 +459,12 @@ def _build_aggregator(config: Config, num_clients: int, model: Model):
     multipliers = {k: float(v) for k, v in jax.device_get(
         aggregator.noise_multipliers(state)).items()}
     try:
+        # Poisson's cap (the sampler's, `_build_sampler`), for the overflow term of delta; a
+        # simulated noise cohort accounts another population, where the run's cap means nothing
+        cap = (cohort.max_size or poisson_cap(num_clients, expected / num_clients)
+               if sampling == "poisson" and privacy.noise_cohort_size is None else None)
         ledger = PrivacyLedger(multipliers, population, noise_cohort, sampling, delta,
-                               privacy.accountant)
+                               privacy.accountant, max_cohort_size=cap)
     except ValueError as error:
         raise ConfigError(f"config key 'privacy': {error}") from None
     return aggregator, ledger
@@ -949,6 +955,9 @@ def _finish(experiment, workdir, history, setup_seconds, first, total_seconds) -
         summary["privacy"] = {
             "epsilon": ledger.epsilon(rounds),
             "delta": ledger.delta,
+            # P(some round's Poisson draw exceeded the cap): the guarantee is (epsilon, delta +
+            # this); see PrivacyLedger.cap_overflow_delta
+            "cap_overflow_delta": ledger.cap_overflow_delta(rounds),
             "noise_multipliers": dict(ledger.noise_multipliers),
             "accounting": ledger.description(),
             "simulated_cohort": (None if config.privacy.noise_cohort_size is None else

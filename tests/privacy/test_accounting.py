@@ -1,5 +1,6 @@
 """Privacy accounting against ``dp-accounting`` called directly here, and closed forms."""
 
+import dataclasses
 import math
 
 import dp_accounting
@@ -191,3 +192,40 @@ def test_bad_ledgers_are_rejected():
     with pytest.raises(ValueError, match="target_epsilon"):
         calibrate_noise_multiplier(0.0, 10, 100, 10, 1e-5)
     assert epsilon_of(events.GaussianDpEvent(1.0), 0, 1e-5) == 0.0
+
+
+def _binomial_tail(cap: int, n: int, q: float) -> float:
+    """P(Binomial(n, q) > cap) as an exact sum of rationals (an independent reference)."""
+    from fractions import Fraction
+    p = Fraction(q).limit_denominator(10 ** 12)
+    return float(sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(cap + 1, n + 1)))
+
+
+def test_poisson_cap_overflow_adds_to_delta_and_warns():
+    """A draw above Poisson's cap trains a random subset, outside the accounting: the ledger
+    reports rounds * P(Binomial(N, q) > cap) as delta's extra term (the default cap of 1,000
+    clients at q = 0.1 over 200 rounds: 1.55e-6, 16% of delta 1e-5), warns above 10% of delta,
+    and names the least cap under it; no cap, N itself or fixed-size sampling add nothing."""
+    import warnings
+
+    from fedjax_sim.data.sampling import poisson_cap
+    from fedjax_sim.privacy import CohortCapWarning, warn_cap_overflow
+
+    cap = poisson_cap(1000, 0.1)
+    ledger = PrivacyLedger({"update": 1.0}, 1000, 100.0, "poisson", 1e-5, max_cohort_size=cap)
+    expected = 200 * _binomial_tail(cap, 1000, 0.1)
+    assert ledger.cap_overflow_delta(200) == pytest.approx(expected, rel=1e-9)
+    assert 1e-6 < expected < 2e-6
+    suggested = ledger.cap_for_overflow(200)
+    assert 200 * _binomial_tail(suggested, 1000, 0.1) <= 1e-6 < 200 * _binomial_tail(
+        suggested - 1, 1000, 0.1)
+    with pytest.warns(CohortCapWarning, match=f"cohort.max_size={suggested} keeps"):
+        warn_cap_overflow(ledger, 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_cap_overflow(dataclasses.replace(ledger, max_cohort_size=suggested), 200)
+    for quiet in (dataclasses.replace(ledger, max_cohort_size=None),
+                  dataclasses.replace(ledger, max_cohort_size=1000),
+                  dataclasses.replace(ledger, sampling="fixed")):
+        assert quiet.cap_overflow_delta(200) == 0.0
+    assert "cap_overflow_delta" in ledger.description()
