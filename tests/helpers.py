@@ -1,6 +1,7 @@
 """Tiny models and federated data for unit tests (synthetic data lives only in tests), and where
 the tests find real data that lives outside the repository."""
 
+import functools
 import os
 from pathlib import Path
 
@@ -25,7 +26,10 @@ class TinyMLP(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+@functools.cache
 def tiny_model(features=4, num_classes=3) -> Model:
+    """One shared `Model` per argument list: `Model` is frozen and hashed by identity (a static
+    jit argument), so sharing it lets tests reuse each other's compiled round steps."""
     return Model(TinyMLP(num_classes), np.zeros((1, features), np.float32), num_classes)
 
 
