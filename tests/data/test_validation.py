@@ -178,10 +178,128 @@ def test_info_must_have_num_classes_and_input_shape():
     raises(dataset(info={**dataset().info, "num_classes": 0}), "info['num_classes'] is 0")
 
 
-def test_real_shakespeare_passes():
+VOCAB, LENGTH = 7, 6
+TRAIN_IDS = ["ann", "bob", "cy", "dee"]
+TRAIN_SIZES = [3, 5, 2, 4]  # rows 0-2 ann, 3-7 bob, 8-9 cy, 10-13 dee
+TEST_SIZES = [2, 0, 3, 1]  # rows 0-1 ann, bob none, 2-4 cy, 5 dee
+
+
+def token_clients(sizes, seed) -> FederatedData:
+    """Clients of int32 token ids ``x`` [n, LENGTH] in [0, VOCAB) and next-token labels ``y``."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, VOCAB, (sum(sizes), LENGTH)).astype(np.int32)
+    return FederatedData({"x": x, "y": x.copy()}, np.concatenate([[0], np.cumsum(sizes)]),
+                         TRAIN_IDS)
+
+
+def token_dataset(**changes) -> FederatedDataset:
+    """A next-token dataset whose ``info`` declares ``vocab_size = VOCAB`` (pad id 0)."""
+    x = np.random.default_rng(5).integers(0, VOCAB, (4, LENGTH)).astype(np.int32)
+    base = FederatedDataset(
+        name="tokens",
+        train=token_clients(TRAIN_SIZES, seed=3),
+        test=token_clients(TEST_SIZES, seed=4),
+        central_test={"x": x, "y": x.copy()},
+        info={"num_classes": VOCAB, "pad_label": 0, "vocab_size": VOCAB,
+              "input_shape": (LENGTH,), "input_dtype": "int32"},
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_token_ids_in_range_pass_pad_and_last_id_included():
+    train = token_dataset().train
+    x = train.arrays["x"].copy()
+    x[:, -2:] = 0  # padding
+    x[0, 0] = VOCAB - 1
+    assert validate_dataset(token_dataset(train=with_array(train, "x", x))) is None
+
+
+def test_a_token_id_equal_to_vocab_size_names_split_client_value_and_range():
+    train = token_dataset().train
+    x = train.arrays["x"].copy()
+    x[9, 4] = VOCAB  # cy's second example (rows 8-9 are cy's)
+    raises(token_dataset(train=with_array(train, "x", x)), "dataset 'tokens'", "split 'train'",
+           "feature 'x'", "1 token ids are outside [0, 7)", "(values 7)",
+           "in 1 of 4 clients (client ids 'cy';", "the first in example 1 of client 'cy'",
+           "example 9 of the split",
+           "expected ids in [0, info['vocab_size'] = 7)")
+
+
+def test_negative_token_ids_in_the_test_split_name_the_client_after_an_empty_one():
+    test = token_dataset().test
+    x = test.arrays["x"].copy()
+    x[2, 0] = -1  # cy's first test example (bob has none)
+    x[5, 3] = -3  # dee's only one
+    message = raises(token_dataset(test=with_array(test, "x", x)), "split 'test'",
+                     "feature 'x'", "2 token ids are outside [0, 7)", "(values -3, -1)",
+                     "in 2 of 4 clients (client ids 'cy', 'dee';",
+                     "the first in example 0 of client 'cy', example 2 of the split",
+                     "expected ids in [0, info['vocab_size'] = 7)")
+    assert "'bob'" not in message
+
+
+def test_token_ids_out_of_range_in_many_clients_name_five():
+    ids = [f"w{i}" for i in range(8)]
+    x = np.ones((16, LENGTH), np.int32)
+    x[::2, 0] = [9, 8, 7, 10, 11, 12, 13, 14]  # every client's first example; 8 values
+    train = FederatedData({"x": x, "y": x.copy()}, np.arange(0, 17, 2), ids)
+    message = raises(token_dataset(train=train, test=None), "8 token ids are outside [0, 7)",
+                     "(values 7, 8, 9, 10, 11 and 3 more values)", "in 8 of 8 clients",
+                     "'w0', 'w1', 'w2', 'w3', 'w4' and 3 more;",
+                     "the first in example 0 of client 'w0', example 0 of the split")
+    assert "'w5'" not in message
+
+
+def test_token_ids_out_of_range_in_the_central_test_set_name_the_example():
+    central = dict(token_dataset().central_test)
+    central["x"] = central["x"].copy()
+    central["x"][2, 1] = 100
+    raises(token_dataset(central_test=central), "split 'central_test'", "feature 'x'",
+           "1 token ids are outside [0, 7)", "(values 100; the first in example 2)",
+           "expected ids in [0, info['vocab_size'] = 7)")
+
+
+def test_float_inputs_and_inputs_without_a_vocab_size_are_not_read_as_ids():
+    train = token_dataset().train
+    wide = train.arrays["x"].astype(np.float32) * 100  # e.g. a bag of words' counts
+    info = {**token_dataset().info, "input_dtype": "float32"}
+    validate_dataset(token_dataset(train=with_array(train, "x", wide), test=None,
+                                   central_test=None, info=info))
+    x = train.arrays["x"].copy()
+    x[0, 0] = 1000
+    no_vocab = {k: v for k, v in token_dataset().info.items() if k != "vocab_size"}
+    validate_dataset(token_dataset(train=with_array(train, "x", x), info=no_vocab))
+
+
+@pytest.mark.parametrize("vocab_size", [0, -2, 7.0, True, "7"])
+def test_info_vocab_size_must_be_a_positive_int(vocab_size):
+    info = {**token_dataset().info, "vocab_size": vocab_size}
+    raises(token_dataset(info=info), "dataset 'tokens'",
+           f"info['vocab_size'] is {vocab_size!r}", "expected an int >= 1")
+
+
+def test_real_shakespeare_passes_its_token_ids_checked_in_a_few_milliseconds():
     from fedjax_sim.datasets import load_dataset
 
-    validate_dataset(load_dataset("shakespeare"))
+    data = load_dataset("shakespeare")
+    # The check runs: TFF's character ids [0, 90) (pad 0) as int32 inputs.
+    assert data.info["vocab_size"] == 90 and data.train.arrays["x"].dtype == np.int32
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        validate_dataset(data)
+        seconds.append(time.perf_counter() - start)
+    assert min(seconds) < 0.1, seconds  # 2.5 ms measured on 2 cores
+    # One id past the vocabulary in a known client's known example is found.
+    train = data.train
+    client = 7
+    row = int(train.offsets[client]) + 1  # its second example
+    x = train.arrays["x"].copy()
+    x[row, 0] = 90
+    raises(dataclasses.replace(data, train=with_array(train, "x", x)), "split 'train'",
+           "1 token ids are outside [0, 90)", "(values 90)",
+           f"the first in example 1 of client {str(train.client_ids[client])!r}",
+           "expected ids in [0, info['vocab_size'] = 90)")
 
 
 @needs_shared_data(*FASHION_MNIST_FILES)
