@@ -124,6 +124,13 @@ def with_nan():
     return x
 
 
+def tokens_past_the_vocabulary():
+    """Token ids in [0, 5) but for a 5 in every example of client 2 (rows 20-29)."""
+    tokens = np.random.default_rng(1).integers(0, 5, X.shape).astype(np.int32)
+    tokens[20:30, 1] = 5
+    return tokens
+
+
 # ----------------------------------------------------------------------------- the catalogue
 
 # (id, command line after `fedjax-sim`, files to write into the current folder, fragments the
@@ -247,6 +254,11 @@ CASES = [
     ("arrays-nan-features", ARRAYS, npz(x=with_nan, y=Y, client_id=CLIENT),
      ["dataset 'arrays'", "split 'train'", "feature 'x'", "1 non-finite values (1 NaN",
       "expected finite numbers"]),
+    ("arrays-token-ids-past-the-vocabulary", [*ARRAYS, "dataset.vocab_size=5"],
+     npz(x=tokens_past_the_vocabulary, y=Y, client_id=CLIENT),
+     ["dataset 'arrays'", "split 'train'", "feature 'x'", "token ids are outside [0, 5)",
+      "(values 5) in 1 of 6 clients (client ids 2;",
+      "expected ids in [0, info['vocab_size'] = 5)"]),
     ("arrays-missing-key", ARRAYS, npz(x=X, labels=Y, client_id=CLIENT),
      ["data.npz", "no key 'y'", "keys present: ['client_id', 'labels', 'x']", "expected 'y'"]),
     ("arrays-missing-client-id", ARRAYS, npz(x=X, y=Y),

@@ -11,6 +11,10 @@ labels), optionally ``client_id`` (``[N]`` ints or strings; the natural partitio
 and optionally ``x_test`` / ``y_test`` (a central test set). The file is read with
 ``np.load(path, allow_pickle=False)``: arrays only, never pickled Python objects, so an ``.npz``
 from an untrusted source cannot run code; an object array is refused with a `DataError`.
+
+Integer ``x`` of token ids for an embedding model (``char_lstm``, ``stackoverflow_lstm``) takes
+``dataset.vocab_size``: validation then refuses any id outside ``[0, vocab_size)``, which the
+embedding would otherwise read silently (as NaN or as another token's row).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def load_arrays(
     path: str | os.PathLike,
     partition: PartitionOptions = NATURAL_PARTITION,
     num_classes: int | None = None,
+    vocab_size: int | None = None,
 ) -> FederatedDataset:
     """A `FederatedDataset` from the arrays in an ``.npz`` file.
 
@@ -63,15 +68,20 @@ def load_arrays(
         ``"natural"``: one client per distinct ``client_id``; any other partition splits
         ``num_clients`` clients, 10 by default).
       num_classes: the number of classes; default ``max(y, y_test) + 1``.
+      vocab_size: when ``x`` holds token ids, their number (``info["vocab_size"]``):
+        `fedjax_sim.data.validation.validate_dataset` then checks every id of ``x`` and
+        ``x_test`` lies in ``[0, vocab_size)``. ``char_lstm`` and ``stackoverflow_lstm`` embed
+        ``num_classes`` rows, so for them set both to the same. Default None: no ids declared.
 
     Returns:
       A `FederatedDataset` named ``"arrays"`` whose ``info`` has ``num_classes``,
-      ``pad_label=None``, ``input_shape = x.shape[1:]`` and ``input_dtype = str(x.dtype)``.
+      ``pad_label=None``, ``input_shape = x.shape[1:]``, ``input_dtype = str(x.dtype)`` and,
+      when given, ``vocab_size``.
 
     Raises:
       DataError: the file is missing or not an ``.npz``, a key is missing, an array is an
-        object (pickled) array, or the arrays do not fit together (the message names the file
-        and the key).
+        object (pickled) array, the arrays do not fit together, or ``vocab_size`` is given for
+        float ``x`` (the message names the file and the key).
       ValueError: an option has a bad value (the message names the option).
 
     Example:
@@ -86,9 +96,19 @@ def load_arrays(
         or num_classes < 1
     ):
         raise ValueError(f"num_classes must be an int >= 1 or null, got {num_classes!r}")
+    if vocab_size is not None and (
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer))
+        or vocab_size < 1
+    ):
+        raise ValueError(f"vocab_size must be an int >= 1 or null, got {vocab_size!r}")
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     arrays = _read_npz(path, need_client_id=partition.partition == "natural")
     x, y = arrays["x"], arrays["y"]
+    if vocab_size is not None and x.dtype.kind not in "iu":
+        raise DataError(
+            f"{path}: key 'x' has dtype {x.dtype}, but vocab_size={vocab_size} declares token "
+            "ids; expected integer ids in x (or no vocab_size for float inputs)"
+        )
     if partition.partition in LABEL_PARTITIONS and y.ndim != 1:
         raise DataError(
             f"{path}: key 'y' has shape {y.shape}; partition={partition.partition!r} splits by "
@@ -101,6 +121,8 @@ def load_arrays(
         num_classes = max(1, max(int(part.max()) for part in labels if part.size) + 1)
     info = {"num_classes": int(num_classes), "input_shape": tuple(x.shape[1:]),
             "input_dtype": str(x.dtype)}
+    if vocab_size is not None:
+        info["vocab_size"] = int(vocab_size)
     return centralized_dataset("arrays", {"x": x, "y": y}, test, partition, info,
                                group_ids=arrays.get("client_id"))
 

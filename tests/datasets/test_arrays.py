@@ -115,6 +115,33 @@ def test_integer_inputs_and_explicit_num_classes(tmp_path):
     assert dataset.train.arrays["x"].dtype == np.int32
 
 
+def test_vocab_size_declares_token_ids_that_validation_checks(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 5, (40, 6)).astype(np.int32)
+    labels = np.arange(40) % 3
+    client_id = np.repeat(np.array(["ann", "bob", "cy", "dee"]), 10)
+    dataset = load_arrays(path=str(write(tmp_path, x=tokens, y=labels, client_id=client_id)),
+                          vocab_size=5)
+    assert dataset.info["vocab_size"] == 5
+    validate_dataset(dataset)
+    tokens[20:30, 2] = 5  # every example of cy: its training examples hold them
+    bad = load_arrays(path=str(write(tmp_path, "bad.npz", x=tokens, y=labels,
+                                     client_id=client_id)), vocab_size=5)
+    with pytest.raises(DataError) as info:
+        validate_dataset(bad)
+    message = str(info.value)
+    for fragment in ("dataset 'arrays'", "split 'train'", "feature 'x'",
+                     "token ids are outside [0, 5) (values 5) in 1 of 4 clients (client ids 'cy';",
+                     "expected ids in [0, info['vocab_size'] = 5)"):
+        assert fragment in message, message
+
+
+def test_vocab_size_with_float_inputs_is_refused(tmp_path):
+    x, y, client_id = examples()
+    with pytest.raises(DataError, match=r"data\.npz: key 'x' has dtype float32, but "
+                                        r"vocab_size=10 declares token ids"):
+        load_arrays(path=str(write(tmp_path, x=x, y=y, client_id=client_id)), vocab_size=10)
+
+
 def test_a_tiny_run_through_the_loop(tmp_path):
     from fedjax_sim.simulation.loop import run
 
@@ -228,6 +255,8 @@ def test_dirichlet_needs_one_label_per_example(tmp_path):
         ({"alpha": float("nan")}, "alpha"),
         ({"seed": -1}, "seed"),
         ({"num_classes": 0}, "num_classes"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"vocab_size": 2.5}, "vocab_size"),
         ({"test_fraction": 1.0}, "test_fraction"),
         ({"path": ""}, "path"),
     ],
