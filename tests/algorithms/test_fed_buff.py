@@ -1,9 +1,11 @@
-"""FedBuff against an independent event-driven reference: a heap of finish times in Python."""
+"""FedBuff against an independent event-driven reference: a heap of float64 finish times in
+Python."""
 
 import heapq
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -57,14 +59,19 @@ def local_sgd(model, params, data, indices, mask):
 
 
 class EventDrivenFedBuff:
-    """The paper's server loop on a simulated clock: a heap of (finish time, dispatch order)."""
+    """The paper's server loop on a simulated clock: a heap of (finish time, dispatch order),
+    times in float64 from ``start`` seconds."""
 
     def __init__(self, model, params, data, concurrency, buffer_size, exponent=0.5,
-                 weight_exponent=1.0):
+                 weight_exponent=1.0, start=0.0):
         self.model, self.data, self.weight_exponent = model, data, weight_exponent
         self.params = jax.tree.map(np.float64, params)
         self.concurrency, self.buffer_size, self.exponent = concurrency, buffer_size, exponent
-        self.heap, self.clock, self.version, self.sequence = [], np.float32(0), 0, 0
+        self.heap, self.clock, self.version, self.sequence = [], float(start), 0, 0
+
+    def in_flight(self) -> set[int]:
+        """The dispatch numbers of the clients in flight."""
+        return {entry[1] for entry in self.heap}
 
     def round(self, ids, indices, mask, duration):
         staleness = []
@@ -84,7 +91,7 @@ class EventDrivenFedBuff:
         start = jax.tree.map(np.float32, self.params)
         for c in range(len(ids)):
             delta = local_sgd(self.model, start, self.data, indices[c], mask[c])
-            finish = np.float32(self.clock + np.float32(duration[c]))
+            finish = self.clock + float(duration[c])  # float64
             weight = float(self.data.client_sizes[ids[c]]) ** self.weight_exponent
             heapq.heappush(self.heap, (finish, self.sequence, delta, self.version, weight))
             self.sequence += 1
@@ -156,7 +163,7 @@ def test_registry_and_bad_options():
     algorithm = create_algorithm("fed_buff", model, optax.sgd(0.1), optax.sgd(1.0),
                                  concurrency=4, client_weighting="uniform")
     state = algorithm.init(model.init(jax.random.key(0)))
-    assert state.slot_finish.shape == (4,)
+    assert state.slot_remaining.shape == (4,)
     assert jax.tree.leaves(state.slot_deltas)[0].shape[0] == 4  # memory: M x the model
     with pytest.raises(ValueError, match="concurrency"):
         fed_buff(model, optax.sgd(0.1), optax.sgd(1.0), concurrency=0)
@@ -184,3 +191,47 @@ def test_filling_pipeline_leaves_the_state_finite(tmp_path):
         leaf = np.asarray(leaf)
         if np.issubdtype(leaf.dtype, np.floating):
             assert np.isfinite(leaf).all()
+
+
+@pytest.mark.parametrize("speed", ["lognormal", "halves"])
+def test_a_long_runs_clock_keeps_the_arrivals_of_a_float64_event_queue(speed):
+    """A long run: the clock starts at 2^24 s (194 days; ~780,000 server updates of
+    configs/fashion_mnist_fedbuff.yaml, ~21 s each), where float32's spacing is 2 s. Absolute
+    float32 finish times ``clock + duration`` rounded the 0.03-3.6 s durations to 0, 2 or 4 s
+    (wrong arrivals and staleness, false ties broken by dispatch order). Every round must keep
+    the in-flight set, staleness, round seconds, clock and model of the float64 event queue."""
+    model, data = tiny_model(), tiny_data(SIZES)
+    k, m, start = 2, 6, 2.0**24
+    if speed == "lognormal":  # durations 0.03-3.6 s, fractional
+        speeds = 0.3 * np.exp(np.random.default_rng(2).normal(0, 1.0, len(SIZES)))
+    else:  # multiples of 0.5 s: exact in float32 near 0, rounded to 2 s near 2^24 (ties, reorders)
+        speeds = np.full(len(SIZES), 0.5)
+    algorithm = spy(fed_buff(model, optax.sgd(CLIENT_LR), optax.sgd(SERVER_LR),
+                             concurrency=m))
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=1)
+    round_step = build_round_step(algorithm, data, schedule, uniform_sampler(len(SIZES), k), k,
+                                  client_execution="map", system=system_model(speeds))
+    params = model.init(jax.random.key(0))
+    state = init_simulation_state(
+        algorithm.init(params).replace(clock=jnp.asarray(start, jnp.float32)), 11)
+    reference = EventDrivenFedBuff(model, params, data, m, k, start=start)
+    stale = []
+    for r in range(14):
+        before = reference.clock
+        state, metrics = round_step(state)
+        got = jax.device_get(metrics)
+        staleness = reference.round(got["ids"], got["indices"], got["mask"], got["duration"])
+        stale += staleness
+        fb = jax.device_get(state.algorithm)
+        assert set(fb.slot_sequence[fb.slot_filled].tolist()) == reference.in_flight(), r
+        np.testing.assert_allclose(got["system/staleness"],
+                                   np.mean(staleness) if staleness else 0.0, rtol=1e-6)
+        # the advance to float32 precision of a duration, not of the clock (2 s)
+        np.testing.assert_allclose(got["system/round_seconds"], reference.clock - before,
+                                   rtol=1e-6, atol=1e-6)
+        clock = np.float64(fb.clock) + np.float64(getattr(fb, "clock_error", 0.0))
+        assert abs(clock - reference.clock) <= 1e-5, (r, clock - reference.clock)
+        assert got["system/clock"] == np.float32(reference.clock)  # the nearest float32
+        chex.assert_trees_all_close(fb.params, jax.tree.map(np.float32, reference.params),
+                                    atol=2e-6, rtol=1e-5)
+    assert reference.version == 14 - m // k and max(stale) >= 1
