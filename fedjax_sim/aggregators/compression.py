@@ -287,9 +287,12 @@ def _sparsifier(name: str, select: str, k: int | None, fraction: float | None,
             # a row whose client has weight 0 (padding, dropped) is not written
             state = {"residual": scatter_client_state(state["residual"], ids, residual,
                                                       participating(weights))}
-            sending = participating(weights).astype(jnp.float32)
-            metrics["residual_norm"] = (jnp.sum(sending * jnp.linalg.norm(residual, axis=1))
-                                        / jnp.maximum(jnp.sum(sending), 1.0))
+            sending = participating(weights)
+            # overflow-safe norms (a plain sum of squares is inf past ~1.8e19 an entry); a
+            # row that does not send counts 0 even when its norm is inf
+            norms = jnp.where(sending, client_norms(residual), 0.0)
+            metrics["residual_norm"] = (jnp.sum(norms)
+                                        / jnp.maximum(jnp.sum(sending.astype(jnp.float32)), 1.0))
         positions = SEED_BITS if select == "random" else index_bits(kept, d)
         message_bits = kept * FLOAT_BITS + positions
         metrics["bits_per_client"] = jnp.float32(message_bits)

@@ -230,6 +230,23 @@ def test_error_feedback_replays_numpy_and_accumulates_what_was_dropped():
                                atol=1e-5)
 
 
+def test_residual_norm_is_numpys_mean_over_senders_and_survives_huge_residuals():
+    # float64 reference: the mean L2 norm of the senders' residuals (top 1 of 3 kept); the
+    # second client's residual holds 3e19, whose square overflows float32 (a plain norm: inf)
+    x = np.array([[3.0, 1.0, 2.0], [5e19, 3e19, 1.0], [4.0, 9.0, 1.0], [7.0, 7.0, 7.0]],
+                 np.float32)
+    weights = np.array([1.0, 1.0, 1.0, 0.0])  # the last row is padding: not counted
+    ids = jnp.arange(4, dtype=jnp.int32)
+    _, _, metrics = _apply(agg.top_k(1, num_clients=4), {"w": jnp.asarray(x)}, weights,
+                           client_ids=ids)
+    flat = x.astype(np.float64)
+    residual = flat - _numpy_top_k(flat, 1)
+    expected = np.linalg.norm(residual[:3], axis=1).mean()
+    got = float(metrics["aggregator/top_k/residual_norm"])
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 def test_random_k_keeps_k_coordinates_and_feeds_back_the_rest():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(5, 20)).astype(np.float32)
