@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.core import ClientInput, ShardedData
+from fedjax_sim.data.batching import first_pass_mask
 from fedjax_sim.models.base import Model, batch_statistics, mean_loss
 
 Params = Any
@@ -154,6 +155,32 @@ def full_batch_gradient(
         0, client.trip_count(), step, (zeros, jnp.zeros((), jnp.float32))
     )
     return jax.tree.map(lambda t: t / jnp.maximum(count, 1.0).astype(t.dtype), total)
+
+
+def first_pass_gradient(
+    loss_fn: LossFn,
+    params: Params,
+    client: ClientInput,
+    data: Mapping[str, jax.Array],
+) -> Params:
+    """The gradient at ``params`` of the client's mean loss over its examples, each once.
+
+    `full_batch_gradient` over the first pass of the client's example stream
+    (`fedjax_sim.data.batching.first_pass_mask`): the slots ``j = s B + b < n`` of its round's
+    ``[S, B]`` batches, n = ``client.num_examples``. Those name every one of the client's n
+    examples exactly once whenever its round reaches n examples (local epochs without a
+    ``max_local_steps`` cut; fixed local steps with ``S B >= n``), whatever the repeats after
+    them; when the round is shorter (fixed steps with ``S B < n``, or ``max_local_steps``) they
+    are the ``S B`` distinct examples it trains on, a uniform subset (the host data path ships
+    no other rows). Only the first ``ceil(n / B)`` steps are visited under a sequential map.
+    Padding, dropped clients and steps a deadline cut stay masked; zero for a client without
+    examples. SCAFFOLD's option I control variate (Karimireddy et al. 2020, arXiv:1910.06378).
+    """
+    batch_size = client.mask.shape[-1]
+    steps = (client.num_examples.astype(jnp.int32) + batch_size - 1) // batch_size
+    once = client.replace(mask=first_pass_mask(client.mask, client.num_examples),
+                          num_steps=jnp.minimum(client.num_steps, steps).astype(jnp.int32))
+    return full_batch_gradient(loss_fn, params, once, data)
 
 
 def weight_exponent(client_weighting: str | float) -> float:

@@ -1,7 +1,7 @@
 """SCAFFOLD: local training corrected by control variates, with a control variate per client.
 
 Karimireddy, Kale, Mohri, Reddi, Stich and Suresh 2020, "SCAFFOLD: Stochastic Controlled
-Averaging for Federated Learning", ICML 2020, arXiv:1910.06378 (Algorithm 1, option II).
+Averaging for Federated Learning", ICML 2020, arXiv:1910.06378 (Algorithm 1, options I and II).
 
 The server keeps params x and a control variate c; every client i keeps its own c_i (all N of
 them live in the state as a ``[num_clients, ...]`` store, gathered and scattered by the cohort's
@@ -9,11 +9,29 @@ ids inside the jitted round). Client i starts from y = x and takes K local steps
 
   g = grad f_i(y; batch) - c_i + c,
 
-then computes (option II) ``c_i+ = c_i - c + (x - y) / (K * lr)``, K its number of real local
-steps and lr the client learning rate. The server steps its optimizer on the weighted mean of
-``x - y_i`` (SGD with learning rate eta_g is the paper's global step; 1.0 by default) and sets
-``c <- c + 1/N * sum_i (c_i+ - c_i)`` over the cohort (= |S|/N times the cohort mean). Padding
-clients and clients without a real step neither write their row nor count in that sum.
+then computes its new control variate c_i+ by one of the paper's two rules (line 12, option
+``control_update``):
+
+* ``"option_ii"`` (default; the paper's cheaper choice, used in all its experiments):
+  ``c_i+ = c_i - c + (x - y) / (K * lr)``, K its number of real local steps and lr the client
+  learning rate;
+* ``"option_i"``: ``c_i+ = g_i(x)``, the client's gradient at the server model x from "an
+  additional pass over the local data": the mean gradient at x over the client's examples, each
+  once (`fedjax_sim.algorithms.local.first_pass_gradient`), taken from the first n slots of the
+  round's own batch stream (n = the client's examples; the same batches, padding masks and
+  client keys as its local steps). With local epochs, or fixed local steps with ``K * B >= n``,
+  those slots hold every example once, so c_i+ is the full-data gradient ``grad f_i(x)``; a
+  round with fewer than n example slots (fixed steps with ``K * B < n``, ``max_local_steps``)
+  gives the gradient over the ``K * B`` distinct examples the client trains on, a uniform subset
+  (an unbiased estimate of ``grad f_i(x)``, like the stochastic g_i of the paper's analysis; the
+  host data path ships no other rows). A deadline that cuts a straggler cuts its pass too. It
+  costs up to ``ceil(n / B)`` more gradient evaluations per client (S, mostly masked, under
+  ``vmap``) and needs no client learning rate.
+
+The server steps its optimizer on the weighted mean of ``x - y_i`` (SGD with learning rate
+eta_g is the paper's global step; 1.0 by default) and sets ``c <- c + 1/N * sum_i (c_i+ - c_i)``
+over the cohort (= |S|/N times the cohort mean), under either option. Padding clients and
+clients without a real step neither write their row nor count in that sum.
 
 The corrections ``c - c_i`` cancel in the server average only in the paper's setting: every
 client takes the same number K of local steps, the average is uniform, and the clients run
@@ -28,10 +46,13 @@ Example::
 
   algorithm = scaffold(model, optax.inject_hyperparams(optax.sgd)(learning_rate=0.05),
                        optax.sgd(1.0), num_clients=100)
+  option_i = scaffold(model, optax.sgd(0.05), optax.sgd(1.0), num_clients=100,
+                      control_update="option_i")
 """
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from typing import Any
 
@@ -59,11 +80,15 @@ from fedjax_sim.algorithms.fed_avg import (
     server_fields,
     server_step,
 )
-from fedjax_sim.algorithms.local import LossFn, weight_exponent
+from fedjax_sim.algorithms.local import LossFn, first_pass_gradient, weight_exponent
 from fedjax_sim.core import Aggregator, ClientMap, Cohort, FederatedAlgorithm
 from fedjax_sim.models.base import Model
 
 Params = Any
+
+CONTROL_UPDATES = ("option_i", "option_ii")
+"""The paper's two control-variate updates (Algorithm 1, line 12): ``c_i+ = g_i(x)`` (I) and
+``c_i+ = c_i - c + (x - y_i) / (K lr)`` (II)."""
 
 
 class ScaffoldSettingWarning(UserWarning):
@@ -121,7 +146,8 @@ class ScaffoldState(ServerState):
     Attributes:
       control: the server control variate c (shaped like params).
       client_controls: every client's control variate c_i, leaves ``[num_clients, ...]``.
-      client_learning_rate: the local learning rate in option II's ``(x - y) / (K * lr)``.
+      client_learning_rate: the local learning rate in option II's ``(x - y) / (K * lr)``
+        (0 when it is read from the client optimizer's state, or unused: option I).
       control_aggregator: the state of the aggregator of the control-variate deltas.
     """
 
@@ -136,6 +162,7 @@ def scaffold(
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
     *,
+    control_update: str = "option_ii",
     client_learning_rate: float | None = None,
     client_weighting: str | float = "num_examples",
     num_clients: int | None = None,
@@ -145,16 +172,24 @@ def scaffold(
     control_aggregator: Aggregator | Stage | None = None,
     equal_local_steps: bool | None = None,
 ) -> FederatedAlgorithm:
-    """SCAFFOLD (option II control variates) with optax client and server optimizers.
+    """SCAFFOLD (option I or II control variates) with optax client and server optimizers.
 
     Args:
       model: the model to train.
       client_optimizer: the local optimizer (SGD in the paper); its state starts fresh each round.
       server_optimizer: applied to ``x - weighted mean of y_i`` (SGD with the global learning
         rate eta_g; 1.0 is the paper's default).
+      control_update: ``"option_ii"`` (default): ``c_i+ = c_i - c + (x - y_i) / (K * lr)``;
+        ``"option_i"``: ``c_i+ = g_i(x)``, the client's mean gradient at the server model x over
+        its examples, each once (the first pass of its round's batches: all its examples
+        whenever the round reaches them, else the ones it trains on; see the module docstring).
+        Config: ``algorithm.control_update``. Example-level DP-SGD's accounting
+        (`fedjax_sim.privacy.dp_sgd`) counts the local steps only, not option I's extra pass
+        over the examples (a config refuses the pair).
       client_learning_rate: lr in option II's ``(x - y) / (K * lr)``. None (default): the client
         optimizer's injected ``learning_rate`` (what the config's optimizers have), read from
-        the state each round, so sweeps and schedules of it stay consistent.
+        the state each round, so sweeps and schedules of it stay consistent. Option I uses no
+        learning rate and refuses one.
       client_weighting: ``"num_examples"``, ``"uniform"`` or an exponent of num_examples (the
         weights of the params average; the control variate update is the paper's 1/N sum).
       num_clients: N, the number of training clients (required: the store has a row for each).
@@ -171,6 +206,10 @@ def scaffold(
     Returns:
       A `FederatedAlgorithm` whose state is a `ScaffoldState`.
 
+    Raises:
+      ValueError: ``"<option>: <problem>"`` for a bad ``control_update``, or a
+        ``client_learning_rate`` with option I (the config names the key from it).
+
     Warns:
       ScaffoldSettingWarning: outside the paper's setting (equal local steps, uniform weights,
         plain client SGD), where the control-variate corrections do not cancel (see
@@ -179,6 +218,15 @@ def scaffold(
     if num_clients is None or int(num_clients) < 1:
         raise ValueError(f"scaffold needs num_clients (>= 1) for its per-client control "
                          f"variates, got {num_clients!r}")
+    if control_update not in CONTROL_UPDATES:
+        close = difflib.get_close_matches(str(control_update), CONTROL_UPDATES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"control_update: {control_update!r} is not one of "
+                         f"{list(CONTROL_UPDATES)}{hint}")
+    option_i = control_update == "option_i"
+    if option_i and client_learning_rate is not None:
+        raise ValueError("client_learning_rate: only option II's (x - y) / (K lr) uses it; "
+                         "control_update='option_i' does not (leave it unset)")
     if client_learning_rate is not None and not float(client_learning_rate) > 0:
         raise ValueError(f"scaffold: client_learning_rate must be > 0, got "
                          f"{client_learning_rate!r}")
@@ -194,7 +242,8 @@ def scaffold(
 
     def init(params: Params) -> ScaffoldState:
         fields = server_fields(params, client_optimizer, server_optimizer, exponent, aggregator)
-        if client_learning_rate is None and "learning_rate" not in fields["client_hyperparams"]:
+        if (not option_i and client_learning_rate is None
+                and "learning_rate" not in fields["client_hyperparams"]):
             raise ValueError(
                 "scaffold: set client_learning_rate, or use a client optimizer built with "
                 "optax.inject_hyperparams(...)(learning_rate=...) so it can be read"
@@ -220,6 +269,8 @@ def scaffold(
 
         delta, stats = client_delta(loss_fn, client_optimizer, server_params, client, data,
                                     hyperparams, corrected)
+        if option_i:  # c_i+ = g_i(x): the gradient at the server model over the local data
+            return delta, first_pass_gradient(loss_fn, server_params, client, data), stats
         scale = 1.0 / (jnp.maximum(client.num_steps, 1).astype(jnp.float32) * learning_rate)
         new_control = jax.tree.map(
             lambda ci, c, d: ci - c + scale.astype(d.dtype) * d, client_control, control, delta
@@ -231,8 +282,9 @@ def scaffold(
         hyperparams = scheduled_hyperparams(state.client_hyperparams, client_schedules,
                                             cohort.round)
         clients = cohort.clients
-        learning_rate = (hyperparams["learning_rate"]
-                         if client_learning_rate is None else state.client_learning_rate)
+        learning_rate = (state.client_learning_rate  # option I: unused (0)
+                         if option_i or client_learning_rate is not None
+                         else hyperparams["learning_rate"])
         client_controls = gather_client_state(state.client_controls, clients.client_id)
         deltas, new_controls, stats = map_clients(
             client_update,

@@ -124,6 +124,20 @@ def client_stream(
     return positions.reshape(shape), mask.reshape(shape)
 
 
+def first_pass_mask(mask: jax.Array, num_examples: jax.Array) -> jax.Array:
+    """The slots of one client's ``[S, B]`` stream that hold each of its examples once.
+
+    Slot ``j = s * B + b`` of `client_stream` belongs to epoch ``j // n`` (n = the client's
+    examples), so its first n slots name every example exactly once when the stream has n slots
+    or more (a second epoch, a partial last one or repeated data start after them), and distinct
+    examples (the uniform subset the client trains on) when it is shorter (fixed local steps with
+    ``S * B < n``, or ``max_local_steps``). Returns ``mask & (j < n)``: ``mask`` as the round
+    left it (a system model's dropout or deadline cuts it further). ``num_examples`` is a scalar.
+    """
+    slots = jnp.arange(mask.size, dtype=jnp.int32).reshape(mask.shape)
+    return mask & (slots < num_examples.astype(jnp.int32))
+
+
 def cohort_indices(
     key: jax.Array,
     cohort: jax.Array,

@@ -391,6 +391,11 @@ def _example_dp_loss(config: Config, model: Model):
             f"config key 'privacy.example_noise_multiplier': algorithm {name!r} has no "
             f"example-level accounting (it sends more than functions of DP-SGD-trained "
             f"parameters); use one of {list(EXAMPLE_DP_ALGORITHMS)}")
+    if name == "scaffold" and config.algorithm.options.get("control_update") == "option_i":
+        raise ConfigError(
+            "config key 'algorithm.control_update': option_i sends each client's gradient at "
+            "the server model over its examples, an extra pass that the example-level "
+            "accounting (privacy.example_noise_multiplier) does not count; use option_ii")
     return dp_sgd_loss(model_loss(model), privacy.example_clip_norm,
                        privacy.example_noise_multiplier)
 
@@ -542,6 +547,9 @@ def _build_algorithm(config: Config, model: Model, client_optimizer, server_opti
     except (ValueError, TypeError) as error:
         if str(error).startswith("client_weighting="):  # the engine passes client.weighting
             raise ConfigError(f"config key 'client.weighting': {error}") from None
+        option, _, problem = str(error).partition(": ")  # "option: problem" names the key
+        if option in config.algorithm.options:
+            raise ConfigError(f"config key 'algorithm.{option}': {problem}") from None
         raise ConfigError(f"config key 'algorithm' ({name}): {error}") from None
 
 

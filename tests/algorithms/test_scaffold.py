@@ -1,7 +1,10 @@
 """SCAFFOLD against a sequential reference written here (with its per-client store); its first
 round (zero control variates) against FedAvg and a closed form; and, with equal local step counts
 and uniform weights, the cancellation of the corrections in the server average (the paper's
-setting) checked round by round."""
+setting) checked round by round. Option I (``control_update="option_i"``: c_i+ is the gradient
+at the server model over the client's examples) against a float64 least-squares reference."""
+
+import dataclasses
 
 import chex
 import jax
@@ -328,14 +331,15 @@ def test_the_papers_setting_does_not_warn(optimizer, equal_local_steps):
              client_weighting="uniform", equal_local_steps=equal_local_steps)  # errors on one
 
 
-def _config(tmp_path, **client):
+def _config(tmp_path, algorithm=None, **client):
     rng = np.random.default_rng(0)
     sizes = np.array([3, 9, 5, 12])  # unequal: one epoch is 1 to 3 steps of 4 examples
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(sizes.sum(), 3)).astype(np.float32),
              y=rng.integers(0, 2, sizes.sum()), client_id=np.repeat(np.arange(4), sizes))
     return config_from_dict({
         "dataset": {"name": "arrays", "path": str(tmp_path / "d.npz")},
-        "model": {"name": "logistic"}, "algorithm": {"name": "scaffold"}, "cohort": {"size": 2},
+        "model": {"name": "logistic"}, "algorithm": {"name": "scaffold", **(algorithm or {})},
+        "cohort": {"size": 2},
         "client": {"optimizer": {"name": "sgd", "learning_rate": 0.1}, "batch_size": 4,
                    "weighting": "uniform", **client},
     })
@@ -401,3 +405,180 @@ def drop_first_slot(key, clients):
     keep = np.arange(clients.mask.shape[0]) != 0
     return clients.replace(mask=clients.mask & keep[:, None, None],
                            num_steps=np.where(keep, 1, 0) * clients.num_steps)
+
+
+# --- option I: c_i+ = g_i(x), the gradient at the server model over the local data -------------
+
+OPTION_I_SIZES = (5, 17, 40, 3, 11)
+OPTION_I_SCHEDULES = {
+    # 2 epochs of batch 4, at most 5 steps (20 slots): clients of 5 and 3 examples run their
+    # 2 epochs (the last batch padded), 11 and 17 are cut inside their second epoch (the pass
+    # is every example once, not the 20 slots with their repeats), 40 inside its first (the
+    # pass is the 20 distinct examples it trains on). Steps 1 to 5: weights by examples.
+    "epochs": ({"local_epochs": 2, "max_local_steps": 5}, "num_examples"),
+    # 3 steps of 4 (12 slots) for everyone: 3 fits 4 times, 5 and 11 repeat a partial epoch
+    # after their first, 17 and 40 train on 12 distinct examples. Uniform weights.
+    "steps": ({"local_steps": 3}, "uniform"),
+}
+
+
+def option_i_reference(data, history, lr, global_lr, exponent, slots):
+    """Algorithm 1 with option I, written from the paper in float64, one client at a time.
+
+    ``g_i(x)`` is the mean gradient at x over client i's own rows of the data (not read from
+    the engine's batches) when its round has ``slots`` >= n example slots; otherwise it can
+    only see the ``slots`` examples of its batches, which must then be distinct. Returns
+    x, c, every c_i, and which of those two cases the trained clients met.
+    """
+    n = data.num_clients
+    x = np.float64(linear_problem.initial_params()["w"])
+    c, c_i = np.zeros_like(x), {i: np.zeros_like(x) for i in range(n)}
+    cases = set()
+    for cohort in history:
+        dy, dc, weights = [], [], []
+        for slot, i in enumerate(cohort["client_id"]):
+            batches = linear_problem.batches(cohort, slot)
+            if not cohort["valid"][slot] or not batches:
+                continue  # padding for the devices, or dropped: not in S
+            y = x.copy()
+            for rows in batches:  # K local steps, corrected by c - c_i
+                y = y - lr * (linear_problem.gradient(y, data, rows) - c_i[i] + c)
+            own = linear_problem.client_rows(data, i)
+            if slots >= len(own):
+                seen, cases = own, cases | {"all examples"}
+            else:
+                seen = np.concatenate(batches)
+                assert len(set(seen.tolist())) == len(seen) == slots
+                cases |= {"the examples it trains on"}
+            new = linear_problem.gradient(x, data, seen)  # option I: c_i+ = g_i(x)
+            dy.append(y - x)
+            dc.append(new - c_i[i])
+            c_i[i] = new
+            weights.append(float(data.client_sizes[i]) ** exponent)
+        p = np.array(weights) / np.sum(weights)
+        x = x + global_lr * sum(pi * d for pi, d in zip(p, dy, strict=True))
+        c = c + sum(dc) / n  # 1/N sum over S of (c_i+ - c_i)
+    return x, c, c_i, cases
+
+
+@pytest.mark.parametrize("execution", ["map", "vmap", "mesh4", "host_data"])
+@pytest.mark.parametrize("mode", sorted(OPTION_I_SCHEDULES))
+def test_option_i_matches_a_float64_reference(mode, execution):
+    """3 rounds of 3 of 5 clients of unequal sizes (the first of each cohort drops out), option
+    I against `option_i_reference`; map, vmap, ``shard_map`` over 4 devices (the cohort padded
+    by one client) and the host data path (only the batches' rows reach the device)."""
+    data = linear_problem.linear_data(OPTION_I_SIZES)
+    lr, global_lr, batch = 0.1, 0.7, 4
+    options, weighting = OPTION_I_SCHEDULES[mode]
+    schedule = ClientSchedule.from_sizes(data.client_sizes, batch, **options)
+    client = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+
+    def build(control_update):
+        return scaffold(None, client, optax.sgd(global_lr), client_weighting=weighting,
+                        num_clients=data.num_clients, loss_fn=linear_problem.squared_loss,
+                        control_update=control_update)
+
+    if weighting == "uniform":
+        algorithm = build("option_i")
+    else:
+        with pytest.warns(ScaffoldSettingWarning, match=BY_EXAMPLES):
+            algorithm = build("option_i")
+    kwargs = {"map": {"client_execution": "map"}, "vmap": {"client_execution": "vmap"},
+              "mesh4": {"mesh": client_mesh(4)},
+              "host_data": {"data_placement": "host", "client_execution": "map"}}[execution]
+    state, history = linear_problem.run(algorithm, data, schedule, 3, 3,
+                                        system=drop_first_slot, **kwargs)
+    if execution == "host_data":  # its cohorts hold positions in the gathered batch, not rows:
+        _, history = linear_problem.run(algorithm, data, schedule, 3, 3,  # the same plan's rows
+                                        system=drop_first_slot, client_execution="map")
+    x, c, c_i, cases = option_i_reference(data, history, lr, global_lr,
+                                          1.0 if weighting == "num_examples" else 0.0,
+                                          schedule.num_steps * batch)
+    np.testing.assert_allclose(state.params["w"], x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.control["w"], c, rtol=1e-5, atol=1e-6)
+    for i in range(data.num_clients):  # every row of the store, trained or not
+        np.testing.assert_allclose(state.client_controls["w"][i], c_i[i], rtol=1e-5, atol=1e-6)
+    # Not vacuous: both kinds of pass happened, a client trained with a nonzero c_i, one dropped,
+    # and option II ends elsewhere from the same cohorts.
+    assert cases == {"all examples", "the examples it trains on"}, cases
+    assert all(cohort["num_steps"][0] == 0 for cohort in history)
+    trained = [int(i) for cohort in history for s, i in enumerate(cohort["client_id"])
+               if cohort["num_steps"][s] > 0]
+    assert len(trained) > len(set(trained))
+    if weighting == "uniform":
+        option_ii = build("option_ii")
+    else:
+        with pytest.warns(ScaffoldSettingWarning, match=BY_EXAMPLES):
+            option_ii = build("option_ii")
+    other, _ = linear_problem.run(option_ii, data, schedule, 3, 3, system=drop_first_slot,
+                                  client_execution="map")
+    assert np.abs(np.asarray(other.params["w"]) - x).max() > 1e-3
+    assert np.abs(np.asarray(other.control["w"]) - c).max() > 1e-3
+
+
+def test_option_i_needs_no_learning_rate_and_refuses_one():
+    """Option I reads no client learning rate (a plain optax optimizer is enough); one given is
+    refused, naming the option. A bad ``control_update`` names the allowed values."""
+    params = linear_problem.initial_params()
+    scaffold(None, optax.sgd(0.1), optax.sgd(1.0), client_weighting="uniform", num_clients=3,
+             loss_fn=linear_problem.squared_loss, control_update="option_i").init(params)
+    with pytest.raises(ValueError, match=r"^client_learning_rate: only option II's"):
+        scaffold(None, optax.sgd(0.1), optax.sgd(1.0), client_weighting="uniform",
+                 num_clients=3, client_learning_rate=0.1, control_update="option_i")
+    with pytest.raises(ValueError) as caught:
+        scaffold(None, optax.sgd(0.1), optax.sgd(1.0), client_weighting="uniform",
+                 num_clients=3, client_learning_rate=0.1, control_update="option_1")
+    assert str(caught.value) == ("control_update: 'option_1' is not one of ['option_i', "
+                                 "'option_ii'] (did you mean 'option_i'?)")
+
+
+def test_control_update_from_a_config(tmp_path):
+    """``algorithm.control_update`` reaches the factory (option I's c_i is the gradient at x
+    over the client's data); a bad value, or a client_learning_rate with option I, is a one-line
+    ConfigError naming the key."""
+    from fedjax_sim.config import ConfigError
+    from fedjax_sim.simulation.loop import build_experiment
+
+    config = _config(tmp_path, {"control_update": "option_i"}, local_steps=3)
+    assert config.algorithm.options == {"control_update": "option_i"}
+    build_experiment(config)  # accepted (the paper's setting: errors on a warning)
+    override = config_from_dict({"algorithm": "scaffold"}, ["algorithm.control_update=option_i"])
+    assert override.algorithm.options == {"control_update": "option_i"}
+    # The options as the config hands them to the factory: one round, every client in it.
+    data = linear_problem.linear_data((6, 9))
+    algorithm = create_algorithm("scaffold", None, optax.sgd(0.1), optax.sgd(1.0),
+                                 num_clients=2, client_weighting="uniform",
+                                 loss_fn=linear_problem.squared_loss,
+                                 **override.algorithm.options)
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 4, local_steps=2)  # 8 slots
+    state, [cohort] = linear_problem.run(algorithm, data, schedule, 1, 2, client_execution="map")
+    x = np.float64(linear_problem.initial_params()["w"])
+    for slot, i in enumerate(cohort["client_id"]):
+        rows = (linear_problem.client_rows(data, i) if data.client_sizes[i] <= 8
+                else np.concatenate(linear_problem.batches(cohort, slot)))
+        np.testing.assert_allclose(state.client_controls["w"][i],
+                                   linear_problem.gradient(x, data, rows), rtol=1e-5, atol=1e-6)
+
+    cases = {
+        "option_iii": ({"control_update": "option_iii"},
+                       "config key 'algorithm.control_update': 'option_iii' is not one of "
+                       "['option_i', 'option_ii'] (did you mean 'option_ii'?)"),
+        "learning rate": ({"control_update": "option_i", "client_learning_rate": 0.1},
+                          "config key 'algorithm.client_learning_rate': only option II's "
+                          "(x - y) / (K lr) uses it; control_update='option_i' does not (leave "
+                          "it unset)"),
+    }
+    for options, message in cases.values():
+        with pytest.raises(ConfigError) as caught:
+            build_experiment(_config(tmp_path, options, local_steps=3))
+        assert str(caught.value) == message
+    # Example-level DP-SGD counts the local steps' passes only: option I's extra pass is refused
+    # (option II's messages are functions of the DP-SGD-trained parameters).
+    private = _config(tmp_path, {"control_update": "option_i"}, local_steps=3)
+    private = dataclasses.replace(private, privacy=dataclasses.replace(
+        private.privacy, example_noise_multiplier=1.0, example_clip_norm=1.0))
+    with pytest.raises(ConfigError, match=r"^config key 'algorithm.control_update': option_i "
+                       r"sends .* example-level accounting .* use option_ii$"):
+        build_experiment(private)
+    build_experiment(dataclasses.replace(
+        private, algorithm=dataclasses.replace(private.algorithm, options={})))

@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_sim.data.batching import ClientSchedule, client_stream, cohort_indices
+from fedjax_sim.data.batching import (
+    ClientSchedule,
+    client_stream,
+    cohort_indices,
+    first_pass_mask,
+)
 
 
 @functools.cache
@@ -70,6 +75,26 @@ def test_max_local_steps_truncates_large_clients():
     np.testing.assert_array_equal(schedule.steps_for(jnp.array([5, 100, 0])), [1, 3, 0])
     positions, mask = stream(100, schedule)
     assert mask.all() and len(set(positions)) == 30
+
+
+@pytest.mark.parametrize("size", [1, 5, 12, 13, 50])
+@pytest.mark.parametrize("options", [{"local_epochs": 1}, {"local_epochs": 3},
+                                     {"local_epochs": 2, "max_local_steps": 4},
+                                     {"local_steps": 3}])
+def test_first_pass_holds_every_example_once_or_the_distinct_ones_trained_on(size, options):
+    """SCAFFOLD's option I pass: all n examples once when the stream reaches n slots, else every
+    real slot (distinct examples); never a padded slot; nothing for a client without examples."""
+    schedule = ClientSchedule.from_sizes(np.array([size, 50]), 4, **options)
+    for seed in range(3):
+        positions, mask = compiled_stream(schedule)(jax.random.key(seed), jnp.int32(size))
+        once = np.asarray(first_pass_mask(mask, jnp.int32(size)))
+        assert not (once & ~np.asarray(mask)).any()
+        seen = sorted(np.asarray(positions)[once].tolist())
+        if mask.sum() >= size:
+            assert seen == list(range(size))
+        else:
+            assert len(set(seen)) == len(seen) == int(mask.sum())
+        assert not first_pass_mask(mask, jnp.int32(0)).any()
 
 
 def test_cohort_indices_point_into_each_clients_rows():
