@@ -205,6 +205,8 @@ def main() -> None:
     report = {
         "benchmark": "fairness_personalization",
         "date": datetime.date.today().isoformat(),
+        "command": " ".join(["FEDJAX_SIM_DATA=/work/shared/data python",
+                             "benchmarks/fairness_personalization.py", *sys.argv[1:]]),
         "machine": machine_info(),
         "matmul_peak": matmul_peak(),  # f32 GFLOP/s of this machine, measured in this run
         "load_average_end": [round(x, 2) for x in os.getloadavg()],

@@ -25,6 +25,7 @@ import argparse
 import datetime
 import os
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -150,6 +151,7 @@ def main() -> None:
     report = {
         "benchmark": "model_throughput",
         "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/model_throughput.py " + " ".join(sys.argv[1:]),
         "setup": {"steps_per_call": args.steps, "repeats": args.repeats, "optimizer": "sgd"},
         "machine": machine_info(),
         "matmul_peak": matmul_peak(),  # f32 GFLOP/s of this machine, measured in this run

@@ -36,3 +36,15 @@ def test_every_results_writer_records_cpu_name_and_matmul_peak():
                if not (RECORDS_CPU.search(path.read_text())
                        and RECORDS_PEAK.search(path.read_text()))]
     assert not missing, missing
+
+
+RECORDS_COMMAND = re.compile(r"[\"']command[\"']\s*:")
+
+
+def test_rerun_result_writers_record_their_command():
+    # The README names the command behind each number; these scripts' reports carry it too, so a
+    # JSON says how it was made (--model, --rounds, ... change the numbers, not the file prefix).
+    scripts = {"fedbuff_vs_fedavg.py", "fairness_personalization.py", "model_throughput.py"}
+    missing = [name for name in sorted(scripts)
+               if not RECORDS_COMMAND.search((BENCHMARKS / name).read_text())]
+    assert not missing, missing
