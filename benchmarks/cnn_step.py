@@ -14,8 +14,14 @@
    model's compiler options as `fedjax-sim run` does) against the same 50 steps as one bare
    ``lax.scan`` over those clients' batches (item 2's current arm), interleaved: what the round
    adds around the model's steps (sampling, gathers, aggregation, server update).
+4. With ``--onednn-python PATH`` (a Python with PyTorch: ``bash
+   benchmarks/peers/setup_torch_venv.sh`` makes ``benchmarks/peers/.venv-torch``): items 1 and 2
+   run by PyTorch's CPU build, whose convolutions are oneDNN's (`peers/onednn_conv.py`, a child
+   process after the XLA arms, channels-last memory, the same shapes): how far XLA:CPU's
+   convolution kernels (Eigen's) are from another library's on this machine, and a PyTorch
+   user's 50-step client loop on the same CNN.
 
-  python benchmarks/cnn_step.py [--repeats 7] [--data-dir DIR] [--out PATH]
+  python benchmarks/cnn_step.py [--repeats 7] [--data-dir DIR] [--onednn-python PATH] [--out PATH]
 
 Writes ``benchmarks/results/cnn_step-<date>-<machine>.json``.
 """
@@ -24,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import fedjax_sim  # noqa: F401  (first: sets the XLA:CPU flags before jax starts)
@@ -158,12 +166,24 @@ def round_against_bare_steps(data_dir: str, repeats: int) -> dict:
             "round_over_bare": medians["engine round"] / medians["bare 50-step scan"]}
 
 
+def onednn_arms(python: str, repeats: int) -> dict:
+    """`peers/onednn_conv.py` run by ``python`` (one with PyTorch): its parsed report."""
+    script = pathlib.Path(__file__).parent / "peers" / "onednn_conv.py"
+    done = subprocess.run([python, str(script), "--repeats", str(repeats)], check=True,
+                          capture_output=True, text=True)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("ONEDNN_JSON "))
+    return json.loads(line[len("ONEDNN_JSON "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--data-dir", default=os.environ.get("FEDJAX_SIM_DATA"),
                         help="root data folder holding fashion-mnist/ for the round arm "
                              "(default: $FEDJAX_SIM_DATA; the arm is skipped without it)")
+    parser.add_argument("--onednn-python", default=None,
+                        help="a Python with PyTorch (benchmarks/peers/setup_torch_venv.sh): also "
+                             "time the same convolutions and CNN step with oneDNN's kernels")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     peak = matmul_peak()
@@ -191,6 +211,20 @@ def main() -> None:
     else:
         rounds = None
         print("no --data-dir / $FEDJAX_SIM_DATA: the engine-round arm is skipped", flush=True)
+    onednn = None
+    if args.onednn_python:
+        onednn = onednn_arms(args.onednn_python, args.repeats)
+        for name in ("forward", "weight_gradient", "input_gradient"):
+            mine, theirs = ops[name]["ms"], onednn["second_conv"][name]["ms"]
+            onednn["second_conv"][name]["xla_over_onednn"] = mine / theirs
+            print(f"oneDNN (torch {onednn['torch']}) second conv {name}: {theirs:.2f} ms, "
+                  f"{onednn['second_conv'][name]['gflops_per_s']:.0f} GFLOP/s "
+                  f"(XLA / oneDNN time {mine / theirs:.2f})", flush=True)
+        onednn["local_training"]["xla_over_torch"] = (
+            steps["current"]["ms_per_step"] / onednn["local_training"]["ms_per_step"])
+        torch_step = onednn["local_training"]
+        print(f"PyTorch CNN step {torch_step['ms_per_step']:.2f} ms (fedjax_sim's scan / "
+              f"PyTorch's loop {torch_step['xla_over_torch']:.2f})", flush=True)
     conv_ms = sum(ops[name]["ms"] for name in ("forward", "weight_gradient", "input_gradient"))
     report = {
         "benchmark": "cnn_step",
@@ -205,6 +239,7 @@ def main() -> None:
         "previous_over_current": ratio,
         "round_against_bare_steps": rounds,
         "second_conv_share_of_step": conv_ms / steps["current"]["ms_per_step"],
+        "onednn": onednn,
     }
     print(f"second conv: {conv_ms:.2f} ms of the {steps['current']['ms_per_step']:.2f} ms step")
     print(f"wrote {write_report(report, args.out, 'cnn_step-')}")

@@ -265,8 +265,9 @@ def build_data(workload: Workload, train: dict[str, np.ndarray]) -> fedjax_sim.F
     return dirichlet_partition(train, 100, 0.5, rng=np.random.default_rng(0))
 
 
-def build_model(workload: Workload) -> Model:
-    return create_model(workload.model, num_classes=workload.num_classes, input_shape=(28, 28, 1))
+def build_model(workload: Workload, **options: Any) -> Model:
+    return create_model(workload.model, num_classes=workload.num_classes, input_shape=(28, 28, 1),
+                        **options)
 
 
 # ----------------------------------------------------------------------------- the variants

@@ -25,6 +25,9 @@ workload once in turn, so a change of load on the machine hits them alike:
 * ``project ..., a device per core``: the same with the cohort split over one XLA:CPU device
   per core (``execution.num_devices: auto``; each device trains its clients on a thread of its
   own);
+* ``project map, oneDNN convolutions`` (CNN): ``project map`` with the model's
+  ``conv="onednn"`` (`fedjax_sim.models.onednn`: Intel oneDNN's convolution kernels as XLA:CPU
+  custom calls; the arm is left out, and the JSON's ``onednn`` says why, where they cannot run);
 * ``naive loop``: round_throughput's naive JAX loop (one jitted SGD step called from a Python
   loop over clients and batches), in the project's jax.
 
@@ -92,6 +95,7 @@ ARMS = {
         "project map, compilation cache": ("project", "map", 1),
         "project vmap": ("project", "vmap", 1),
         "project map, a device per core": ("project", "map", 1),
+        "project map, oneDNN convolutions": ("project", "map", 1),
         "naive loop": ("naive", None, 1),
     },
     LOGREG: {
@@ -110,6 +114,7 @@ PER_CORE = "a device per core"  # arms whose names hold this: execution.num_devi
 # 30% between runs.
 ROUNDS = {CNN: (8, 1), LOGREG: (100, 20)}
 CACHED = "compilation cache"  # arms whose names hold this read a warm persistent cache
+ONEDNN = "oneDNN convolutions"  # arms whose names hold this: the model's conv="onednn"
 
 
 # ----------------------------------------------------------------------------- child mode
@@ -130,7 +135,8 @@ def child(args: argparse.Namespace) -> None:
     timed, warmup = ROUNDS[name]
     workload = rt.SPECS[name]
     images, _ = rt.load_fashion_mnist_arrays(args.data_dir)
-    train, model = rt.build_data(workload, images), rt.build_model(workload)
+    train = rt.build_data(workload, images)
+    model = rt.build_model(workload, **({"conv": "onednn"} if ONEDNN in arm else {}))
     # The model's initial parameters are made before the clock starts, as fedjax_workload.py
     # makes FedJAX's; the first round includes building the round step (data placement,
     # tracing), its compilation and one round.
@@ -253,6 +259,10 @@ def main() -> None:
     print(f"matmul peak: {peak_start['median_gflops']:.1f} GFLOP/s (f32 2048^2)", flush=True)
     fedjax = fedjax_status()
     print(f"fedjax: {fedjax}", flush=True)
+    from fedjax_sim.models import onednn  # builds the custom calls once, before any clock
+
+    onednn_status = {"available": onednn.available(), "why_not": onednn.unavailable_reason()}
+    print(f"oneDNN convolutions: {onednn_status}", flush=True)
     flops_per_example = {
         name: rt.step_flops_per_example(rt.build_model(rt.SPECS[name]), rt.SPECS[name].batch_size)
         for name in args.workloads
@@ -260,7 +270,8 @@ def main() -> None:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     cache_root = tempfile.mkdtemp(prefix="peers-jax-cache-")
     for name in args.workloads:
-        arms = [a for a in ARMS[name] if a != "fedjax" or fedjax["available"]]
+        arms = [a for a in ARMS[name] if (a != "fedjax" or fedjax["available"])
+                and (ONEDNN not in a or onednn_status["available"])]
         runs[name] = {arm: [] for arm in arms}
         cache_dir = os.path.join(cache_root, name)
         for arm in arms:  # an untimed run fills the cache the cached arms read
@@ -313,6 +324,7 @@ def main() -> None:
         "command": "python benchmarks/peers/run_peers.py " + " ".join(sys.argv[1:]),
         "machine": rt.machine_info(),
         "fedjax": fedjax,
+        "onednn": onednn_status,
         "load_average": {"start": [round(x, 2) for x in load_start],
                          "end": [round(x, 2) for x in os.getloadavg()]},
         "settings": {

@@ -30,7 +30,8 @@ the slow gradients inside loops on CPU).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -173,3 +174,27 @@ def _conv_nhwc_bwd(strides, pads, precision, residuals, out_grad):
 
 
 _conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+CONVOLUTIONS = ("xla", "onednn")
+"""The values of the CNN models' ``conv`` option."""
+
+
+def convolution(name: str, xla: Callable[..., Any] = None) -> Callable[..., Any]:
+    """The convolution primitive a model's ``conv`` option names.
+
+    ``"xla"``: ``xla`` (default `canonical_conv`), XLA's own convolutions. ``"onednn"``:
+    `fedjax_sim.models.onednn.onednn_conv`, Intel oneDNN's kernels as XLA:CPU custom calls (the
+    ``onednn`` extra); where oneDNN cannot run (not installed, no C++ compiler) it warns once and
+    computes with XLA's.
+    """
+    if name == "xla":
+        return canonical_conv if xla is None else xla
+    if name == "onednn":
+        from fedjax_sim.models import onednn
+
+        if not onednn.available():
+            warnings.warn(f"conv='onednn' computes with XLA's convolutions: "
+                          f"{onednn.unavailable_reason()}", RuntimeWarning, stacklevel=2)
+        return onednn.onednn_conv
+    raise ValueError(f"conv={name!r}; expected one of {list(CONVOLUTIONS)}")
