@@ -20,6 +20,8 @@
    process after the XLA arms, channels-last memory, the same shapes): how far XLA:CPU's
    convolution kernels (Eigen's) are from another library's on this machine, and a PyTorch
    user's 50-step client loop on the same CNN.
+5. Where oneDNN can run here (`fedjax_sim.models.onednn.available`), items 2 and 3 add the
+   model with ``conv="onednn"`` (fedjax_sim calling oneDNN's kernels from its own scan).
 
   python benchmarks/cnn_step.py [--repeats 7] [--data-dir DIR] [--onednn-python PATH] [--out PATH]
 
@@ -51,7 +53,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import round_throughput as rt  # noqa: E402
 from round_throughput import machine_info, matmul_peak, median_ms, write_report  # noqa: E402
 
-from fedjax_sim.models import classifiers  # noqa: E402
+from fedjax_sim.models import classifiers, onednn  # noqa: E402
 from fedjax_sim.models.conv import _conv_nhwc_bwd, canonical_conv  # noqa: E402
 from fedjax_sim.models.dropout import Dropout  # noqa: E402
 
@@ -152,11 +154,19 @@ def round_against_bare_steps(data_dir: str, repeats: int) -> dict:
     x = jnp.asarray(train.arrays["x"][:n]).reshape(STEPS, BATCH, 28, 28, 1)
     y = jnp.asarray(train.arrays["y"][:n]).reshape(STEPS, BATCH)
     bare, inputs = local_training(classifiers.EmnistCNN(), x, y)
-    for _ in range(2):  # compile and warm both
-        engine.run_round()
-        jax.block_until_ready(bare(*inputs))
+    arms = {"engine round": engine.run_round,
+            "bare 50-step scan": lambda: jax.block_until_ready(bare(*inputs))}
+    if onednn.available():  # the same two with the model's conv="onednn"
+        engine_dnn = rt.engine_variant(workload, rt.build_model(workload, conv="onednn"), train,
+                                       "map", None)
+        bare_dnn, inputs_dnn = local_training(classifiers.EmnistCNN(conv="onednn"), x, y)
+        arms["engine round, oneDNN convolutions"] = engine_dnn.run_round
+        arms["bare 50-step scan, oneDNN convolutions"] = (
+            lambda: jax.block_until_ready(bare_dnn(*inputs_dnn)))
+    for _ in range(2):  # compile and warm every arm
+        for fn in arms.values():
+            fn()
     assert engine.examples() == n, engine.examples()  # every client ran its 5 full steps
-    arms = {"engine round": engine.run_round, "bare 50-step scan": lambda: bare(*inputs)}
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     for _ in range(repeats):  # interleaved: each arm's median of 3 calls
         for arm, fn in arms.items():
@@ -194,6 +204,9 @@ def main() -> None:
               f"{ops[name]['gflops_per_s']:.0f} GFLOP/s", flush=True)
     arms = {"current": local_training(classifiers.EmnistCNN()),
             "previous": local_training(_PreviousCNN())}
+    if onednn.available():  # the model's conv="onednn": oneDNN's kernels in the same scan
+        arms["current, oneDNN convolutions"] = local_training(
+            classifiers.EmnistCNN(conv="onednn"))
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     for _ in range(args.repeats):  # interleaved
         for arm, (run, inputs) in arms.items():
@@ -203,26 +216,30 @@ def main() -> None:
     ratio = steps["previous"]["ms_per_step"] / steps["current"]["ms_per_step"]
     print(f"local training, ms per step: current {steps['current']['ms_per_step']:.2f}, "
           f"previous {steps['previous']['ms_per_step']:.2f} ({ratio:.2f}x)", flush=True)
+    if "current, oneDNN convolutions" in steps:
+        print(f"local training with oneDNN convolutions: "
+              f"{steps['current, oneDNN convolutions']['ms_per_step']:.2f} ms per step",
+              flush=True)
     if args.data_dir:
         rounds = round_against_bare_steps(args.data_dir, args.repeats)
-        print(f"engine round {rounds['ms']['engine round']:.0f} ms, its 50 steps as a bare scan "
-              f"{rounds['ms']['bare 50-step scan']:.0f} ms ({rounds['round_over_bare']:.3f}x)",
-              flush=True)
+        for arm, ms in rounds["ms"].items():
+            print(f"{arm}: {ms:.0f} ms", flush=True)
+        print(f"engine round / bare scan: {rounds['round_over_bare']:.3f}x", flush=True)
     else:
         rounds = None
         print("no --data-dir / $FEDJAX_SIM_DATA: the engine-round arm is skipped", flush=True)
-    onednn = None
+    torch_report = None
     if args.onednn_python:
-        onednn = onednn_arms(args.onednn_python, args.repeats)
+        torch_report = onednn_arms(args.onednn_python, args.repeats)
         for name in ("forward", "weight_gradient", "input_gradient"):
-            mine, theirs = ops[name]["ms"], onednn["second_conv"][name]["ms"]
-            onednn["second_conv"][name]["xla_over_onednn"] = mine / theirs
-            print(f"oneDNN (torch {onednn['torch']}) second conv {name}: {theirs:.2f} ms, "
-                  f"{onednn['second_conv'][name]['gflops_per_s']:.0f} GFLOP/s "
+            mine, theirs = ops[name]["ms"], torch_report["second_conv"][name]["ms"]
+            torch_report["second_conv"][name]["xla_over_onednn"] = mine / theirs
+            print(f"oneDNN (torch {torch_report['torch']}) second conv {name}: {theirs:.2f} ms, "
+                  f"{torch_report['second_conv'][name]['gflops_per_s']:.0f} GFLOP/s "
                   f"(XLA / oneDNN time {mine / theirs:.2f})", flush=True)
-        onednn["local_training"]["xla_over_torch"] = (
-            steps["current"]["ms_per_step"] / onednn["local_training"]["ms_per_step"])
-        torch_step = onednn["local_training"]
+        torch_report["local_training"]["xla_over_torch"] = (
+            steps["current"]["ms_per_step"] / torch_report["local_training"]["ms_per_step"])
+        torch_step = torch_report["local_training"]
         print(f"PyTorch CNN step {torch_step['ms_per_step']:.2f} ms (fedjax_sim's scan / "
               f"PyTorch's loop {torch_step['xla_over_torch']:.2f})", flush=True)
     conv_ms = sum(ops[name]["ms"] for name in ("forward", "weight_gradient", "input_gradient"))
@@ -239,7 +256,7 @@ def main() -> None:
         "previous_over_current": ratio,
         "round_against_bare_steps": rounds,
         "second_conv_share_of_step": conv_ms / steps["current"]["ms_per_step"],
-        "onednn": onednn,
+        "onednn": torch_report,
     }
     print(f"second conv: {conv_ms:.2f} ms of the {steps['current']['ms_per_step']:.2f} ms step")
     print(f"wrote {write_report(report, args.out, 'cnn_step-')}")
