@@ -161,6 +161,26 @@ ffi::Error Guarded(F body) {
   }
 }
 
+// Runs `p` (forward or backward data: the kernel is one of its inputs) from `input` to `output`,
+// given the kernel in HWIO at `kernel`.
+template <typename Primitive>
+void RunWithKernel(const Primitive& p, const Descs& d, const memory::desc& input_md,
+                   int input_arg, void* input, const memory::desc& output_md, int output_arg,
+                   void* output, void* kernel) {
+  dnnl::stream stream(Engine());
+  memory in(input_md, Engine(), input);
+  memory out(output_md, Engine(), output);
+  memory user_weights(d.weights_user, Engine(), kernel);
+  std::unique_ptr<Scratch> reordered;
+  memory weights = KernelAs(p.pd.weights_desc(), user_weights, stream, reordered);
+  Scratch scratch(p.pd.scratchpad_desc(), 0);
+  p.prim.execute(stream, {{input_arg, in},
+                          {DNNL_ARG_WEIGHTS, weights},
+                          {output_arg, out},
+                          {DNNL_ARG_SCRATCHPAD, scratch.mem}});
+  stream.wait();
+}
+
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t ph0,
                        int64_t pw0, int64_t ph1, int64_t pw1) {
@@ -168,19 +188,8 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, ph0, pw0,
                               ph1, pw1);
     Descs d = MakeDescs(g);
-    Forward& f = GetForward(g);
-    dnnl::stream stream(Engine());
-    memory src(d.src, Engine(), x.untyped_data());
-    memory dst(d.dst, Engine(), y->untyped_data());
-    memory user_weights(d.weights_user, Engine(), w.untyped_data());
-    std::unique_ptr<Scratch> reordered;
-    memory weights = KernelAs(f.pd.weights_desc(), user_weights, stream, reordered);
-    Scratch scratch(f.pd.scratchpad_desc(), 0);
-    f.prim.execute(stream, {{DNNL_ARG_SRC, src},
-                            {DNNL_ARG_WEIGHTS, weights},
-                            {DNNL_ARG_DST, dst},
-                            {DNNL_ARG_SCRATCHPAD, scratch.mem}});
-    stream.wait();
+    RunWithKernel(GetForward(g), d, d.src, DNNL_ARG_SRC, x.untyped_data(), d.dst, DNNL_ARG_DST,
+                  y->untyped_data(), w.untyped_data());
   });
 }
 
@@ -191,19 +200,8 @@ ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
     Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, ph0,
                               pw0, ph1, pw1);
     Descs d = MakeDescs(g);
-    BackwardData& b = GetBackwardData(g);
-    dnnl::stream stream(Engine());
-    memory diff_dst(d.dst, Engine(), dy.untyped_data());
-    memory diff_src(d.src, Engine(), dx->untyped_data());
-    memory user_weights(d.weights_user, Engine(), w.untyped_data());
-    std::unique_ptr<Scratch> reordered;
-    memory weights = KernelAs(b.pd.weights_desc(), user_weights, stream, reordered);
-    Scratch scratch(b.pd.scratchpad_desc(), 0);
-    b.prim.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
-                            {DNNL_ARG_WEIGHTS, weights},
-                            {DNNL_ARG_DIFF_SRC, diff_src},
-                            {DNNL_ARG_SCRATCHPAD, scratch.mem}});
-    stream.wait();
+    RunWithKernel(GetBackwardData(g), d, d.dst, DNNL_ARG_DIFF_DST, dy.untyped_data(), d.src,
+                  DNNL_ARG_DIFF_SRC, dx->untyped_data(), w.untyped_data());
   });
 }
 
