@@ -9,12 +9,14 @@ step over ``--repeats`` calls (after one warm-up call), plus compile time:
 * ``tag_logistic``: the tag-prediction logistic regression, 20 tokens, 500 tags, batch 20 and
   100 (TFF's tag-prediction clients use 100).
 
-``--compare-lax-conv`` adds the ResNet with plain `lax.conv_general_dilated` (one step: on
+``--compare-onednn`` adds the ResNet with ``conv="onednn"`` (oneDNN's convolution kernels as
+XLA:CPU custom calls, `fedjax_sim.models.onednn`). ``--compare-lax-conv`` adds the ResNet with
+plain `lax.conv_general_dilated` (one step: on
 XLA:CPU its gradient convolutions inside a scan compile to naive loops, jax issue #12868).
 The load average is recorded: on a shared machine it explains noisy numbers.
 
 Usage: python benchmarks/model_throughput.py [--steps 5] [--repeats 5] [--only NAME ...]
-    [--compare-lax-conv] [--out PATH]
+    [--compare-lax-conv] [--compare-onednn] [--out PATH]
 
 Writes ``benchmarks/results/model_throughput-<date>-<machine>.json`` (``--out`` overrides).
 """
@@ -125,6 +127,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", choices=sorted(WORKLOADS), default=None)
     parser.add_argument("--compare-lax-conv", action="store_true")
+    parser.add_argument("--compare-onednn", action="store_true",
+                        help="add the ResNet with conv='onednn' (oneDNN's convolution kernels)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
 
@@ -147,6 +151,19 @@ def main() -> None:
         row = {"model": "resnet18_gn (lax.conv)", **time_local_sgd(model, 1, batch, 1)}
         results.append(row)
         print(f"resnet18_gn, lax.conv, batch {batch}: {row['step_ms_median']:9.1f} ms/step")
+
+    if args.compare_onednn:
+        from fedjax_sim.models import onednn
+
+        kwargs, (batch, *_) = WORKLOADS["resnet18_gn"]
+        if onednn.available():
+            model = create_model("resnet18_gn", **kwargs, conv="onednn")
+            row = {"model": "resnet18_gn (oneDNN)",
+                   **time_local_sgd(model, args.steps, batch, args.repeats)}
+            results.append(row)
+            print(f"resnet18_gn, oneDNN, batch {batch}: {row['step_ms_median']:9.1f} ms/step")
+        else:
+            print(f"no oneDNN row: {onednn.unavailable_reason()}")
 
     report = {
         "benchmark": "model_throughput",

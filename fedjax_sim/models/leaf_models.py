@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.models.classifiers import max_pool_2x2
-from fedjax_sim.models.conv import canonical_conv
+from fedjax_sim.models.conv import canonical_conv, convolution
 from fedjax_sim.models.lstm import check_num_layers, lstm_layer
 
 NORMS = ("group", "none")
@@ -127,6 +127,8 @@ class CelebaCNN(nn.Module):
       epsilon: the normalization's variance epsilon (TF's batch norm: 1e-3).
       conv_general_dilated: the convolution primitive (`canonical_conv`: fast gradients in a
         `lax.scan` on XLA:CPU).
+      conv: ``"xla"`` (``conv_general_dilated``) or ``"onednn"``: Intel oneDNN's kernels as
+        XLA:CPU custom calls (`fedjax_sim.models.onednn`).
     """
 
     num_classes: int = 2
@@ -136,6 +138,7 @@ class CelebaCNN(nn.Module):
     num_groups: int = 2
     epsilon: float = 1e-3
     conv_general_dilated: Callable[..., Any] = canonical_conv
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -154,7 +157,7 @@ class CelebaCNN(nn.Module):
                 (3, 3),
                 padding="SAME",
                 kernel_init=_glorot_uniform,
-                conv_general_dilated=self.conv_general_dilated,
+                conv_general_dilated=convolution(self.conv, self.conv_general_dilated),
             )(x)
             if self.norm == "group":
                 x = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon)(x)

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.models.conv import canonical_conv
+from fedjax_sim.models.conv import canonical_conv, convolution
 
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
@@ -82,6 +82,8 @@ class GroupNormResNet(nn.Module):
       epsilon: GroupNorm's variance epsilon (TFF: 1e-3).
       conv_general_dilated: the convolution primitive (`canonical_conv`: fast gradients in a
         `lax.scan` on XLA:CPU).
+      conv: ``"xla"`` (``conv_general_dilated``) or ``"onednn"``: Intel oneDNN's kernels as
+        XLA:CPU custom calls (`fedjax_sim.models.onednn`).
     """
 
     num_classes: int = 100
@@ -91,6 +93,7 @@ class GroupNormResNet(nn.Module):
     affine: bool = False
     epsilon: float = 1e-3
     conv_general_dilated: Callable[..., Any] = canonical_conv
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -102,7 +105,7 @@ class GroupNormResNet(nn.Module):
             padding="SAME",
             use_bias=False,
             kernel_init=he_normal,
-            conv_general_dilated=self.conv_general_dilated,
+            conv_general_dilated=convolution(self.conv, self.conv_general_dilated),
         )
         norm = partial(
             nn.GroupNorm,

@@ -101,6 +101,31 @@ def test_emnist_cnn_option_trains_like_xla():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("resnet18_gn", {"num_classes": 5, "stage_sizes": (1, 1), "initial_filters": 4},
+     (2, 16, 16, 3)),  # the 7x7 stride-2 SAME stem, stride-2 blocks
+    ("celeba_cnn", {"num_classes": 2, "filters": 4, "num_blocks": 2}, (2, 12, 12, 3)),
+])
+def test_resnet_and_celeba_options_match_xla(name, kwargs, shape):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.uniform(size=shape), jnp.float32)
+    y = jnp.asarray(rng.integers(0, kwargs["num_classes"], shape[0]))
+    models = [create_model(name, input_shape=shape[1:], conv=c, **kwargs) for c in CONVOLUTIONS]
+    params = models[0].init(jax.random.key(0))
+
+    def loss(model):
+        return lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(p, x, train=True), y).mean()
+
+    (l_xla, g_xla), (l_dnn, g_dnn) = (jax.jit(jax.value_and_grad(loss(m)))(params)
+                                      for m in models)
+    text = jax.jit(jax.grad(loss(models[1]))).lower(params).as_text()
+    assert "fedjax_sim_onednn_conv_backward_weights" in text
+    np.testing.assert_allclose(l_dnn, l_xla, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_dnn), jax.tree.leaves(g_xla), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.abs(b).max()))
+
+
 def test_unknown_conv_name_is_refused():
     with pytest.raises(ValueError, match=r"conv='mkl'; expected one of \['xla', 'onednn'\]"):
         convolution("mkl")
