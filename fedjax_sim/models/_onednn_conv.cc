@@ -16,6 +16,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -66,56 +67,36 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Descs& d) {
       d.weights_any, d.dst, d.strides, d.pad_lo, d.pad_hi, UserScratchpad());
 }
 
-struct Forward {
-  dnnl::convolution_forward::primitive_desc pd;
-  dnnl::convolution_forward prim;
-};
-struct BackwardData {
-  dnnl::convolution_backward_data::primitive_desc pd;
-  dnnl::convolution_backward_data prim;
-};
-struct BackwardWeights {
-  dnnl::convolution_backward_weights::primitive_desc pd;
-  dnnl::convolution_backward_weights prim;
+// A primitive and its descriptor, made once per geometry (the cache is guarded; executing a
+// primitive from several threads at once is allowed with user scratchpads).
+template <typename P>
+struct Primitive {
+  typename P::primitive_desc pd;
+  P prim;
 };
 
-template <typename T, typename Make>
-T& Cached(std::map<Geometry, std::unique_ptr<T>>& cache, const Geometry& g, Make make) {
+template <typename P>
+typename P::primitive_desc Describe(const Descs& d) {
+  if constexpr (std::is_same_v<P, dnnl::convolution_forward>) {
+    return ForwardDesc(d);
+  } else {  // backward data or weights: the same argument order, the forward as hint
+    return typename P::primitive_desc(Engine(), dnnl::algorithm::convolution_direct, d.src,
+                                      d.weights_any, d.dst, d.strides, d.pad_lo, d.pad_hi,
+                                      ForwardDesc(d), UserScratchpad());
+  }
+}
+
+template <typename P>
+const Primitive<P>& Get(const Geometry& g) {
   static std::mutex mutex;
+  static std::map<Geometry, std::unique_ptr<Primitive<P>>> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(g);
-  if (it == cache.end()) it = cache.emplace(g, std::make_unique<T>(make())).first;
+  if (it == cache.end()) {
+    typename P::primitive_desc pd = Describe<P>(MakeDescs(g));
+    it = cache.emplace(g, std::make_unique<Primitive<P>>(Primitive<P>{pd, P(pd)})).first;
+  }
   return *it->second;
-}
-
-Forward& GetForward(const Geometry& g) {
-  static std::map<Geometry, std::unique_ptr<Forward>> cache;
-  return Cached(cache, g, [&] {
-    auto pd = ForwardDesc(MakeDescs(g));
-    return Forward{pd, dnnl::convolution_forward(pd)};
-  });
-}
-
-BackwardData& GetBackwardData(const Geometry& g) {
-  static std::map<Geometry, std::unique_ptr<BackwardData>> cache;
-  return Cached(cache, g, [&] {
-    Descs d = MakeDescs(g);
-    auto pd = dnnl::convolution_backward_data::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, d.src, d.weights_any, d.dst, d.strides,
-        d.pad_lo, d.pad_hi, ForwardDesc(d), UserScratchpad());
-    return BackwardData{pd, dnnl::convolution_backward_data(pd)};
-  });
-}
-
-BackwardWeights& GetBackwardWeights(const Geometry& g) {
-  static std::map<Geometry, std::unique_ptr<BackwardWeights>> cache;
-  return Cached(cache, g, [&] {
-    Descs d = MakeDescs(g);
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, d.src, d.weights_any, d.dst, d.strides,
-        d.pad_lo, d.pad_hi, ForwardDesc(d), UserScratchpad());
-    return BackwardWeights{pd, dnnl::convolution_backward_weights(pd)};
-  });
 }
 
 Geometry MakeGeometry(ffi::Span<const int64_t> input, ffi::Span<const int64_t> kernel,
@@ -188,7 +169,7 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, ph0, pw0,
                               ph1, pw1);
     Descs d = MakeDescs(g);
-    RunWithKernel(GetForward(g), d, d.src, DNNL_ARG_SRC, x.untyped_data(), d.dst, DNNL_ARG_DST,
+    RunWithKernel(Get<dnnl::convolution_forward>(g), d, d.src, DNNL_ARG_SRC, x.untyped_data(), d.dst, DNNL_ARG_DST,
                   y->untyped_data(), w.untyped_data());
   });
 }
@@ -200,7 +181,7 @@ ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
     Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, ph0,
                               pw0, ph1, pw1);
     Descs d = MakeDescs(g);
-    RunWithKernel(GetBackwardData(g), d, d.dst, DNNL_ARG_DIFF_DST, dy.untyped_data(), d.src,
+    RunWithKernel(Get<dnnl::convolution_backward_data>(g), d, d.dst, DNNL_ARG_DIFF_DST, dy.untyped_data(), d.src,
                   DNNL_ARG_DIFF_SRC, dx->untyped_data(), w.untyped_data());
   });
 }
@@ -212,7 +193,7 @@ ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
     Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, ph0,
                               pw0, ph1, pw1);
     Descs d = MakeDescs(g);
-    BackwardWeights& b = GetBackwardWeights(g);
+    const auto& b = Get<dnnl::convolution_backward_weights>(g);
     dnnl::stream stream(Engine());
     memory src(d.src, Engine(), x.untyped_data());
     memory diff_dst(d.dst, Engine(), dy.untyped_data());

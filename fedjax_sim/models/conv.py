@@ -89,11 +89,25 @@ def canonical_conv(
     )
     if out_sharding is not None:
         return fallback(out_sharding=out_sharding)
-    if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != rhs.dtype:
+    geometry = nhwc_geometry(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                             dimension_numbers, feature_group_count, batch_group_count,
+                             preferred_element_type)
+    if geometry is None:
         return fallback()
+    return _conv_nhwc(lhs, rhs, *geometry, precision)
+
+
+def nhwc_geometry(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                  dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                  preferred_element_type=None):
+    """``(strides, pads)`` of a convolution `canonical_conv` writes as NHWC/HWIO convolutions
+    (2-D, NHWC/HWIO, one dtype, no dilation, one group, padding in ``[0, kernel - 1]``), with
+    ``pads`` as explicit ``((lo, hi), (lo, hi))``; None for anything else."""
+    if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != rhs.dtype:
+        return None
     dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     if dims != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
-        return fallback()
+        return None
     no_dilation = all(d == 1 for d in (lhs_dilation or ())) and all(
         d == 1 for d in (rhs_dilation or ())
     )
@@ -103,7 +117,7 @@ def canonical_conv(
         and batch_group_count == 1
         and preferred_element_type is None
     ):
-        return fallback()
+        return None
     kernel_size = tuple(rhs.shape[:2])
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
@@ -115,8 +129,8 @@ def canonical_conv(
         lo < 0 or hi < 0 or lo > k - 1 or hi > k - 1
         for (lo, hi), k in zip(pads, kernel_size, strict=True)
     ):
-        return fallback()
-    return _conv_nhwc(lhs, rhs, strides, pads, precision)
+        return None
+    return strides, pads
 
 
 def _forward(lhs, rhs, strides, pads, precision, rhs_dilation=None):
@@ -180,7 +194,7 @@ CONVOLUTIONS = ("xla", "onednn")
 """The values of the CNN models' ``conv`` option."""
 
 
-def convolution(name: str, xla: Callable[..., Any] = None) -> Callable[..., Any]:
+def convolution(name: str, xla: Callable[..., Any] | None = None) -> Callable[..., Any]:
     """The convolution primitive a model's ``conv`` option names.
 
     ``"xla"``: ``xla`` (default `canonical_conv`), XLA's own convolutions. ``"onednn"``:

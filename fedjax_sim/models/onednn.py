@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fedjax_sim.models.conv import _NHWC, canonical_conv
+from fedjax_sim.models.conv import _NHWC, canonical_conv, nhwc_geometry
 
 _SOURCE = pathlib.Path(__file__).with_name("_onednn_conv.cc")
 _TARGETS = {
@@ -155,9 +155,11 @@ def onednn_conv(
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type,
         out_sharding=out_sharding)
-    geometry = _geometry(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                         dimension_numbers, feature_group_count, batch_group_count,
-                         preferred_element_type, out_sharding)
+    geometry = None
+    if out_sharding is None and lhs.dtype == rhs.dtype == jnp.float32:
+        geometry = _reached(lhs.shape, rhs.shape, nhwc_geometry(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, preferred_element_type))
     if geometry is None or not available():
         return fallback()
     strides, pads = geometry
@@ -168,43 +170,27 @@ def onednn_conv(
                                             precision=precision))
 
 
-def _geometry(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-              feature_group_count, batch_group_count, preferred_element_type, out_sharding):
-    """``(strides, pads)`` of a convolution oneDNN runs here, else None."""
-    if out_sharding is not None or preferred_element_type is not None:
+def _reached(lhs_shape, rhs_shape, geometry):
+    """``geometry`` (`nhwc_geometry`'s, or None) with each high padding cut to what the last
+    window reaches, oneDNN's rule (the rows past it are never read: the same convolution);
+    None where a dimension has no window or input rows past its last window."""
+    if geometry is None:
         return None
-    if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
-        return None
-    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    if dims != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
-        return None
-    if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
-        return None
-    if feature_group_count != 1 or batch_group_count != 1:
-        return None
-    kernel = tuple(rhs.shape[:2])
-    strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-        pads = lax.padtype_to_pads(lhs.shape[1:3], kernel, strides, padding)
-    else:
-        pads = padding
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    for (lo, hi), k, n, s in zip(pads, kernel, lhs.shape[1:3], strides, strict=True):
+    strides, pads = geometry
+    reached = []
+    for (lo, hi), k, n, s in zip(pads, rhs_shape[:2], lhs_shape[1:3], strides, strict=True):
         out = (n + lo + hi - k) // s + 1
-        # oneDNN's high padding is what the last window reaches: rows past it are never read
-        if lo < 0 or hi < 0 or lo > k - 1 or hi > k - 1 or out < 1 or \
-                (out - 1) * s + k - n - lo < 0:
+        high = (out - 1) * s + k - n - lo
+        if out < 1 or high < 0:
             return None
-    return strides, pads
+        reached.append((lo, high))
+    return strides, tuple(reached)
 
 
-def _attributes(strides, pads, lhs_shape, kernel) -> dict:
-    # oneDNN wants the high padding the last window actually reaches (<= the requested one)
-    reach = [(((n + lo + hi - k) // s) * s + k - n - lo)
-             for (lo, hi), k, n, s in zip(pads, kernel, lhs_shape[1:3], strides, strict=True)]
+def _attributes(strides, pads) -> dict:
     return {"sh": np.int64(strides[0]), "sw": np.int64(strides[1]),
             "ph0": np.int64(pads[0][0]), "pw0": np.int64(pads[1][0]),
-            "ph1": np.int64(reach[0]), "pw1": np.int64(reach[1])}
+            "ph1": np.int64(pads[0][1]), "pw1": np.int64(pads[1][1])}
 
 
 def _output_shape(lhs_shape, rhs_shape, strides, pads):
@@ -220,7 +206,7 @@ def _call(target, out_shape, *operands, attributes):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(lhs, rhs, strides, pads):
-    attributes = _attributes(strides, pads, lhs.shape, rhs.shape[:2])
+    attributes = _attributes(strides, pads)
     return _call("fedjax_sim_onednn_conv_forward",
                  _output_shape(lhs.shape, rhs.shape, strides, pads), lhs, rhs,
                  attributes=attributes)
@@ -232,7 +218,7 @@ def _conv_fwd(lhs, rhs, strides, pads):
 
 def _conv_bwd(strides, pads, residuals, out_grad):
     lhs, rhs = residuals
-    attributes = _attributes(strides, pads, lhs.shape, rhs.shape[:2])
+    attributes = _attributes(strides, pads)
     lhs_grad = _call("fedjax_sim_onednn_conv_backward_data", lhs.shape, out_grad, rhs,
                      attributes=attributes)
     rhs_grad = _call("fedjax_sim_onednn_conv_backward_weights", rhs.shape, lhs, out_grad,

@@ -98,6 +98,17 @@ class EventDrivenFedBuff:
         return staleness
 
 
+def _spied_round_step(model, data, speeds, k, m):
+    """FedBuff (concurrency m, k a round, spied cohorts) on ``data`` with these client speeds:
+    (algorithm, round step), batches of 8, one epoch, the sequential client map."""
+    algorithm = spy(fed_buff(model, optax.sgd(CLIENT_LR), optax.sgd(SERVER_LR),
+                             concurrency=m))
+    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=1)
+    round_step = build_round_step(algorithm, data, schedule, uniform_sampler(len(SIZES), k), k,
+                                  client_execution="map", system=system_model(speeds))
+    return algorithm, round_step
+
+
 @pytest.mark.parametrize("speed", ["lognormal", "constant"])
 def test_fed_buff_matches_event_driven_reference(speed):
     model, data = tiny_model(), tiny_data(SIZES)
@@ -106,11 +117,7 @@ def test_fed_buff_matches_event_driven_reference(speed):
         speeds = np.exp(np.random.default_rng(0).normal(0, 1.0, len(SIZES)))
     else:  # equal speeds: many equal finish times, ties broken by dispatch order
         speeds = np.full(len(SIZES), 0.5)
-    algorithm = spy(fed_buff(model, optax.sgd(CLIENT_LR), optax.sgd(SERVER_LR),
-                             concurrency=m))
-    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=1)
-    round_step = build_round_step(algorithm, data, schedule, uniform_sampler(len(SIZES), k), k,
-                                  client_execution="map", system=system_model(speeds))
+    algorithm, round_step = _spied_round_step(model, data, speeds, k, m)
     params = model.init(jax.random.key(0))
     state = init_simulation_state(algorithm.init(params), 5)
     reference = EventDrivenFedBuff(model, params, data, m, k)
@@ -206,11 +213,7 @@ def test_a_long_runs_clock_keeps_the_arrivals_of_a_float64_event_queue(speed):
         speeds = 0.3 * np.exp(np.random.default_rng(2).normal(0, 1.0, len(SIZES)))
     else:  # multiples of 0.5 s: exact in float32 near 0, rounded to 2 s near 2^24 (ties, reorders)
         speeds = np.full(len(SIZES), 0.5)
-    algorithm = spy(fed_buff(model, optax.sgd(CLIENT_LR), optax.sgd(SERVER_LR),
-                             concurrency=m))
-    schedule = ClientSchedule.from_sizes(data.client_sizes, 8, local_epochs=1)
-    round_step = build_round_step(algorithm, data, schedule, uniform_sampler(len(SIZES), k), k,
-                                  client_execution="map", system=system_model(speeds))
+    algorithm, round_step = _spied_round_step(model, data, speeds, k, m)
     params = model.init(jax.random.key(0))
     state = init_simulation_state(
         algorithm.init(params).replace(clock=jnp.asarray(start, jnp.float32)), 11)

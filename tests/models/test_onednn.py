@@ -81,13 +81,10 @@ def test_sgd_in_a_scan_and_under_vmap_match_xla():
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
 
 
-def test_emnist_cnn_option_trains_like_xla():
-    # the model option: the same parameters give the same loss and gradients
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.uniform(size=(6, 28, 28, 1)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 62, 6))
-    models = [create_model("emnist_cnn", num_classes=62, input_shape=(28, 28, 1), conv=c,
-                           dropout=False) for c in CONVOLUTIONS]
+def _assert_same_loss_and_gradients(models, x, y, *, loss_rtol, rtol, atol):
+    """The (xla, onednn) models' cross-entropy and its gradients at the same parameters agree
+    (``atol`` relative to each gradient leaf's largest entry); returns the oneDNN gradient's
+    lowered text."""
     params = models[0].init(jax.random.key(0))
 
     def loss(model):
@@ -96,9 +93,20 @@ def test_emnist_cnn_option_trains_like_xla():
 
     (l_xla, g_xla), (l_dnn, g_dnn) = (jax.jit(jax.value_and_grad(loss(m)))(params)
                                       for m in models)
-    np.testing.assert_allclose(l_dnn, l_xla, rtol=1e-6)
+    np.testing.assert_allclose(l_dnn, l_xla, rtol=loss_rtol)
     for a, b in zip(jax.tree.leaves(g_dnn), jax.tree.leaves(g_xla), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * float(jnp.abs(b).max()))
+    return jax.jit(jax.grad(loss(models[1]))).lower(params).as_text()
+
+
+def test_emnist_cnn_option_trains_like_xla():
+    # the model option: the same parameters give the same loss and gradients
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.uniform(size=(6, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 62, 6))
+    models = [create_model("emnist_cnn", num_classes=62, input_shape=(28, 28, 1), conv=c,
+                           dropout=False) for c in CONVOLUTIONS]
+    _assert_same_loss_and_gradients(models, x, y, loss_rtol=1e-6, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, kwargs, shape", [
@@ -111,19 +119,8 @@ def test_resnet_and_celeba_options_match_xla(name, kwargs, shape):
     x = jnp.asarray(rng.uniform(size=shape), jnp.float32)
     y = jnp.asarray(rng.integers(0, kwargs["num_classes"], shape[0]))
     models = [create_model(name, input_shape=shape[1:], conv=c, **kwargs) for c in CONVOLUTIONS]
-    params = models[0].init(jax.random.key(0))
-
-    def loss(model):
-        return lambda p: optax.softmax_cross_entropy_with_integer_labels(
-            model.apply(p, x, train=True), y).mean()
-
-    (l_xla, g_xla), (l_dnn, g_dnn) = (jax.jit(jax.value_and_grad(loss(m)))(params)
-                                      for m in models)
-    text = jax.jit(jax.grad(loss(models[1]))).lower(params).as_text()
+    text = _assert_same_loss_and_gradients(models, x, y, loss_rtol=1e-5, rtol=1e-3, atol=1e-5)
     assert "fedjax_sim_onednn_conv_backward_weights" in text
-    np.testing.assert_allclose(l_dnn, l_xla, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_dnn), jax.tree.leaves(g_xla), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 def test_unknown_conv_name_is_refused():
